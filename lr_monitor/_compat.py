@@ -1,0 +1,16 @@
+"""Which Lightning package the callbacks subclass.
+
+Lightning ships under two import names: ``pytorch_lightning`` (the declared dependency)
+and ``lightning.pytorch`` (the unified ``lightning`` package). A ``Trainer`` accepts only
+callbacks derived from its own package's ``Callback``. :mod:`lr_monitor` builds its
+callbacks on ``pytorch_lightning``; :mod:`lr_monitor.lightning` offers the same classes
+built on ``lightning.pytorch``.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+
+__all__ = ["CSVLogger", "Logger", "TensorBoardLogger", "pl", "rank_zero_only", "rank_zero_warn"]

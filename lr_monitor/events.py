@@ -1,0 +1,157 @@
+"""The records that flow from detectors through the guard to the alert sinks.
+
+A detector (:mod:`lr_monitor.detectors`) returns a :class:`Detection` when a signal
+crosses its threshold. The guard (:class:`lr_monitor.DivergenceGuard`) decides what
+to do about it and turns it into a :class:`GuardEvent`, which carries the actions
+taken and the learning rates before and after. Alert sinks (:mod:`lr_monitor.alerts`)
+receive only :class:`GuardEvent` objects; the JSON Lines file stores
+:meth:`GuardEvent.to_dict` one object per line, and :meth:`GuardEvent.from_dict`
+reads it back.
+
+Example:
+    >>> d = Detection(step=12, kind="spike", signal="loss", value=51.0, threshold=4.2)
+    >>> e = GuardEvent.from_detection(d, actions=("cut_lr",), lr_before={"Adam/pg0": 0.1},
+    ...                               lr_after={"Adam/pg0": 0.05}, lr_scale=0.5, time=0.0)
+    >>> e.to_dict()["actions"]
+    ['cut_lr']
+    >>> GuardEvent.from_dict(e.to_dict()) == e
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import time as _time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["DETECTION_KINDS", "Detection", "GuardEvent"]
+
+#: Every value of :attr:`Detection.kind`, one per detector.
+DETECTION_KINDS = ("nonfinite", "spike", "divergence", "oscillation", "update_ratio")
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One signal crossing its threshold at one step.
+
+    Args:
+        step: The optimizer step (``trainer.global_step`` in Lightning) the value belongs to.
+        kind: Which detector fired; one of :data:`DETECTION_KINDS`.
+        signal: The monitored quantity, e.g. ``"loss"``, ``"grad_norm"``, ``"update_cosine"``.
+        value: The value that crossed the threshold (may be ``nan``/``inf``).
+        threshold: The threshold it crossed, in the units of ``value``.
+        message: A one-line human explanation.
+    """
+
+    step: int
+    kind: str
+    signal: str
+    value: float
+    threshold: float
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in DETECTION_KINDS:
+            raise ValueError(f"kind={self.kind!r} is not one of {DETECTION_KINDS}")
+
+
+def _json_float(x: float) -> float | str:
+    """JSON has no nan/inf: store them as the strings ``"nan"``, ``"inf"``, ``"-inf"``."""
+    return x if math.isfinite(x) else str(x)
+
+
+def _from_json_float(x: float | str | None) -> float:
+    return float("nan") if x is None else float(x)
+
+
+@dataclass(frozen=True)
+class GuardEvent:
+    """A decision of the guard: what was detected and what was done about it.
+
+    Args:
+        step: Optimizer step of the detection.
+        kind: Detector kind (see :data:`DETECTION_KINDS`).
+        signal: The monitored quantity.
+        value: Its value at ``step``.
+        threshold: The threshold it crossed.
+        message: One-line explanation.
+        actions: What the guard did, in order: any of ``"log"``, ``"skip"``,
+            ``"rollback"``, ``"cut_lr"``, ``"stop"``; empty when the policy only records.
+        lr_before: Learning rate per ``"<optimizer>/<group>"`` before the actions.
+        lr_after: Learning rate per ``"<optimizer>/<group>"`` after the actions.
+        lr_scale: The guard's cumulative LR multiplier after the actions (1.0 = no cut).
+        epoch: Trainer epoch, when known.
+        time: Unix time of the decision.
+        run: Run name/version (e.g. ``"lightning_logs/version_3"``), when known.
+    """
+
+    step: int
+    kind: str
+    signal: str
+    value: float
+    threshold: float
+    message: str = ""
+    actions: tuple[str, ...] = ()
+    lr_before: dict[str, float] = field(default_factory=dict)
+    lr_after: dict[str, float] = field(default_factory=dict)
+    lr_scale: float = 1.0
+    epoch: int | None = None
+    time: float = field(default_factory=_time.time)
+    run: str | None = None
+
+    @classmethod
+    def from_detection(cls, detection: Detection, **kwargs: Any) -> GuardEvent:
+        """Build an event from a detection plus the guard's decision (keyword fields)."""
+        return cls(
+            step=detection.step,
+            kind=detection.kind,
+            signal=detection.signal,
+            value=detection.value,
+            threshold=detection.threshold,
+            message=detection.message,
+            **kwargs,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (non-finite floats become strings)."""
+        d = asdict(self)
+        d["actions"] = list(self.actions)
+        d["value"] = _json_float(self.value)
+        d["threshold"] = _json_float(self.threshold)
+        d["lr_before"] = {k: _json_float(v) for k, v in self.lr_before.items()}
+        d["lr_after"] = {k: _json_float(v) for k, v in self.lr_after.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GuardEvent:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
+        return cls(
+            step=int(d["step"]),
+            kind=str(d["kind"]),
+            signal=str(d["signal"]),
+            value=_from_json_float(d.get("value")),
+            threshold=_from_json_float(d.get("threshold")),
+            message=str(d.get("message", "")),
+            actions=tuple(d.get("actions", ())),
+            lr_before={k: _from_json_float(v) for k, v in d.get("lr_before", {}).items()},
+            lr_after={k: _from_json_float(v) for k, v in d.get("lr_after", {}).items()},
+            lr_scale=float(d.get("lr_scale", 1.0)),
+            epoch=None if d.get("epoch") is None else int(d["epoch"]),
+            time=float(d.get("time", 0.0)),
+            run=d.get("run"),
+        )
+
+    def summary(self) -> str:
+        """One readable line, e.g. for a log record or a chat message."""
+        acts = ", ".join(self.actions) if self.actions else "recorded only"
+        lr = ""
+        if self.lr_before and self.lr_after and self.lr_before != self.lr_after:
+            k = next(iter(self.lr_before))
+            lr = f"; lr {self.lr_before[k]:.3g} -> {self.lr_after.get(k, float('nan')):.3g}"
+            if len(self.lr_before) > 1:
+                lr += f" (and {len(self.lr_before) - 1} more groups)"
+        return (
+            f"step {self.step}: {self.kind} on {self.signal} = {self.value:.4g} "
+            f"(threshold {self.threshold:.4g}) -> {acts}{lr}"
+        )
