@@ -122,10 +122,14 @@ class ParamSnapshot:
         self._before: dict[Tensor, Tensor] = {}
 
     def take(self) -> None:
-        """Copy every parameter that has a gradient (call before ``step()``)."""
+        """Copy every trainable parameter (call before ``step()``).
+
+        Gradients may not exist yet: with a closure (Lightning's automatic optimization)
+        the backward pass runs inside ``step()``, after the step pre-hooks.
+        """
         self._before = {
             p: p.detach().clone()
-            for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None
+            for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad
         }
 
     @property
@@ -134,7 +138,7 @@ class ParamSnapshot:
         return bool(self._before)
 
     def updates(self) -> dict[Tensor, Tensor]:
-        """``θ_after − θ_before`` per copied parameter; releases the copy.
+        """``θ_after − θ_before`` per parameter that had a gradient; releases the copy.
 
         Raises:
             RuntimeError: if :meth:`take` was not called before the step.
@@ -142,7 +146,7 @@ class ParamSnapshot:
         if not self._before:
             raise RuntimeError("ParamSnapshot.updates() called without take() before step()")
         before, self._before = self._before, {}
-        return {p: p.detach() - b for p, b in before.items()}
+        return {p: p.detach() - b for p, b in before.items() if p.grad is not None}
 
 
 def is_supported(optimizer: torch.optim.Optimizer) -> bool:

@@ -1,0 +1,299 @@
+"""StepSizeMonitor: the Lightning callback that records the step each weight takes.
+
+Every ``logging_interval`` optimizer steps it logs, per optimizer and param group and for
+all groups together (``global``), the learning rate, the effective per-element learning
+rate (quantiles, min, max), the share of elements where ε dominates, gradient,
+parameter, update and moment norms, the update/parameter ratio, the cosine between
+successive recorded updates and non-finite counts. Tags are
+``<prefix>/<stat>/<optimizer>/<group>``, e.g. ``optim/eff_lr/p50/Adam/pg0``; every tag
+is listed in ``docs/metrics.md``.
+
+How it works: gradient norms are measured in ``on_before_optimizer_step`` (after AMP
+unscaling and accumulation, before clipping); the step itself is reconstructed in a
+``register_step_post_hook`` from the optimizer's post-step state, so no parameter copy
+is taken (except for optimizers without an exact rule, see
+:class:`lr_monitor.functional.ParamSnapshot`). Steps that are not recorded cost two
+Python calls and no host sync; a recorded step costs one device-to-host transfer.
+
+Example::
+
+    from pytorch_lightning import Trainer
+    from lr_monitor import StepSizeMonitor
+
+    trainer = Trainer(callbacks=[StepSizeMonitor()])  # TensorBoardLogger by default
+    trainer.fit(model)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from lr_monitor._compat import TensorBoardLogger, pl, rank_zero_warn
+from lr_monitor.functional.statistics import BINS_PER_DECADE, LOG10_MIN, HostStepSums
+from lr_monitor.recorder import (
+    GRANULARITIES,
+    STATISTICS,
+    StepRecorder,
+    _compile,
+    _validate_interval,
+    group_names,
+    optimizer_names,
+)
+
+__all__ = ["StepSizeMonitor"]
+
+
+class StepSizeMonitor(pl.Callback):
+    """Record effective step sizes, gradient statistics and moments to the logger.
+
+    Args:
+        logging_interval: Record every n-th optimizer step (the first step is recorded).
+            ``None``: the trainer's ``log_every_n_steps``.
+        prefix: First component of every tag.
+        granularity: ``"group"``: one series per param group plus ``global``.
+            ``"tensor"``: also one per parameter tensor (filtered by ``include`` and
+            ``exclude``); can be thousands of series on a large model.
+        include: Regex on parameter names; with ``granularity="tensor"`` only matches
+            get a series.
+        exclude: Regex on parameter names that get no per-tensor series.
+        histogram_every_n_steps: TensorBoard only: write the histogram of log10
+            effective lr per group every n-th step (rounded to recorded steps: it is
+            built from the recorded statistics, at no extra cost). ``None``: every
+            recorded step; ``0``: never.
+        grad_histograms: TensorBoard only: also write gradient histograms per group on
+            the histogram steps (copies the gradients to the host: off by default).
+        custom_scalars: TensorBoard only: write a Custom Scalars layout with one chart
+            per statistic and every group on it.
+        update_cosine: Keep a subsample of the last recorded update per tensor (at most
+            ``cosine_samples`` values) to log ``update_cosine``.
+        cosine_samples: Subsample size per tensor for ``update_cosine``.
+        log_global: Also log the ``global`` series (all groups of an optimizer).
+
+    Raises:
+        ValueError: for an argument outside its allowed values (the message names it).
+    """
+
+    def __init__(
+        self,
+        logging_interval: int | None = None,
+        *,
+        prefix: str = "optim",
+        granularity: str = "group",
+        include: str | None = None,
+        exclude: str | None = None,
+        histogram_every_n_steps: int | None = None,
+        grad_histograms: bool = False,
+        custom_scalars: bool = True,
+        update_cosine: bool = True,
+        cosine_samples: int = 4096,
+        log_global: bool = True,
+    ) -> None:
+        _validate_interval("logging_interval", logging_interval, allow_none=True)
+        if not isinstance(prefix, str) or not prefix or prefix.startswith("/"):
+            raise ValueError(f"prefix={prefix!r} is invalid: must be a non-empty string "
+                             "not starting with '/'")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={granularity!r} is invalid: must be one of "
+                             f"{GRANULARITIES}")
+        _compile("include", include)
+        _compile("exclude", exclude)
+        if histogram_every_n_steps is not None and (
+                isinstance(histogram_every_n_steps, bool)
+                or not isinstance(histogram_every_n_steps, int) or histogram_every_n_steps < 0):
+            raise ValueError(f"histogram_every_n_steps={histogram_every_n_steps!r} is "
+                             "invalid: must be None, 0 (off) or an int >= 1")
+        if not isinstance(cosine_samples, int) or cosine_samples < 1:
+            raise ValueError(f"cosine_samples={cosine_samples!r} is invalid: must be an "
+                             "int >= 1")
+        self.logging_interval = logging_interval
+        self.prefix = prefix
+        self.granularity = granularity
+        self.include = include
+        self.exclude = exclude
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self.grad_histograms = grad_histograms
+        self.custom_scalars = custom_scalars
+        self.update_cosine = update_cosine
+        self.cosine_samples = cosine_samples
+        self.log_global = log_global
+        self.recorders: list[StepRecorder] = []
+        self._trainer: pl.Trainer | None = None
+        self._interval = 1
+        self._warned_histograms = False
+        self._layout_written = False
+        self._recorded_steps = 0
+
+    @property
+    def state_key(self) -> str:
+        """Key in the checkpoint's ``callbacks`` dict; monitors with other prefixes coexist."""
+        return self._generate_state_key(prefix=self.prefix, granularity=self.granularity)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Attach one recorder per optimizer (after a checkpoint has been restored)."""
+        self._detach()
+        self._trainer = trainer
+        self._interval = self.logging_interval or max(1, int(trainer.log_every_n_steps))
+        optimizers = [getattr(o, "optimizer", o) for o in trainer.optimizers]
+        if not optimizers:
+            rank_zero_warn("StepSizeMonitor: the trainer has no optimizer; nothing to record")
+            return
+        names = optimizer_names(optimizers)
+        param_names = {p: n for n, p in pl_module.named_parameters()}
+        sharded = any(callable(getattr(p, "to_local", None)) for p in param_names)
+        # Replicated parameters (single device, DDP): rank zero alone measures and logs.
+        # Sharded parameters (FSDP2/DTensor): every rank measures its shard and the sums
+        # are reduced before the statistics are finished.
+        active = trainer.is_global_zero or sharded
+        for opt, name in zip(optimizers, names, strict=True):
+            rec = StepRecorder(
+                opt, name,
+                should_record=lambda: active and self._due(),
+                on_record=self._make_on_record(name),
+                reduce=(lambda sums: sums.all_reduce()) if sharded else None,
+                prefix=self.prefix, granularity=self.granularity, param_names=param_names,
+                include=self.include, exclude=self.exclude,
+                update_cosine=self.update_cosine, cosine_samples=self.cosine_samples,
+                log_global=self.log_global,
+            )
+            if not rec.exact:
+                rank_zero_warn(
+                    f"StepSizeMonitor: no exact update rule for {type(opt).__name__}; its "
+                    "updates are measured by copying the parameters on recorded steps and "
+                    "eff_lr is reported as the group lr."
+                )
+            rec.attach()
+            self.recorders.append(rec)
+        self._write_layout(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Remove the optimizer hooks."""
+        self._detach()
+
+    def _detach(self) -> None:
+        for r in self.recorders:
+            r.detach()
+        self.recorders = []
+
+    def _due(self) -> bool:
+        t = self._trainer
+        return t is not None and t.training and t.global_step % self._interval == 0
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        """Measure gradient norms before clipping, on recorded steps only."""
+        opt = getattr(optimizer, "optimizer", optimizer)
+        for r in self.recorders:
+            if r.optimizer is opt:
+                r.capture_gradients()
+                if self.grad_histograms and self._histogram_due() and r._grad_sq is not None:
+                    self._write_grad_histograms(trainer, r)
+
+    # -- output --------------------------------------------------------------------------
+    def _make_on_record(self, name: str) -> Any:
+        def on_record(metrics: dict[str, float], host: HostStepSums) -> None:
+            trainer = self._trainer
+            if trainer is None or not trainer.is_global_zero:
+                return
+            step = trainer.global_step
+            self._recorded_steps += 1
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+            if self._histogram_due():
+                self._write_lr_histograms(trainer, name, host)
+
+        return on_record
+
+    def _histogram_due(self) -> bool:
+        n = self.histogram_every_n_steps
+        if n == 0 or self._trainer is None:
+            return False
+        return n is None or self._trainer.global_step % n == 0
+
+    def _tb_writers(self, trainer: pl.Trainer) -> list[Any]:
+        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        wants = self.histogram_every_n_steps != 0 or self.grad_histograms
+        if not writers and wants and not self._warned_histograms and trainer.loggers:
+            self._warned_histograms = True
+            rank_zero_warn("StepSizeMonitor: histograms need a TensorBoardLogger; with "
+                           f"{type(trainer.loggers[0]).__name__} only scalars are logged.")
+        return writers
+
+    def _write_lr_histograms(self, trainer: pl.Trainer, name: str, host: HostStepSums) -> None:
+        writers = self._tb_writers(trainer)
+        if not writers:
+            return
+        rec = next(r for r in self.recorders if r.name == name)
+        gnames = group_names(rec.optimizer)
+        rows = [(g, host.hist[i], host.values[i]) for i, g in enumerate(gnames)]
+        for gname, counts, _ in rows:
+            nz = np.nonzero(counts)[0]
+            if nz.size == 0:
+                continue
+            lo, hi = max(int(nz[0]) - 1, 0), min(int(nz[-1]) + 2, counts.size)
+            c = counts[lo:hi]
+            edges = LOG10_MIN + (np.arange(lo, hi) + 1) / BINS_PER_DECADE
+            centers = edges - 0.5 / BINS_PER_DECADE
+            total = float(c.sum())
+            for w in writers:
+                w.add_histogram_raw(
+                    tag=f"{self.prefix}/log10_eff_lr/{name}/{gname}",
+                    min=float(centers[c > 0][0]), max=float(centers[c > 0][-1]),
+                    num=total, sum=float((c * centers).sum()),
+                    sum_squares=float((c * centers**2).sum()),
+                    bucket_limits=edges.tolist(), bucket_counts=c.tolist(),
+                    global_step=trainer.global_step,
+                )
+
+    def _write_grad_histograms(self, trainer: pl.Trainer, rec: StepRecorder) -> None:
+        writers = self._tb_writers(trainer)
+        if not writers or not trainer.is_global_zero:
+            return
+        for gname, g in zip(group_names(rec.optimizer), rec.optimizer.param_groups,
+                            strict=True):
+            grads = [p.grad.detach().reshape(-1).float() for p in g["params"]
+                     if p.grad is not None]
+            if not grads:
+                continue
+            flat = torch.cat(grads).cpu()
+            flat = flat[torch.isfinite(flat)]
+            if flat.numel():
+                for w in writers:
+                    w.add_histogram(f"{self.prefix}/grad/{rec.name}/{gname}", flat,
+                                    trainer.global_step)
+
+    def _write_layout(self, trainer: pl.Trainer) -> None:
+        if not self.custom_scalars or self._layout_written or not trainer.is_global_zero:
+            return
+        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not writers:
+            return
+        charts = {
+            stat: ["Multiline", [rf"^{self.prefix}/{stat}/.*"]]
+            for stat in STATISTICS if not (stat.startswith("eff_lr/") and stat != "eff_lr/p50")
+        }
+        for r in self.recorders:
+            charts[f"eff_lr band {r.name} (p05-p95)"] = ["Margin", [
+                f"{self.prefix}/eff_lr/{q}/{r.name}/global" for q in ("p50", "p05", "p95")]]
+        layout = {"lr-monitor": charts}
+        for w in writers:
+            w.add_custom_scalars(layout)
+        self._layout_written = True
+
+    # -- checkpointing -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What survives a resume: the count of recorded steps.
+
+        The subsample of the last update kept for ``update_cosine`` is not saved (it is
+        parameter-sized in the worst case): after a resume the first recorded step has no
+        ``update_cosine``.
+        """
+        return {"recorded_steps": self._recorded_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self._recorded_steps = int(state_dict.get("recorded_steps", 0))
+

@@ -1,0 +1,393 @@
+"""Framework-free recording of optimizer steps: the engine behind :class:`StepSizeMonitor`.
+
+A :class:`StepRecorder` watches one optimizer through torch's step hooks
+(``register_step_pre_hook``/``register_step_post_hook``): on the steps you ask it to
+record it measures the gradients, reconstructs the step from the post-step state
+(:mod:`lr_monitor.functional`) and produces a flat dict of scalars, with exactly one
+device-to-host transfer. On other steps the hooks return immediately.
+
+:func:`attach` is the same thing for plain PyTorch loops and Fabric::
+
+    writer = torch.utils.tensorboard.SummaryWriter("runs/exp1")
+    handle = lr_monitor.attach(optimizer, writer, every_n_steps=50)
+    for x, y in loader:
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+    handle.detach()
+
+Example:
+    >>> import torch
+    >>> p = torch.nn.Parameter(torch.ones(3))
+    >>> opt = torch.optim.Adam([p], lr=0.1)
+    >>> seen = []
+    >>> handle = attach(opt, lambda metrics, step: seen.append((step, metrics)))
+    >>> p.grad = torch.ones(3); opt.step()
+    >>> step, metrics = seen[0]
+    >>> step, round(metrics["optim/update_norm/Adam/pg0"], 4)
+    (0, 0.1732)
+    >>> handle.detach()
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from lr_monitor.functional import ParamSnapshot, find_rule
+from lr_monitor.functional.rules import ParamStep, group_steps
+from lr_monitor.functional.statistics import (
+    HostStepSums,
+    StepSums,
+    UpdateHistory,
+    step_sums,
+    summarize,
+)
+
+__all__ = [
+    "GRANULARITIES",
+    "STATISTICS",
+    "MonitorHandle",
+    "ScalarWriter",
+    "StepRecorder",
+    "attach",
+    "optimizer_names",
+]
+
+#: Every statistic the recorder can emit (tag stems); see ``docs/metrics.md``.
+STATISTICS = (
+    "lr", "eff_lr/p05", "eff_lr/p50", "eff_lr/p95", "eff_lr/min", "eff_lr/max",
+    "eps_dominated_frac", "grad_norm", "param_norm", "update_norm", "update_ratio",
+    "exp_avg_norm", "exp_avg_sq_sqrt_mean", "update_cosine", "nonfinite",
+)
+GRANULARITIES = ("group", "tensor")
+
+
+class ScalarWriter(Protocol):
+    """Anything with TensorBoard's ``add_scalar(tag, value, global_step)``."""
+
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int | None = ...) -> Any:
+        """Write one scalar."""
+
+
+def optimizer_names(optimizers: Iterable[torch.optim.Optimizer]) -> list[str]:
+    """Names like Lightning's ``LearningRateMonitor``: ``Adam``, ``Adam-1``, ``SGD``.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(1))
+        >>> optimizer_names([torch.optim.Adam([p]), torch.optim.SGD([p]), torch.optim.Adam([p])])
+        ['Adam', 'SGD', 'Adam-1']
+    """
+    seen: dict[str, int] = {}
+    out = []
+    for opt in optimizers:
+        base = type(opt).__name__
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.append(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def group_names(optimizer: torch.optim.Optimizer) -> list[str]:
+    """``group["name"]`` where set, else ``pg<i>``; duplicates get a ``-<k>`` suffix."""
+    names: list[str] = []
+    for i, g in enumerate(optimizer.param_groups):
+        name = str(g.get("name", f"pg{i}"))
+        if name == "global" or name in names:
+            name = f"{name}-{i}"
+        names.append(name)
+    return names
+
+
+def _validate_interval(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "None or an int >= 1" if allow_none else "an int >= 1"
+        raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
+
+
+class StepRecorder:
+    """Records the steps of one optimizer on chosen steps, through torch's step hooks.
+
+    Args:
+        optimizer: The optimizer to watch.
+        name: Its name in the tags (``Adam``, ``Adam-1``).
+        should_record: Called with no argument before each step; ``True`` records it.
+        on_record: Called after a recorded step with ``(metrics, host_sums)``.
+        prefix: Tag prefix (``optim``).
+        granularity: ``"group"`` (rows per param group and ``global``) or ``"tensor"``
+            (also one row per selected parameter tensor).
+        param_names: Parameter → name, for tensor rows and ``include``/``exclude``.
+        include: Regex; with ``granularity="tensor"``, only matching names get rows.
+        exclude: Regex; matching names get no tensor row.
+        update_cosine: Keep a subsample of the last recorded update for
+            ``update_cosine`` (memory: ≤ ``cosine_samples`` values per tensor).
+        cosine_samples: Subsample size per tensor.
+        log_global: Also emit the ``global`` row (all groups together).
+        reduce: Applied to the device sums before the host transfer; for sharded
+            parameters pass ``lambda sums: sums.all_reduce()`` (every rank must record).
+
+    Raises:
+        ValueError: for an unknown granularity, a bad regex or ``cosine_samples`` < 1.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        name: str,
+        *,
+        should_record: Callable[[], bool],
+        on_record: Callable[[dict[str, float], HostStepSums], None],
+        prefix: str = "optim",
+        granularity: str = "group",
+        param_names: Mapping[Tensor, str] | None = None,
+        include: str | None = None,
+        exclude: str | None = None,
+        update_cosine: bool = True,
+        cosine_samples: int = 4096,
+        log_global: bool = True,
+        reduce: Callable[[StepSums], None] | None = None,
+    ) -> None:
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={granularity!r} is invalid: must be one of "
+                             f"{GRANULARITIES}")
+        self.optimizer = optimizer
+        self.name = name
+        self.prefix = prefix
+        self.granularity = granularity
+        self.should_record = should_record
+        self.on_record = on_record
+        self.param_names = dict(param_names or {})
+        self._include = _compile("include", include)
+        self._exclude = _compile("exclude", exclude)
+        self.history = UpdateHistory(cosine_samples) if update_cosine else None
+        self.log_global = log_global
+        self.reduce = reduce
+        self.exact = find_rule(optimizer) is not None
+        self._snapshot = None if self.exact else ParamSnapshot(optimizer)
+        self._recording = False
+        self._grad_sq: dict[Tensor, Tensor] | None = None
+        self._handles: list[RemovableHandle] = []
+        self.step_index = 0
+        self.last_metrics: dict[str, float] = {}
+
+    # -- hooks ---------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Register the step hooks (idempotent)."""
+        if self._handles:
+            return
+        self._handles = [
+            self.optimizer.register_step_pre_hook(self._pre_hook),
+            self.optimizer.register_step_post_hook(self._post_hook),
+        ]
+
+    def detach(self) -> None:
+        """Remove the step hooks and drop held tensors."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._grad_sq = None
+        if self.history is not None:
+            self.history.clear()
+
+    def capture_gradients(self) -> None:
+        """Measure gradient norms now (before clipping), if this step will be recorded.
+
+        Lightning calls this from ``on_before_optimizer_step``; in a plain loop, call it
+        before ``clip_grad_norm_`` to record unclipped norms (otherwise the pre-step hook
+        measures them after clipping).
+        """
+        if not self.should_record():
+            self._grad_sq = None
+            return
+        params = [p for g in self.optimizer.param_groups for p in g["params"]
+                  if p.grad is not None]
+        if not params:
+            self._grad_sq = {}
+            return
+        norms = torch._foreach_norm([p.grad for p in params])  # type: ignore[misc]
+        self._grad_sq = {p: n.double().square() for p, n in zip(params, norms, strict=True)}
+
+    def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._recording = bool(self.should_record())
+        if not self._recording:
+            return
+        if self._grad_sq is None:
+            self.capture_gradients()
+        if self._snapshot is not None:
+            self._snapshot.take()
+
+    def _post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.step_index += 1
+        if not self._recording:
+            return
+        self._recording = False
+        grad_sq, self._grad_sq = self._grad_sq, None
+        metrics, host = self.measure(grad_sq)
+        self.last_metrics = metrics
+        self.on_record(metrics, host)
+
+    # -- measurement ---------------------------------------------------------------------
+    def _tensor_row(self, p: Tensor) -> bool:
+        if self.granularity != "tensor":
+            return False
+        name = self.param_names.get(p)
+        if name is None:
+            return False
+        if self._include is not None and not self._include.search(name):
+            return False
+        return not (self._exclude is not None and self._exclude.search(name))
+
+    def _steps(self) -> list[list[ParamStep]]:
+        if self.exact:
+            return [group_steps(self.optimizer, g) for g in self.optimizer.param_groups]
+        assert self._snapshot is not None
+        updates = self._snapshot.updates() if self._snapshot.taken else {}
+        out = []
+        for g in self.optimizer.param_groups:
+            lr = g["lr"]
+            rows = []
+            for p in g["params"]:
+                if p not in updates:
+                    continue
+                u = updates[p]
+                eff = lr.detach().reshape(()) if isinstance(lr, Tensor) else torch.tensor(
+                    float(lr), dtype=p.dtype, device=p.device)
+                rows.append(ParamStep(param=p, grad=p.grad, update=u,  # type: ignore[arg-type]
+                                      eff_lr=eff, direction=-u / eff))
+            out.append(rows)
+        return out
+
+    def measure(self, grad_sq: dict[Tensor, Tensor] | None = None
+                ) -> tuple[dict[str, float], HostStepSums]:
+        """Statistics of the step just taken, as ``{tag: value}``; one host transfer.
+
+        Args:
+            grad_sq: Per-parameter squared gradient norms measured before clipping.
+
+        Returns:
+            The metrics and the host sums they were computed from.
+
+        Raises:
+            UnsupportedOptimizerError: if the optimizer has no rule and no snapshot.
+        """
+        steps = self._steps()
+        tensor_params = [s.param for g in steps for s in g if self._tensor_row(s.param)]
+        lrs = [g["lr"] for g in self.optimizer.param_groups]
+        sums = step_sums(steps, history=self.history, grad_sq=grad_sq,
+                         tensor_rows=self._tensor_row if tensor_params else None,
+                         extra=lrs)
+        if self.reduce is not None:
+            self.reduce(sums)
+        host = sums.to_host()
+        rows = summarize(host)
+        names = group_names(self.optimizer)
+        lr_values = [float(x) for x in host.extra[: len(lrs)]]
+        metrics: dict[str, float] = {}
+        pre = self.prefix
+        for i, (gname, row) in enumerate(zip(names, rows, strict=False)):
+            metrics[f"{pre}/lr/{self.name}/{gname}"] = lr_values[i]
+            for k, v in row.items():
+                metrics[f"{pre}/{k}/{self.name}/{gname}"] = v
+        for p, row in zip(tensor_params, rows[len(names):], strict=True):
+            tname = self.param_names[p]
+            for k, v in row.items():
+                metrics[f"{pre}/{k}/{self.name}/{tname}"] = v
+        if self.log_global:
+            glob = summarize(host.combine(range(len(names))))[0]
+            for k, v in glob.items():
+                metrics[f"{pre}/{k}/{self.name}/global"] = v
+            if len(set(lr_values)) == 1:
+                metrics[f"{pre}/lr/{self.name}/global"] = lr_values[0]
+        return metrics, host
+
+
+def _compile(arg: str, pattern: str | None) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{arg}={pattern!r} is not a valid regular expression: {e}") from e
+
+
+class MonitorHandle:
+    """What :func:`attach` returns: call :meth:`detach` to stop recording."""
+
+    def __init__(self, recorder: StepRecorder) -> None:
+        self.recorder = recorder
+
+    @property
+    def latest(self) -> dict[str, float]:
+        """The metrics of the last recorded step."""
+        return self.recorder.last_metrics
+
+    def capture_gradients(self) -> None:
+        """Measure gradient norms now, before clipping (see ``StepRecorder``)."""
+        self.recorder.capture_gradients()
+
+    def detach(self) -> None:
+        """Remove the hooks; the optimizer is left as it was."""
+        self.recorder.detach()
+
+
+def attach(
+    optimizer: torch.optim.Optimizer,
+    writer: ScalarWriter | Callable[[dict[str, float], int], Any],
+    *,
+    every_n_steps: int = 1,
+    name: str | None = None,
+    model: torch.nn.Module | None = None,
+    **recorder_kwargs: Any,
+) -> MonitorHandle:
+    """Record an optimizer's step sizes without Lightning (raw loops, Fabric).
+
+    Args:
+        optimizer: The optimizer to watch.
+        writer: A ``SummaryWriter`` (anything with ``add_scalar``) or a callable
+            ``fn(metrics, step)``.
+        every_n_steps: Record every n-th ``optimizer.step()`` (the first step is recorded).
+        name: Optimizer name in the tags (default: its class name).
+        model: Gives parameter names, needed for ``granularity="tensor"``.
+        **recorder_kwargs: Passed to :class:`StepRecorder` (``prefix``, ``granularity``,
+            ``include``, ``exclude``, ``update_cosine``, ``cosine_samples``, ``log_global``).
+
+    Returns:
+        A :class:`MonitorHandle`.
+
+    Raises:
+        ValueError: for a bad ``every_n_steps`` or recorder argument.
+        TypeError: if ``writer`` is neither callable nor has ``add_scalar``.
+    """
+    _validate_interval("every_n_steps", every_n_steps)
+    if hasattr(writer, "add_scalar"):
+        sw = writer
+
+        def emit(metrics: dict[str, float], step: int) -> None:
+            for k, v in metrics.items():
+                sw.add_scalar(k, v, step)  # type: ignore[union-attr]
+    elif callable(writer):
+        emit = writer  # type: ignore[assignment]
+    else:
+        raise TypeError(f"writer={writer!r} is invalid: needs add_scalar() or to be callable")
+
+    names = {p: n for n, p in model.named_parameters()} if model is not None else None
+    box: dict[str, StepRecorder] = {}
+
+    def on_record(metrics: dict[str, float], host: HostStepSums) -> None:
+        emit(metrics, box["r"].step_index - 1)
+
+    rec = StepRecorder(
+        optimizer, name or type(optimizer).__name__,
+        should_record=lambda: box["r"].step_index % every_n_steps == 0,
+        on_record=on_record, param_names=names, **recorder_kwargs,
+    )
+    box["r"] = rec
+    rec.attach()
+    return MonitorHandle(rec)
+

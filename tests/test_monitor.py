@@ -1,0 +1,276 @@
+"""StepSizeMonitor on a real Trainer, read back with TensorBoard's own reader."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lr_monitor import StepSizeMonitor, attach
+from lr_monitor.functional import effective_lr, last_update, optimizer_steps
+from tests.lightning_models import Regressor, regression_loader, trainer
+
+OPTIMIZERS = {
+    "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
+    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1),
+    "sgd-momentum": lambda m: torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9),
+    "rmsprop": lambda m: torch.optim.RMSprop(m.parameters(), lr=1e-3),
+    "adagrad": lambda m: torch.optim.Adagrad(m.parameters(), lr=1e-2),
+}
+
+
+def read_scalars(log_dir: str | Path) -> dict[str, dict[int, float]]:
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+class Oracle(pl.Callback):
+    """Computes the expected statistics from lr_monitor.functional with full tensors."""
+
+    def __init__(self) -> None:
+        self.expected: dict[int, dict[str, float]] = {}
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+        self._grad = torch.cat([p.grad.reshape(-1) for p in pl_module.parameters()
+                                if p.grad is not None]).double().norm().item()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        opt = trainer.optimizers[0]
+        step = trainer.global_step - 1
+        upd = last_update(opt)
+        eff = effective_lr(opt)
+        ps = [p for g in opt.param_groups for p in g["params"]]
+        cat = lambda d: torch.cat([d[p].reshape(-1) for p in ps]).double()  # noqa: E731
+        u, e = cat(upd), cat(eff)
+        theta = torch.cat([p.detach().reshape(-1) for p in ps]).double()
+        exp = {
+            "update_norm": u.norm().item(), "param_norm": theta.norm().item(),
+            "update_ratio": (u.norm() / theta.norm()).item(), "grad_norm": self._grad,
+            "eff_lr/min": e.min().item(), "eff_lr/max": e.max().item(),
+            "eff_lr/p50": torch.quantile(e, 0.5).item(), "lr": opt.param_groups[0]["lr"],
+        }
+        first = [s.first_moment for g in optimizer_steps(opt) for s in g]
+        if all(f is not None for f in first):
+            exp["exp_avg_norm"] = torch.cat([f.reshape(-1) for f in first]).double().norm().item()
+        self.expected[step] = exp
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_tensorboard_values_equal_functional(tmp_path: Path, opt_name: str) -> None:
+    model = Regressor(OPTIMIZERS[opt_name])
+    oracle = Oracle()
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    tr = trainer(tmp_path, logger=logger, max_steps=7,
+                 callbacks=[StepSizeMonitor(logging_interval=3), oracle])
+    tr.fit(model, regression_loader())
+    scalars = read_scalars(logger.log_dir)
+    name = type(tr.optimizers[0]).__name__
+    for stat in ("lr", "eff_lr/p05", "eff_lr/p50", "eff_lr/p95", "eff_lr/min", "eff_lr/max",
+                 "grad_norm", "param_norm", "update_norm", "update_ratio", "nonfinite"):
+        for row in ("pg0", "global"):
+            tag = f"optim/{stat}/{name}/{row}"
+            assert tag in scalars, tag
+            assert sorted(scalars[tag]) == [0, 3, 6], tag  # every 3rd step, the first included
+    assert f"optim/update_cosine/{name}/global" in scalars
+    assert sorted(scalars[f"optim/update_cosine/{name}/global"]) == [3, 6]
+    for step in (0, 3, 6):
+        exp = oracle.expected[step]
+        for stat, value in exp.items():
+            got = scalars[f"optim/{stat}/{name}/global"][step]
+            rel = 0.05 if stat == "eff_lr/p50" else 1e-5  # histogram quantile vs exact
+            assert got == pytest.approx(value, rel=rel), (step, stat)
+        assert scalars[f"optim/nonfinite/{name}/global"][step] == 0
+    if opt_name in ("adam", "adamw", "rmsprop", "adagrad"):
+        assert f"optim/eps_dominated_frac/{name}/global" in scalars
+        assert f"optim/exp_avg_sq_sqrt_mean/{name}/global" in scalars
+    # custom scalars layout and effective-lr histograms are in the event file
+    acc = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
+    acc.Reload()
+    assert f"optim/log10_eff_lr/{name}/pg0" in acc.Tags()["histograms"]
+
+
+def test_two_optimizers_and_named_groups(tmp_path: Path) -> None:
+    class TwoOpt(Regressor):
+        def __init__(self) -> None:
+            super().__init__(lambda m: None)
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            a, b = self.optimizers()
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            a.zero_grad(); b.zero_grad()  # noqa: E702
+            self.manual_backward(loss)
+            a.step(); b.step()  # noqa: E702
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            first, second = self.net[0], self.net[2]
+            return [
+                torch.optim.Adam([{"params": [first.weight], "name": "w", "lr": 1e-2},
+                                  {"params": [first.bias], "name": "b", "lr": 1e-3}]),
+                torch.optim.Adam(second.parameters(), lr=5e-3),
+            ]
+
+    logger = TensorBoardLogger(str(tmp_path), name="two")
+    tr = trainer(tmp_path, logger=logger, max_steps=4, callbacks=[StepSizeMonitor(1)])
+    tr.fit(TwoOpt(), regression_loader())
+    tags = read_scalars(logger.log_dir)
+    for tag in ("optim/lr/Adam/w", "optim/lr/Adam/b", "optim/lr/Adam-1/pg0",
+                "optim/update_norm/Adam/global", "optim/update_norm/Adam-1/global"):
+        assert tag in tags, tag
+    assert tags["optim/lr/Adam/w"][0] == pytest.approx(1e-2)
+    assert tags["optim/lr/Adam/b"][0] == pytest.approx(1e-3)
+    assert "optim/lr/Adam/global" not in tags  # groups disagree: no single global lr
+
+
+def test_csv_logger_gets_scalars_and_one_histogram_warning(tmp_path: Path) -> None:
+    logger = CSVLogger(str(tmp_path), name="csv")
+    tr = trainer(tmp_path, logger=logger, max_steps=4, callbacks=[StepSizeMonitor(2)])
+    with pytest.warns(UserWarning, match="histograms need a TensorBoardLogger") as rec:
+        tr.fit(Regressor(OPTIMIZERS["adam"]), regression_loader())
+    assert sum("histograms need" in str(w.message) for w in rec) == 1
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    vals = [float(r["optim/update_ratio/Adam/global"]) for r in rows
+            if r.get("optim/update_ratio/Adam/global")]
+    assert len(vals) == 2 and all(math.isfinite(v) and v > 0 for v in vals)
+
+
+def test_scheduler_frozen_params_and_accumulation(tmp_path: Path) -> None:
+    def make(m: Any) -> Any:
+        m.net[0].weight.requires_grad_(False)
+        opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    logger = TensorBoardLogger(str(tmp_path), name="sched")
+    tr = trainer(tmp_path, logger=logger, max_steps=4, accumulate_grad_batches=2,
+                 callbacks=[StepSizeMonitor(1)])
+    tr.fit(Regressor(make), regression_loader())
+    tags = read_scalars(logger.log_dir)
+    # the lr the step used: 0.1, 0.05, 0.025, 0.0125 on optimizer steps 0..3
+    assert [tags["optim/lr/Adam/pg0"][s] for s in range(4)] == pytest.approx(
+        [0.1, 0.05, 0.025, 0.0125])
+
+
+def test_unknown_optimizer_uses_the_documented_fallback(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(str(tmp_path), name="rprop")
+    seen: dict[int, float] = {}
+
+    class Delta(pl.Callback):
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            self.before = [p.detach().clone() for p in pl_module.parameters()]
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *a: Any) -> None:
+            d = torch.cat([(p.detach() - b).reshape(-1)
+                           for p, b in zip(pl_module.parameters(), self.before, strict=True)])
+            seen[trainer.global_step - 1] = d.double().norm().item()
+
+    tr = trainer(tmp_path, logger=logger, max_steps=3, callbacks=[StepSizeMonitor(1), Delta()])
+    with pytest.warns(UserWarning, match="no exact update rule for Rprop"):
+        tr.fit(Regressor(lambda m: torch.optim.Rprop(m.parameters(), lr=0.01)),
+               regression_loader())
+    tags = read_scalars(logger.log_dir)
+    for step, value in seen.items():
+        assert tags["optim/update_norm/Rprop/global"][step] == pytest.approx(value, rel=1e-5)
+
+
+def test_tensor_granularity_with_filters(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(str(tmp_path), name="tensor")
+    mon = StepSizeMonitor(1, granularity="tensor", include=r"weight", exclude=r"^net\.2")
+    tr = trainer(tmp_path, logger=logger, max_steps=2, callbacks=[mon])
+    tr.fit(Regressor(OPTIMIZERS["adam"]), regression_loader())
+    tags = read_scalars(logger.log_dir)
+    assert "optim/update_ratio/Adam/net.0.weight" in tags
+    assert not any(t.endswith("net.0.bias") or t.endswith("net.2.weight") for t in tags)
+
+
+def test_host_transfers_one_per_recorded_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    """Count every host read issued from lr_monitor code, step by step."""
+    calls: list[int] = []
+    current = {"step": -1}
+    for name in ("tolist", "item", "cpu", "numpy", "__float__", "__int__", "__bool__"):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self: torch.Tensor, *a: Any, _o: Any = orig, **k: Any) -> Any:
+            caller = sys._getframe(1).f_code.co_filename
+            if "lr_monitor" in caller and "tests" not in caller:
+                calls.append(current["step"])
+            return _o(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    class Step(pl.Callback):
+        def on_train_batch_start(self, trainer: Any, *a: Any) -> None:
+            current["step"] = trainer.global_step
+
+    logger = TensorBoardLogger(str(tmp_path), name="count")
+    tr = trainer(tmp_path, logger=logger, max_steps=8, callbacks=[Step(), StepSizeMonitor(4)])
+    tr.fit(Regressor(OPTIMIZERS["adam"]), regression_loader())
+    per_step = {s: calls.count(s) for s in range(8)}
+    assert per_step == {0: 1, 1: 0, 2: 0, 3: 0, 4: 1, 5: 0, 6: 0, 7: 0}
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"logging_interval": 0}, "logging_interval=0"),
+    ({"logging_interval": 2.5}, "logging_interval=2.5"),
+    ({"granularity": "layer"}, "granularity='layer'"),
+    ({"include": "("}, "include='\\('"),
+    ({"histogram_every_n_steps": -1}, "histogram_every_n_steps=-1"),
+    ({"cosine_samples": 0}, "cosine_samples=0"),
+    ({"prefix": ""}, "prefix=''"),
+], ids=["interval-zero", "interval-float", "granularity", "regex", "hist-negative",
+        "cosine-samples", "prefix-empty"])
+def test_bad_arguments_name_themselves(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        StepSizeMonitor(**kwargs)
+
+
+def test_state_dict_in_checkpoint(tmp_path: Path) -> None:
+    mon = StepSizeMonitor(2)
+    tr = trainer(tmp_path, max_steps=4, callbacks=[mon], enable_checkpointing=False)
+    tr.fit(Regressor(OPTIMIZERS["adam"]), regression_loader())
+    ckpt = tmp_path / "c.ckpt"
+    tr.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=False)["callbacks"][mon.state_key]
+    assert state == {"recorded_steps": 2}
+    other = StepSizeMonitor(2)
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+    assert not mon.recorders  # hooks removed on teardown
+    assert not tr.optimizers[0]._optimizer_step_post_hooks
+
+
+def test_attach_in_a_plain_loop(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-2)
+    writer = SummaryWriter(str(tmp_path))
+    handle = attach(opt, writer, every_n_steps=2, model=model, granularity="tensor")
+    for _ in range(5):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        handle.capture_gradients()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        opt.step()
+    handle.detach()
+    writer.close()
+    tags = read_scalars(tmp_path)
+    assert sorted(tags["optim/update_norm/RMSprop/global"]) == [0, 2, 4]
+    assert "optim/update_ratio/RMSprop/weight" in tags
+    # the recorded grad norm is the unclipped one
+    assert tags["optim/grad_norm/RMSprop/global"][4] > 1e-3
+    assert not opt._optimizer_step_post_hooks
