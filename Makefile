@@ -7,6 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 CONSTRAINTS := requirements/constraints.txt
+LINTED := $(wildcard lr_monitor tests examples benchmarks)
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck bench bench-quick clean
@@ -23,10 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
-	$(BIN)/ruff check lr_monitor tests examples benchmarks
+	$(BIN)/ruff check $(LINTED)
 
 lint: $(STAMP)
-	$(BIN)/ruff check lr_monitor tests examples benchmarks
+	$(BIN)/ruff check $(LINTED)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy lr_monitor

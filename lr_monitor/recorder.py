@@ -175,6 +175,7 @@ class StepRecorder:
         self._handles: list[RemovableHandle] = []
         self.step_index = 0
         self.last_metrics: dict[str, float] = {}
+        self.last_recorded_index: int | None = None
 
     # -- hooks ---------------------------------------------------------------------------
     def attach(self) -> None:
@@ -230,6 +231,7 @@ class StepRecorder:
         grad_sq, self._grad_sq = self._grad_sq, None
         metrics, host = self.measure(grad_sq)
         self.last_metrics = metrics
+        self.last_recorded_index = self.step_index - 1
         self.on_record(metrics, host)
 
     # -- measurement ---------------------------------------------------------------------

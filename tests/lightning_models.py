@@ -94,3 +94,27 @@ def trainer(tmp_path: Any, **kwargs: Any) -> pl.Trainer:
     }
     opts.update(kwargs)
     return pl.Trainer(**opts)
+
+
+class Faulty(DigitsMLP):
+    """DigitsMLP whose loss is corrupted on chosen steps (fault injection).
+
+    Args:
+        nan_at: Optimizer steps whose loss becomes NaN.
+        scale_at: Optimizer steps whose loss is multiplied by ``scale`` (a loss spike).
+        rank: Only this global rank injects (``None``: every rank).
+    """
+
+    def __init__(self, *, nan_at: tuple[int, ...] = (), scale_at: tuple[int, ...] = (),
+                 scale: float = 1e3, rank: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.nan_at, self.scale_at, self.scale, self.rank = set(nan_at), set(scale_at), scale, rank
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.rank is None or self.global_rank == self.rank:
+            if self.global_step in self.nan_at:
+                loss = loss * float("nan")
+            if self.global_step in self.scale_at:
+                loss = loss * self.scale
+        return loss

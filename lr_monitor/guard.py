@@ -1,0 +1,558 @@
+"""DivergenceGuard: catch overshooting and divergence within a few steps, and act.
+
+The guard watches, at every optimizer step, the training loss (from ``on_before_backward``,
+averaged over gradient-accumulation micro-batches) and the global gradient norm (in
+``on_before_optimizer_step``: after unscaling and accumulation, before clipping), and —
+when a :class:`~lr_monitor.StepSizeMonitor` is attached — the recorded ``update_cosine``
+and ``update_ratio``. Framework-free detectors (:mod:`lr_monitor.detectors`) turn these
+into :class:`~lr_monitor.Detection` s; a small policy maps each kind to an action, and the
+action is carried out *before* the optimizer applies the step:
+
+==============  ==========================  ==============================================
+detector        default action              why
+==============  ==========================  ==============================================
+nonfinite       ``rollback``                NaN/inf already reached the loss or gradients:
+                                            the state may be poisoned; restore and cut
+spike           ``skip``                    one bad batch or one bad step; do not apply it
+divergence      ``rollback``                the loss has climbed back for many steps (or
+                                            exploded): restore a healthy state, cut the LR
+oscillation     ``cut``                     successive updates point back and forth
+update_ratio    ``cut``                     steps are ~100× the usual size of the weights
+==============  ==========================  ==============================================
+
+Actions: ``"log"`` (record only), ``"skip"`` (drop this step's gradients: parameters and
+moments stay bit-identical), ``"cut"`` (multiply every LR by ``lr_factor`` in a way that
+survives LR schedulers), ``"rollback"`` (restore the older of the in-memory CPU snapshots
+taken every ``snapshot_every_n_steps`` healthy steps, skip this step, then cut),
+``"stop"`` (``trainer.should_stop``, reason recorded). When ``max_cuts`` is reached a cut
+escalates to ``escalate`` (``"stop"`` by default).
+
+Every decision becomes a :class:`~lr_monitor.GuardEvent` in :attr:`DivergenceGuard.events`,
+goes to the alert sinks (a log line and ``events.jsonl`` in the logger's directory always;
+TensorBoard text with a ``TensorBoardLogger``; whatever ``alerts=[...]`` adds), and to the
+loggers as ``guard/lr_scale`` and ``guard/events``.
+
+Distributed: the loss, gradient norm and non-finite flags are averaged across ranks in one
+small all-reduce per step before any detector sees them, so every rank feeds identical
+values to identical detectors and takes the same decision — a NaN on one rank is a NaN in
+the average. No decision is ever taken on one rank alone.
+
+Example::
+
+    trainer = Trainer(callbacks=[StepSizeMonitor(), DivergenceGuard()])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lr_monitor._compat import TensorBoardLogger, pl, rank_zero_warn
+from lr_monitor.alerts import (
+    AlertSink,
+    TensorBoardSink,
+    as_sink,
+    close_sinks,
+    dispatch,
+    make_default_sinks,
+)
+from lr_monitor.detectors import (
+    Detector,
+    DivergenceDetector,
+    NonFiniteDetector,
+    OscillationDetector,
+    SpikeDetector,
+    UpdateRatioDetector,
+)
+from lr_monitor.events import Detection, GuardEvent
+from lr_monitor.interventions import LRCut, RollbackBuffer, skip_step
+from lr_monitor.recorder import optimizer_names
+
+__all__ = ["ACTIONS", "DEFAULT_POLICY", "DivergenceGuard"]
+
+#: Actions by severity: when several detectors fire at one step, the most severe wins.
+ACTIONS = ("log", "skip", "cut", "rollback", "stop")
+_SEVERITY = {a: i for i, a in enumerate(ACTIONS)}
+
+#: Default action per detector kind.
+DEFAULT_POLICY: dict[str, str] = {
+    "nonfinite": "rollback",
+    "spike": "skip",
+    "divergence": "rollback",
+    "oscillation": "cut",
+    "update_ratio": "cut",
+}
+
+
+def _check_action(arg: str, value: Any, allowed: Sequence[str] = ACTIONS) -> str:
+    if value not in allowed:
+        raise ValueError(f"{arg}={value!r} is invalid: must be one of {tuple(allowed)}")
+    return str(value)
+
+
+def _check_int(arg: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{arg}={value!r} is invalid: must be an int >= {minimum}{extra}")
+    return value
+
+
+class DivergenceGuard(pl.Callback):
+    """Detect overshooting and divergence; skip, roll back, cut the LR or stop.
+
+    Args:
+        on_nonfinite: Action when the loss or gradient norm is NaN/inf.
+        on_spike: Action on a spike of the loss or the gradient norm.
+        on_divergence: Action on sustained divergence or an explosion of the loss.
+        on_oscillation: Action when recorded updates keep reversing direction
+            (needs a :class:`~lr_monitor.StepSizeMonitor` recording ``update_cosine``).
+        on_update_ratio: Action when ``update_ratio`` stays far above the usual 1e-3
+            (needs a :class:`~lr_monitor.StepSizeMonitor`).
+        lr_factor: Multiplier of every learning rate per cut, in (0, 1). The default 0.1
+            (one decade) was chosen from ``benchmarks/divergence_suite.py``: a too-high LR
+            is typically off by an order of magnitude or more, and halving needs several
+            blow-ups to get there.
+        cooldown: Minimum optimizer steps between two cuts (≥ 0).
+        min_lr: No cut takes a learning rate below this (≥ 0).
+        max_cuts: Cuts allowed before a further cut escalates (≥ 1).
+        escalate: What a cut becomes once ``max_cuts`` is used up: ``"stop"`` or ``"log"``.
+        snapshot_every_n_steps: Take an in-memory CPU snapshot (model, optimizers,
+            schedulers) every n healthy steps for ``rollback`` (≥ 1).
+        snapshot_keep: Snapshots held (≥ 1). A rollback restores the oldest, which is the
+            one least likely to already contain the beginning of the blow-up.
+        spike_window: Values in the spike detectors' robust baseline (median/MAD).
+        spike_threshold: Robust z-score above which a value is a spike.
+        explosion_factor: A loss this many times its level in the first steps is a
+            divergence immediately, even during the detectors' warm-up (> 1).
+        divergence_patience: Steps the smoothed loss must stay above its bound.
+        watch_grad_norm: Also watch the gradient norm (one ``foreach`` norm per step).
+        alerts: Extra sinks (:mod:`lr_monitor.alerts`) or callables ``fn(event)``.
+        log_events: Keep the log-line sink (the run's record; on by default).
+        jsonl: Keep the ``events.jsonl`` sink (the run's record; on by default).
+        events_dir: Where ``events.jsonl`` goes (default: the logger's ``log_dir``, else
+            the trainer's ``default_root_dir``).
+        name: Distinguishes two guards in one checkpoint (part of :attr:`state_key`).
+
+    Raises:
+        ValueError: for an argument outside its allowed values (the message names it).
+    """
+
+    def __init__(
+        self,
+        *,
+        on_nonfinite: str = DEFAULT_POLICY["nonfinite"],
+        on_spike: str = DEFAULT_POLICY["spike"],
+        on_divergence: str = DEFAULT_POLICY["divergence"],
+        on_oscillation: str = DEFAULT_POLICY["oscillation"],
+        on_update_ratio: str = DEFAULT_POLICY["update_ratio"],
+        lr_factor: float = 0.1,
+        cooldown: int = 10,
+        min_lr: float = 0.0,
+        max_cuts: int = 6,
+        escalate: str = "stop",
+        snapshot_every_n_steps: int = 50,
+        snapshot_keep: int = 2,
+        spike_window: int = 100,
+        spike_threshold: float = 8.0,
+        explosion_factor: float = 10.0,
+        divergence_patience: int = 20,
+        watch_grad_norm: bool = True,
+        alerts: Sequence[AlertSink | Callable[[GuardEvent], object]] | None = None,
+        log_events: bool = True,
+        jsonl: bool = True,
+        events_dir: str | Path | None = None,
+        name: str = "",
+    ) -> None:
+        self.policy = {
+            "nonfinite": _check_action("on_nonfinite", on_nonfinite),
+            "spike": _check_action("on_spike", on_spike),
+            "divergence": _check_action("on_divergence", on_divergence),
+            "oscillation": _check_action("on_oscillation", on_oscillation),
+            "update_ratio": _check_action("on_update_ratio", on_update_ratio),
+        }
+        self.escalate = _check_action("escalate", escalate, ("stop", "log"))
+        if isinstance(explosion_factor, bool) or not isinstance(explosion_factor, (int, float)) \
+                or not explosion_factor > 1:
+            raise ValueError(f"explosion_factor={explosion_factor!r} is invalid: must be a "
+                             "number > 1")
+        self.cut_policy = LRCut(factor=lr_factor, cooldown=cooldown, min_lr=min_lr,
+                                max_cuts=max_cuts)
+        self.snapshots = RollbackBuffer(every_n_steps=snapshot_every_n_steps,
+                                        keep=snapshot_keep)
+        _check_int("divergence_patience", divergence_patience, 1)
+        self.explosion_factor = float(explosion_factor)
+        self.watch_grad_norm = bool(watch_grad_norm)
+        self.detectors: dict[str, Detector] = {
+            "nonfinite/loss": NonFiniteDetector("loss"),
+            "nonfinite/grad_norm": NonFiniteDetector("grad_norm"),
+            "spike/loss": SpikeDetector("loss", window=spike_window,
+                                        warmup=min(20, spike_window),
+                                        threshold=spike_threshold, min_rel_increase=1.0),
+            "spike/grad_norm": SpikeDetector("grad_norm", window=spike_window,
+                                             warmup=min(20, spike_window),
+                                             threshold=spike_threshold, min_rel_increase=2.0),
+            "divergence/loss": DivergenceDetector("loss", patience=divergence_patience,
+                                                  warmup=20),
+            "oscillation/update_cosine": OscillationDetector("update_cosine"),
+            "update_ratio/update_ratio": UpdateRatioDetector("update_ratio"),
+        }
+        self.extra_sinks = [as_sink(a) for a in (alerts or [])]
+        self.log_events = log_events
+        self.jsonl = jsonl
+        self.events_dir = None if events_dir is None else Path(events_dir)
+        self.name = name
+        self.events: list[GuardEvent] = []
+        self.sinks: list[AlertSink] = []
+        self.stop_reason: str | None = None
+        # per-step signals
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
+        self._decided_step: int | None = None
+        self._decision: str | None = None
+        self._start_level: float | None = None
+        self._start_values: list[float] = []
+        self._trainer: pl.Trainer | None = None
+        self._pending: list[Detection] = []  # from monitor statistics, acted on next step
+        self._last_event_step = -(10**9)
+        self._consumed: dict[int, int] = {}
+
+    @property
+    def state_key(self) -> str:
+        """Key in the checkpoint's ``callbacks`` dict (set ``name`` to run two guards)."""
+        return self._generate_state_key(name=self.name)
+
+    @property
+    def lr_scale(self) -> float:
+        """The cumulative LR multiplier applied by this guard (1.0 = no cut)."""
+        return self.cut_policy.scale
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Open the alert sinks (rank zero only sends anything)."""
+        self._trainer = trainer
+        if stage != "fit" or self.sinks:
+            return
+        log_dir = self.events_dir
+        if log_dir is None:
+            lg = trainer.logger
+            log_dir = Path(lg.log_dir) if lg is not None and getattr(lg, "log_dir", None) \
+                else Path(trainer.default_root_dir)
+        def is_zero() -> bool:
+            return trainer.is_global_zero
+        sinks = make_default_sinks(str(log_dir) if trainer.is_global_zero else None,
+                                   jsonl=self.jsonl, logging=self.log_events,
+                                   is_rank_zero=is_zero)
+        for lg in trainer.loggers:
+            if isinstance(lg, TensorBoardLogger) and trainer.is_global_zero:
+                sinks.append(TensorBoardSink(lg.experiment, is_rank_zero=is_zero))
+        for s in self.extra_sinks:
+            s.is_rank_zero = is_zero  # type: ignore[attr-defined]
+        self.sinks = sinks + self.extra_sinks
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Flush and close the sinks (queued webhooks get a bounded time)."""
+        if self.sinks:
+            close_sinks(self.sinks, timeout=10.0)
+            self.sinks = []
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        """Whatever was decided is already on disk; give queued alerts a chance to go out."""
+        self.teardown(trainer, pl_module, "fit")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Snapshot the starting state: a blow-up in the first steps can be undone too."""
+        if not len(self.snapshots):
+            self._snapshot(trainer, pl_module, trainer.global_step)
+
+    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
+                  force: bool = True) -> None:
+        take = self.snapshots.take if force else self.snapshots.maybe_take
+        take(step, pl_module, self._optimizers(trainer),
+             extra={"detectors": {k: d.state_dict() for k, d in self.detectors.items()}})
+
+    # -- signals -------------------------------------------------------------------------
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           loss: torch.Tensor) -> None:
+        """Accumulate the loss of each micro-batch (kept on the device)."""
+        if not trainer.training:
+            return
+        value = loss.detach().float().reshape(())
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        self._loss_count += 1
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        """Decide (once per optimizer step) and act before the optimizer applies the step."""
+        step = trainer.global_step
+        if self._decided_step != step:
+            self._decided_step = step
+            self._decision = self._decide(trainer, pl_module, step)
+        if self._decision in ("skip", "rollback", "stop"):
+            skip_step(getattr(optimizer, "optimizer", optimizer))
+
+    def _signals(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[float, float]:
+        """Loss and gradient norm, averaged across ranks: one reduce, one host transfer."""
+        if self._loss_sum is not None and self._loss_count:
+            loss = self._loss_sum / self._loss_count
+        else:
+            loss = torch.tensor(math.nan)
+        self._loss_sum, self._loss_count = None, 0
+        device = loss.device
+        parts = [loss.to(torch.float64)]
+        if self.watch_grad_norm:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            if grads:
+                norms = torch._foreach_norm(grads)  # type: ignore[arg-type]
+                gsq = torch.stack(norms).double().square().sum().to(device)
+            else:
+                gsq = torch.zeros((), dtype=torch.float64, device=device)
+            parts.append(gsq)
+        vec = torch.stack(parts)
+        if trainer.world_size > 1:
+            vec = trainer.strategy.reduce(vec, reduce_op="mean")
+        values = vec.tolist()
+        gnorm = math.sqrt(values[1]) if self.watch_grad_norm and values[1] >= 0 else math.nan
+        if self.watch_grad_norm and not math.isfinite(values[1]):
+            gnorm = values[1]  # keep nan/inf visible
+        return values[0], gnorm
+
+    def _explosion(self, step: int, loss: float) -> Detection | None:
+        """A loss far above its level in the first steps: divergence, even in warm-up."""
+        if not math.isfinite(loss):
+            return None
+        if self._start_level is None:
+            self._start_values.append(loss)
+            if len(self._start_values) >= 3:
+                vals = sorted(self._start_values)
+                self._start_level = vals[len(vals) // 2]
+            if len(self._start_values) < 2:
+                return None
+            level = sorted(self._start_values[:-1])[(len(self._start_values) - 1) // 2]
+        else:
+            level = self._start_level
+        bound = self.explosion_factor * abs(level)
+        if level > 0 and loss > bound:
+            return Detection(step=step, kind="divergence", signal="loss", value=loss,
+                             threshold=bound,
+                             message=f"loss exploded to {loss:.4g}, more than "
+                                     f"{self.explosion_factor:g}x its initial level {level:.4g}")
+        return None
+
+    def _detect(self, step: int, loss: float, gnorm: float) -> list[Detection]:
+        out: list[Detection] = []
+        d = self.detectors
+        for key, value in (("nonfinite/loss", loss), ("nonfinite/grad_norm", gnorm)):
+            if key == "nonfinite/grad_norm" and not self.watch_grad_norm:
+                continue
+            hit = d[key].update(step, value)
+            if hit:
+                out.append(hit)
+        if out:
+            return out
+        boom = self._explosion(step, loss)
+        if boom:
+            return [boom]
+        for key, value in (("spike/loss", loss), ("spike/grad_norm", gnorm),
+                           ("divergence/loss", loss)):
+            if key == "spike/grad_norm" and not self.watch_grad_norm:
+                continue
+            hit = d[key].update(step, value)
+            if hit:
+                out.append(hit)
+        return out
+
+    # -- decisions -----------------------------------------------------------------------
+    def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> str | None:
+        loss, gnorm = self._signals(trainer, pl_module)
+        found = self._detect(step, loss, gnorm) + self._pending
+        self._pending = []
+        if not found:
+            return None
+        actions = [self.policy[det.kind] for det in found]
+        worst = max(range(len(found)), key=lambda i: _SEVERITY[actions[i]])
+        return self._act(trainer, pl_module, step, found[worst], actions[worst], found)
+
+    def _optimizers(self, trainer: pl.Trainer) -> list[torch.optim.Optimizer]:
+        return [getattr(o, "optimizer", o) for o in trainer.optimizers]
+
+    def _schedulers(self, trainer: pl.Trainer) -> list[Any]:
+        return [c.scheduler for c in trainer.lr_scheduler_configs]
+
+    def _lrs(self, trainer: pl.Trainer) -> dict[str, float]:
+        opts = self._optimizers(trainer)
+        out = {}
+        for opt, oname in zip(opts, optimizer_names(opts), strict=True):
+            for i, g in enumerate(opt.param_groups):
+                out[f"{oname}/{g.get('name', f'pg{i}')}"] = float(g["lr"])
+        return out
+
+    def _act(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
+             det: Detection, action: str, found: list[Detection]) -> str:
+        lr_before = self._lrs(trainer)
+        done: list[str] = []
+        if action in ("cut", "rollback") and not self.cut_policy.can_cut(step):
+            at_max = self.cut_policy.max_cuts is not None and \
+                self.cut_policy.num_cuts >= self.cut_policy.max_cuts
+            if at_max:
+                action = self.escalate
+            elif action == "cut":
+                action = "log"  # cooling down after the previous cut
+        if action == "rollback":
+            if self._rollback(trainer, pl_module):
+                done.append("rollback")
+            else:
+                done.append("skip")  # nothing healthy to go back to yet
+            self._cut(trainer, step, done)
+        elif action == "cut":
+            self._cut(trainer, step, done)
+            rebase = getattr(self.detectors["divergence/loss"], "rebase", None)
+            if callable(rebase):
+                rebase()
+        elif action == "skip":
+            done.append("skip")
+        elif action == "stop":
+            done.append("skip")
+            done.append("stop")
+            self.stop_reason = f"step {step}: {det.kind} on {det.signal} ({det.message})"
+            trainer.should_stop = True
+        if action == "log" or not done:
+            done.append("log")
+        self._record(trainer, det, tuple(done), lr_before, step, found)
+        return action
+
+    def _cut(self, trainer: pl.Trainer, step: int, done: list[str]) -> None:
+        if self.cut_policy.cut(step, self._optimizers(trainer), self._schedulers(trainer)):
+            done.append("cut_lr")
+
+    def _rollback(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Restore weights, optimizer state and detectors; keep the LR schedule where it is.
+
+        The trainer's step count goes on (the data is not replayed), so the schedulers and
+        the param groups' hyper-parameters (lr with every cut so far, momentum, ...) stay
+        as they are now; only the weights and the optimizer's per-parameter state go back.
+        """
+        if not len(self.snapshots):
+            return False
+        opts = self._optimizers(trainer)
+        hyper = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
+                 for o in opts]
+        try:
+            restored = self.snapshots.restore(pl_module, opts)
+        except (LookupError, ValueError) as e:
+            rank_zero_warn(f"DivergenceGuard: rollback failed ({e}); skipping the step instead")
+            return False
+        for o, groups in zip(opts, hyper, strict=True):
+            for g, h in zip(o.param_groups, groups, strict=True):
+                g.update(h)
+        extra = next((s.extra for s in self.snapshots.snapshots if s.step == restored), {})
+        # The detectors go back with the weights: their history matches the restored model.
+        for key, state in extra.get("detectors", {}).items():
+            self.detectors[key].load_state_dict(state)
+        for p in pl_module.parameters():
+            p.grad = None
+        return True
+
+    def _record(self, trainer: pl.Trainer, det: Detection, actions: tuple[str, ...],
+                lr_before: dict[str, float], step: int, found: list[Detection]) -> None:
+        others = [f"{d.kind}/{d.signal}" for d in found if d is not det]
+        message = det.message + (f" (also: {', '.join(others)})" if others else "")
+        logger = trainer.logger
+        run = None
+        if logger is not None:
+            run = f"{logger.name}/version_{logger.version}" if logger.version is not None \
+                else str(logger.name)
+        event = GuardEvent.from_detection(
+            Detection(step=det.step, kind=det.kind, signal=det.signal, value=det.value,
+                      threshold=det.threshold, message=message),
+            actions=actions, lr_before=lr_before, lr_after=self._lrs(trainer),
+            lr_scale=self.lr_scale, epoch=trainer.current_epoch, run=run,
+        )
+        self.events.append(event)
+        self._last_event_step = step
+        dispatch(self.sinks, event)
+        if trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics({"guard/lr_scale": self.lr_scale,
+                                "guard/events": float(len(self.events))}, step=step)
+
+    # -- after the step ------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Feed recorded update statistics to their detectors; take healthy snapshots."""
+        step = trainer.global_step - 1
+        if self._decided_step != step:
+            return  # no optimizer step happened on this batch (accumulation)
+        self._watch_monitor(trainer, step)
+        healthy = self._decision is None and step - self._last_event_step > 2 * max(
+            1, getattr(self.detectors["divergence/loss"], "patience", 1))
+        div = self.detectors["divergence/loss"]
+        bound = getattr(div, "bound", None)
+        smoothed = getattr(div, "smoothed", None)
+        b = bound() if callable(bound) else None
+        s = smoothed
+        if isinstance(s, (int, float)) and isinstance(b, (int, float)) and s > b:
+            healthy = False  # climbing towards a divergence: not a state to return to
+        if healthy:
+            self._snapshot(trainer, pl_module, step + 1, force=False)
+        if trainer.is_global_zero and (step + 1) % max(1, trainer.log_every_n_steps) == 0:
+            for lg in trainer.loggers:
+                lg.log_metrics({"guard/lr_scale": self.lr_scale,
+                                "guard/events": float(len(self.events))}, step=step)
+
+    def _watch_monitor(self, trainer: pl.Trainer, step: int) -> None:
+        from lr_monitor.monitor import StepSizeMonitor
+
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+            if not isinstance(cb, StepSizeMonitor):
+                continue
+            for rec in cb.recorders:
+                if rec.last_recorded_index is None or \
+                        self._consumed.get(id(rec)) == rec.last_recorded_index:
+                    continue
+                self._consumed[id(rec)] = rec.last_recorded_index
+                m = rec.last_metrics
+                for stat, key in (("update_cosine", "oscillation/update_cosine"),
+                                  ("update_ratio", "update_ratio/update_ratio")):
+                    v = m.get(f"{cb.prefix}/{stat}/{rec.name}/global")
+                    if v is not None:
+                        hit = self.detectors[key].update(step, v)
+                        if hit:
+                            self._pending.append(hit)
+
+    # -- checkpointing -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Detectors, LR cut policy (scale, count, cooldown), events and start level.
+
+        In-memory rollback snapshots are not saved: after a resume the first snapshot is
+        taken again after ``snapshot_every_n_steps`` healthy steps.
+        """
+        return {
+            "detectors": {k: d.state_dict() for k, d in self.detectors.items()},
+            "cut_policy": self.cut_policy.state_dict(),
+            "events": [e.to_dict() for e in self.events[-1000:]],
+            "start_values": list(self._start_values),
+            "start_level": self._start_level,
+            "last_event_step": self._last_event_step,
+            "stop_reason": self.stop_reason,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the LRs themselves come back with the optimizer."""
+        for k, s in state_dict.get("detectors", {}).items():
+            if k in self.detectors:
+                self.detectors[k].load_state_dict(s)
+        if "cut_policy" in state_dict:
+            self.cut_policy.load_state_dict(state_dict["cut_policy"])
+        self.events = [GuardEvent.from_dict(e) for e in state_dict.get("events", [])]
+        self._start_values = list(state_dict.get("start_values", []))
+        self._start_level = state_dict.get("start_level")
+        self._last_event_step = int(state_dict.get("last_event_step", -(10**9)))
+        self.stop_reason = state_dict.get("stop_reason")
+

@@ -1,0 +1,198 @@
+"""DivergenceGuard on real Trainers: digits scenarios, faults, skip, rollback, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lr_monitor import DivergenceGuard, StepSizeMonitor
+from lr_monitor.alerts import read_events
+from tests.lightning_models import DigitsMLP, Faulty, digits_loaders, trainer
+
+
+class Losses(pl.Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        self.values.append(loss.item())
+
+    def final(self) -> float:
+        return statistics.mean(self.values[-20:])
+
+
+def run(tmp_path: Path, model: pl.LightningModule, guard: DivergenceGuard | None,
+        epochs: int = 7, batch_size: int = 32, **kwargs: Any) -> tuple[Losses, pl.Trainer]:
+    pl.seed_everything(0, verbose=False)
+    train, val = digits_loaders(batch_size=batch_size)
+    losses = Losses()
+    cbs: list[pl.Callback] = [losses] + ([guard] if guard else []) + kwargs.pop("callbacks", [])
+    tr = trainer(tmp_path, max_epochs=epochs, callbacks=cbs, num_sanity_val_steps=0,
+                 logger=kwargs.pop("logger", False), **kwargs)
+    tr.fit(model, train, val)
+    return losses, tr
+
+
+HEALTHY = {
+    "adam-1e-3": lambda: DigitsMLP(lr=1e-3, hidden=256),
+    "adam-3e-3-small-net": lambda: DigitsMLP(lr=3e-3, hidden=32),
+    "sgd-momentum-0.01": lambda: DigitsMLP(lr=0.01, hidden=128, optimizer="sgd"),
+}
+
+
+@pytest.mark.parametrize("name", list(HEALTHY))
+@pytest.mark.parametrize("batch_size", [32, 8], ids=["b32", "b8-noisy"])
+def test_no_event_on_healthy_runs(tmp_path: Path, name: str, batch_size: int) -> None:
+    guard = DivergenceGuard(jsonl=False)
+    losses, _ = run(tmp_path, HEALTHY[name](), guard, epochs=5 if batch_size == 32 else 2,
+                    batch_size=batch_size)
+    assert guard.events == [], [e.summary() for e in guard.events]
+    assert guard.lr_scale == 1.0
+    assert losses.final() < 0.5
+
+
+@pytest.mark.parametrize("lr", [0.1, 1.0], ids=["lr0.1", "lr1.0"])
+def test_too_high_lr_is_caught_and_recovered(tmp_path: Path, lr: float) -> None:
+    unguarded, _ = run(tmp_path / "u", DigitsMLP(lr=lr, hidden=256), None)
+    blowup = next(i for i, v in enumerate(unguarded.values) if v > 10 * unguarded.values[0])
+    guard = DivergenceGuard(jsonl=False)
+    guarded, tr = run(tmp_path / "g", DigitsMLP(lr=lr, hidden=256), guard)
+    assert guard.events, "nothing detected"
+    first = guard.events[0]
+    assert first.step - blowup <= 3  # within a few steps of the blow-up
+    assert "rollback" in first.actions and "cut_lr" in first.actions
+    assert guard.lr_scale < 1.0
+    # recovered: far below the unguarded run (which ends near chance, 2.3 or worse)
+    assert guarded.final() < 0.25 * unguarded.final()
+    assert tr.callback_metrics["val/acc"] > 0.9
+
+
+def test_nan_loss_rolls_back_to_the_snapshot(tmp_path: Path) -> None:
+    start: dict[str, torch.Tensor] = {}
+
+    class Check(pl.Callback):
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            start.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *a: Any) -> None:
+            if trainer.global_step - 1 == 7:  # the NaN step: rolled back to step 0, not applied
+                for k, v in pl_module.state_dict().items():
+                    assert torch.equal(v, start[k]), k
+
+    guard = DivergenceGuard(jsonl=False, snapshot_every_n_steps=50)
+    _, tr = run(tmp_path, Faulty(nan_at=(7,), lr=1e-3, hidden=64), guard, epochs=1,
+                callbacks=[Check()])
+    assert [(e.step, e.kind, e.actions) for e in guard.events] == [
+        (7, "nonfinite", ("rollback", "cut_lr"))]
+    assert all(torch.isfinite(p).all() for p in tr.lightning_module.parameters())
+
+
+def test_skip_leaves_parameters_and_moments_bit_identical(tmp_path: Path) -> None:
+    saved: dict[str, Any] = {}
+
+    class Check(pl.Callback):
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            if trainer.global_step == 30:
+                saved["params"] = [p.detach().clone() for p in pl_module.parameters()]
+                saved["state"] = {k: {n: t.clone() for n, t in s.items()}
+                                  for k, s in optimizer.state.items()}
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, *a: Any) -> None:
+            if trainer.global_step - 1 == 30:
+                opt = trainer.optimizers[0]
+                for p, q in zip(pl_module.parameters(), saved["params"], strict=True):
+                    assert torch.equal(p, q)
+                for k, s in opt.state.items():
+                    for n, t in s.items():
+                        assert torch.equal(t, saved["state"][k][n]), n
+
+    guard = DivergenceGuard(jsonl=False)
+    run(tmp_path, Faulty(scale_at=(30,), scale=5.0, lr=1e-3, hidden=64), guard, epochs=1,
+        callbacks=[Check()])  # Check runs after the guard: it sees the dropped gradients
+    assert [(e.step, e.kind, e.actions) for e in guard.events] == [(30, "spike", ("skip",))]
+
+
+def test_events_reach_the_logger_jsonl_and_text(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(str(tmp_path), name="g")
+    guard = DivergenceGuard()
+    run(tmp_path, Faulty(nan_at=(5,), lr=1e-3, hidden=64), guard, epochs=1, logger=logger,
+        callbacks=[StepSizeMonitor(10)])
+    log_dir = Path(logger.log_dir)
+    events = read_events(log_dir / "events.jsonl")
+    assert [e.step for e in events] == [5]
+    assert events[0].run == "g/version_0"
+    raw = json.loads((log_dir / "events.jsonl").read_text().splitlines()[0])
+    assert raw["value"] == "nan" and raw["actions"] == ["rollback", "cut_lr"]
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    scale = {e.step: e.value for e in acc.Scalars("guard/lr_scale")}
+    assert scale[5] == pytest.approx(0.1)
+    assert {e.step: e.value for e in acc.Scalars("guard/events")}[5] == 1
+    assert any("guard" in t for t in acc.Tags()["tensors"])  # the Text tab entry
+
+
+def test_cut_survives_the_scheduler_in_a_real_run(tmp_path: Path) -> None:
+    class Sched(Faulty):
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+            s = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": s, "interval": "step"}}
+
+    guard = DivergenceGuard(jsonl=False)
+    _, tr = run(tmp_path, Sched(nan_at=(12,), hidden=64), guard, epochs=1)
+    steps = tr.global_step
+    expected = 1e-2 * 0.5 ** (steps // 10) * 0.1
+    assert tr.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"lr_factor": 1.5}, "factor=1.5"),
+    ({"lr_factor": 0}, "factor=0"),
+    ({"on_spike": "explode"}, "on_spike='explode'"),
+    ({"escalate": "rollback"}, "escalate='rollback'"),
+    ({"snapshot_every_n_steps": 0}, "every_n_steps=0"),
+    ({"spike_window": -3}, "window=-3"),
+    ({"divergence_patience": 0}, "divergence_patience=0"),
+    ({"explosion_factor": 0.5}, "explosion_factor=0.5"),
+    ({"max_cuts": 0}, "max_cuts=0"),
+    ({"cooldown": -1}, "cooldown=-1"),
+], ids=lambda v: str(v) if isinstance(v, str) else None)
+def test_bad_configuration_is_refused(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DivergenceGuard(**kwargs)
+
+
+def test_resume_makes_the_same_decisions(tmp_path: Path) -> None:
+    def model() -> Faulty:
+        return Faulty(nan_at=(60,), scale_at=(70,), lr=0.1, hidden=64)
+
+    straight = DivergenceGuard(jsonl=False)
+    run(tmp_path / "a", model(), straight, epochs=2)
+
+    first = DivergenceGuard(jsonl=False)
+    _, tr = run(tmp_path / "b", model(), first, epochs=1)
+    ckpt = tmp_path / "b.ckpt"
+    tr.save_checkpoint(ckpt)
+    resumed = DivergenceGuard(jsonl=False)
+    pl.seed_everything(0, verbose=False)
+    train, val = digits_loaders()
+    tr2 = trainer(tmp_path / "b", max_epochs=2, callbacks=[resumed], num_sanity_val_steps=0,
+                  logger=False)
+    tr2.fit(model(), train, val, ckpt_path=str(ckpt))
+
+    def key(e: Any) -> tuple[Any, ...]:
+        return (e.step, e.kind, e.signal, e.actions, e.lr_scale)
+
+    assert [key(e) for e in resumed.events] == [key(e) for e in straight.events]
+    assert any(e.step >= 45 for e in straight.events)  # decisions after the resume point
+    assert resumed.lr_scale == straight.lr_scale
+    assert math.isclose(tr2.optimizers[0].param_groups[0]["lr"], 0.1 * straight.lr_scale)
