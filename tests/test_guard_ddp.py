@@ -1,0 +1,32 @@
+"""DivergenceGuard under DDP: one rank's fault leads to the same decision on every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("ddp_guard_script.py")
+
+
+@pytest.mark.slow
+def test_ranks_agree_when_only_one_rank_sees_the_fault(tmp_path: Path) -> None:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000),
+               PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    # NaN on rank 1 at step 6 -> rollback + cut on both. A loss spike on rank 1 only at
+    # step 25 is judged on the rank-averaged loss, so whatever is decided, both decide it.
+    assert r0["events"] == r1["events"]
+    assert r0["events"][0] == [6, "nonfinite", ["rollback", "cut_lr"]]
+    assert r0["lr"] == r1["lr"] == pytest.approx(1e-4)
+    assert r0["params"] == r1["params"]  # bit-identical replicas: no rank drifted
+    assert r0["finite"] and r1["finite"]
+    assert r0["global_step"] == r1["global_step"] == 40
