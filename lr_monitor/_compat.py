@@ -13,4 +13,17 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
-__all__ = ["CSVLogger", "Logger", "TensorBoardLogger", "pl", "rank_zero_only", "rank_zero_warn"]
+__all__ = [
+    "CSVLogger",
+    "Logger",
+    "TensorBoardLogger",
+    "is_tensorboard_logger",
+    "pl",
+    "rank_zero_only",
+    "rank_zero_warn",
+]
+
+
+def is_tensorboard_logger(logger: object) -> bool:
+    """A ``TensorBoardLogger`` of either Lightning package (checked by class name)."""
+    return any(c.__name__ == "TensorBoardLogger" for c in type(logger).__mro__)

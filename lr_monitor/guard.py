@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from lr_monitor._compat import TensorBoardLogger, pl, rank_zero_warn
+from lr_monitor._compat import is_tensorboard_logger, pl, rank_zero_warn
 from lr_monitor.alerts import (
     AlertSink,
     TensorBoardSink,
@@ -249,7 +249,7 @@ class DivergenceGuard(pl.Callback):
                                    jsonl=self.jsonl, logging=self.log_events,
                                    is_rank_zero=is_zero)
         for lg in trainer.loggers:
-            if isinstance(lg, TensorBoardLogger) and trainer.is_global_zero:
+            if is_tensorboard_logger(lg) and trainer.is_global_zero:
                 sinks.append(TensorBoardSink(lg.experiment, is_rank_zero=is_zero))
         for s in self.extra_sinks:
             s.is_rank_zero = is_zero  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lr_monitor._compat import TensorBoardLogger, pl, rank_zero_warn
+from lr_monitor._compat import is_tensorboard_logger, pl, rank_zero_warn
 from lr_monitor.functional.statistics import BINS_PER_DECADE, LOG10_MIN, HostStepSums
 from lr_monitor.recorder import (
     GRANULARITIES,
@@ -214,7 +214,7 @@ class StepSizeMonitor(pl.Callback):
         return n is None or self._trainer.global_step % n == 0
 
     def _tb_writers(self, trainer: pl.Trainer) -> list[Any]:
-        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        writers = [lg.experiment for lg in trainer.loggers if is_tensorboard_logger(lg)]
         wants = self.histogram_every_n_steps != 0 or self.grad_histograms
         if not writers and wants and not self._warned_histograms and trainer.loggers:
             self._warned_histograms = True
@@ -268,7 +268,7 @@ class StepSizeMonitor(pl.Callback):
     def _write_layout(self, trainer: pl.Trainer) -> None:
         if not self.custom_scalars or self._layout_written or not trainer.is_global_zero:
             return
-        writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        writers = [lg.experiment for lg in trainer.loggers if is_tensorboard_logger(lg)]
         if not writers:
             return
         charts = {
