@@ -1,0 +1,840 @@
+"""Streaming detectors that turn a scalar training signal into detections.
+
+Every detector sees one value per optimizer step through ``update(step, value)`` and returns
+a :class:`~lr_monitor.events.Detection` when the value (or the recent history) crosses its
+threshold, else ``None``. They are framework-free and cheap (pure Python, O(window) per call,
+no tensor allocation); pass Python floats, which the caller gets with one host sync per step
+for all signals together (a 0-d tensor also works, but ``float()`` on a CUDA tensor syncs).
+
+Which detector watches what (default signal in brackets):
+
+* :class:`NonFiniteDetector` (``loss``): a ``nan``/``inf`` value.
+* :class:`SpikeDetector` (``loss``): one value far above the robust recent level.
+* :class:`DivergenceDetector` (``loss``): the smoothed value stays far above its best.
+* :class:`OscillationDetector` (``update_cosine``): successive updates point back and forth.
+* :class:`UpdateRatioDetector` (``update_ratio``): ‖Δθ‖/‖θ‖ stays far above the usual ~1e-3.
+
+Only :class:`NonFiniteDetector` looks at non-finite values; all the others ignore them (they
+neither fire nor enter any statistic), so one ``nan`` cannot poison a baseline.
+
+Every detector has ``reset()`` (forget everything) and ``state_dict()`` / ``load_state_dict()``
+holding plain Python types only (ints, floats, lists, ``None``), so the state fits in a Lightning
+checkpoint and a resumed run makes the same decisions as an uninterrupted one. The
+configuration (constructor arguments) is not part of the state: build the detector with the
+same arguments before loading.
+
+Example:
+    >>> spikes = SpikeDetector(window=20, warmup=5)
+    >>> events = [spikes.update(t, 1.0 + 0.01 * (t % 3)) for t in range(30)]
+    >>> any(events)
+    False
+    >>> spikes.update(30, 40.0).kind
+    'spike'
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, ClassVar, Literal
+
+from lr_monitor.events import Detection
+
+__all__ = [
+    "Detector",
+    "DivergenceDetector",
+    "NonFiniteDetector",
+    "OscillationDetector",
+    "SpikeDetector",
+    "UpdateRatioDetector",
+]
+
+_STATE_VERSION = 1
+
+#: MAD × 1.4826 estimates the standard deviation of normally distributed values.
+MAD_TO_SIGMA = 1.4826
+
+
+# --------------------------------------------------------------------------------------------
+# argument validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} is invalid: must be an int >= {minimum}")
+    return value
+
+
+def _check_float(
+    name: str,
+    value: Any,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        v = float(value)
+        ok = math.isfinite(v)
+        ok = ok and (v > low if low_open else v >= low)
+        ok = ok and (v < high if high_open else v <= high)
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(
+            f"{name}={value!r} is invalid: must be a finite number in {lo}{low:g}, {high:g}{hi}"
+        )
+    return float(value)
+
+
+def _check_signal(signal: Any) -> str:
+    if not isinstance(signal, str) or not signal:
+        raise ValueError(f"signal={signal!r} is invalid: must be a non-empty str")
+    return signal
+
+
+def _median(sorted_values: list[float]) -> float:
+    n = len(sorted_values)
+    mid = n // 2
+    if n % 2:
+        return sorted_values[mid]
+    return 0.5 * (sorted_values[mid - 1] + sorted_values[mid])
+
+
+def _median_mad(values: Iterable[float]) -> tuple[float, float]:
+    """Median and median absolute deviation (unscaled) of a non-empty iterable."""
+    s = sorted(values)
+    med = _median(s)
+    return med, _median(sorted(abs(v - med) for v in s))
+
+
+def _safe_exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+# --------------------------------------------------------------------------------------------
+# base class
+# --------------------------------------------------------------------------------------------
+
+
+class Detector:
+    """Common interface of all detectors (see the module docstring).
+
+    Subclasses set :attr:`kind` and implement :meth:`update`, :meth:`reset`,
+    :meth:`_get_state` and :meth:`_set_state`.
+
+    Args:
+        signal: Name of the monitored quantity, copied into every
+            :class:`~lr_monitor.events.Detection`.
+
+    Raises:
+        ValueError: If ``signal`` is not a non-empty string.
+    """
+
+    #: The :attr:`Detection.kind <lr_monitor.events.Detection.kind>` this detector emits.
+    kind: ClassVar[str] = ""
+
+    def __init__(self, signal: str) -> None:
+        self.signal = _check_signal(signal)
+
+    def update(self, step: int, value: float) -> Detection | None:
+        """Feed the value of one step.
+
+        Args:
+            step: Optimizer step the value belongs to.
+            value: The signal's value (a Python float; ``nan``/``inf`` allowed).
+
+        Returns:
+            A detection when the threshold is crossed, else ``None``.
+        """
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget all history, as if freshly constructed."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The detector's state as plain Python types (fits a Lightning checkpoint).
+
+        Returns:
+            A dict with ``"type"``, ``"version"`` and the detector-specific fields.
+        """
+        state = self._get_state()
+        state["type"] = type(self).__name__
+        state["version"] = _STATE_VERSION
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state saved by :meth:`state_dict`.
+
+        Args:
+            state_dict: A dict produced by :meth:`state_dict` of the same detector class.
+
+        Raises:
+            ValueError: If the state comes from another detector class or a newer version.
+        """
+        kind = state_dict.get("type", type(self).__name__)
+        if kind != type(self).__name__:
+            raise ValueError(
+                f"state_dict of type {kind!r} cannot be loaded into {type(self).__name__}"
+            )
+        version = int(state_dict.get("version", _STATE_VERSION))
+        if version > _STATE_VERSION:
+            raise ValueError(
+                f"state_dict version={version} is newer than supported ({_STATE_VERSION})"
+            )
+        self._set_state(state_dict)
+
+    def _get_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(signal={self.signal!r})"
+
+
+# --------------------------------------------------------------------------------------------
+# detectors
+# --------------------------------------------------------------------------------------------
+
+
+class NonFiniteDetector(Detector):
+    """Fires on every ``nan``, ``+inf`` or ``-inf`` value.
+
+    Formula: fires iff ``not math.isfinite(value)``. The reported threshold is ``inf``.
+
+    Args:
+        signal: Name of the monitored quantity (default ``"loss"``).
+
+    Raises:
+        ValueError: If ``signal`` is not a non-empty string.
+
+    Example:
+        >>> d = NonFiniteDetector()
+        >>> d.update(0, 1.5) is None
+        True
+        >>> e = d.update(1, float("nan"))
+        >>> e.kind, e.step, d.count
+        ('nonfinite', 1, 1)
+    """
+
+    kind: ClassVar[str] = "nonfinite"
+
+    def __init__(self, signal: str = "loss") -> None:
+        super().__init__(signal)
+        self.count = 0
+
+    def update(self, step: int, value: float) -> Detection | None:
+        """Return a ``"nonfinite"`` detection iff ``value`` is nan or ±inf.
+
+        Args:
+            step: Optimizer step the value belongs to.
+            value: The signal's value.
+
+        Returns:
+            A detection for a non-finite value, else ``None``.
+        """
+        x = float(value)
+        if math.isfinite(x):
+            return None
+        self.count += 1
+        return Detection(
+            step=int(step),
+            kind=self.kind,
+            signal=self.signal,
+            value=x,
+            threshold=math.inf,
+            message=f"{self.signal} is {x} at step {step} (non-finite #{self.count})",
+        )
+
+    def reset(self) -> None:
+        """Reset the count of non-finite values."""
+        self.count = 0
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"count": self.count}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self.count = int(state["count"])
+
+
+class SpikeDetector(Detector):
+    """Fires when one value jumps far above the robust level of the recent values.
+
+    The baseline is the median ``m`` and the scaled median absolute deviation
+    ``s = 1.4826·MAD`` of the last ``window`` accepted values (finite, not spikes). With ``n``
+    values in the window (``n ≥ warmup``) a value ``x`` is a spike iff::
+
+        x > m + k(n)·max(s, 1e-3·|m| + 1e-12)          (robust z-score bound)
+        and, when m > 0,  x > m·(1 + min_rel_increase)  (relative guard)
+
+    where ``k(n) = threshold·(1 + (17/n)²)`` is a small-sample correction: a MAD from a
+    handful of values is unreliable, and without it a 10-value window would raise false
+    alarms ~100× as often as a 50-value one (``k`` is 1.12·threshold at n = 50, ≈ threshold
+    for large windows). The relative guard keeps the detector quiet on tiny absolute wiggles
+    of an almost-converged loss.
+
+    With ``log_space=True`` (default) and a positive value and window, ``m``, ``s`` and the
+    first bound are computed on ``log(x)`` (floor ``1e-3``, i.e. 0.1 % relative) and mapped
+    back with ``exp``: loss noise is multiplicative (it shrinks with the loss), and the
+    right-skewed spread of raw loss values otherwise makes a fixed z-score fire on healthy
+    noise. Values ``≤ 0`` fall back to the linear formula.
+
+    Spikes never enter the window, so a blow-up cannot poison its own baseline. If
+    ``adapt_after`` spikes arrive in a row the detector treats it as a level shift (e.g. a
+    new data phase): it fires for that value too, then rebuilds the window from the run of
+    spikes, so it does not fire on every step forever. Sustained blow-ups are the business of
+    :class:`DivergenceDetector`. Non-finite values are ignored.
+
+    The detection's ``threshold`` is the bound that was crossed (the larger of the two),
+    in the units of ``value``.
+
+    Args:
+        signal: Name of the monitored quantity (default ``"loss"``).
+        window: Number of recent accepted values the baseline uses (int ≥ 3).
+        warmup: Accepted values needed before the detector can fire (int in [3, window]).
+        threshold: Robust z-score ``k`` (number of scaled MADs above the median), > 0.
+        min_rel_increase: Relative guard: a spike must also exceed ``median·(1 + this)``
+            when the median is positive (≥ 0).
+        log_space: Compute the statistics on ``log(value)`` when everything is positive.
+        adapt_after: Consecutive spikes after which the level is accepted as the new
+            baseline (int ≥ 1), or ``None`` to never adapt.
+
+    Raises:
+        ValueError: If an argument is outside its range (the message names it).
+
+    Example:
+        >>> d = SpikeDetector(window=20, warmup=20)
+        >>> any(d.update(t, 1.0 + 0.05 * (t % 5 - 2)) for t in range(20))
+        False
+        >>> e = d.update(20, 9.0)
+        >>> e.kind, round(e.threshold, 3)
+        ('spike', 2.194)
+        >>> d.update(21, 1.02) is None  # the spike did not enter the baseline
+        True
+    """
+
+    kind: ClassVar[str] = "spike"
+
+    def __init__(
+        self,
+        signal: str = "loss",
+        window: int = 50,
+        warmup: int = 10,
+        threshold: float = 6.0,
+        min_rel_increase: float = 0.5,
+        *,
+        log_space: bool = True,
+        adapt_after: int | None = 20,
+    ) -> None:
+        super().__init__(signal)
+        self.window = _check_int("window", window, 3)
+        self.warmup = _check_int("warmup", warmup, 3)
+        if self.warmup > self.window:
+            raise ValueError(
+                f"warmup={warmup!r} is invalid: must be an int in [3, window={window}]"
+            )
+        self.threshold = _check_float("threshold", threshold, 0.0, low_open=True)
+        self.min_rel_increase = _check_float("min_rel_increase", min_rel_increase, 0.0)
+        if not isinstance(log_space, bool):
+            raise ValueError(f"log_space={log_space!r} is invalid: must be a bool")
+        self.log_space = log_space
+        if adapt_after is not None:
+            adapt_after = _check_int("adapt_after", adapt_after, 1)
+        self.adapt_after = adapt_after
+        self._values: deque[float] = deque(maxlen=self.window)
+        self._run: list[float] = []  # current run of consecutive spikes
+
+    def bound(self) -> float | None:
+        """The value above which the next value would be a spike (``None`` during warmup).
+
+        Returns:
+            The current spike bound in the units of the signal, or ``None``.
+        """
+        n = len(self._values)
+        if n < self.warmup:
+            return None
+        k = self.threshold * (1.0 + (17.0 / n) ** 2)
+        if self.log_space and min(self._values) > 0.0:
+            med, mad = _median_mad(math.log(v) for v in self._values)
+            z_bound = _safe_exp(med + k * max(MAD_TO_SIGMA * mad, 1e-3))
+            med = math.exp(med)
+        else:
+            med, mad = _median_mad(self._values)
+            z_bound = med + k * max(MAD_TO_SIGMA * mad, 1e-3 * abs(med) + 1e-12)
+        if med > 0.0:
+            return max(z_bound, med * (1.0 + self.min_rel_increase))
+        return z_bound
+
+    def update(self, step: int, value: float) -> Detection | None:
+        """Feed one value; return a ``"spike"`` detection if it is a spike.
+
+        Args:
+            step: Optimizer step the value belongs to.
+            value: The signal's value; non-finite values are ignored.
+
+        Returns:
+            A detection if ``value`` is above :meth:`bound`, else ``None``.
+        """
+        x = float(value)
+        if not math.isfinite(x):
+            return None
+        bound = self.bound()
+        if bound is None or x <= bound:
+            self._run.clear()
+            self._values.append(x)
+            return None
+        median = _median(sorted(self._values))
+        n = len(self._values)
+        self._run.append(x)
+        note = ""
+        if self.adapt_after is not None and len(self._run) >= self.adapt_after:
+            note = f"; {len(self._run)} in a row: accepted as the new level"
+            self._values.clear()
+            self._values.extend(self._run)
+            self._run.clear()
+        return Detection(
+            step=int(step),
+            kind=self.kind,
+            signal=self.signal,
+            value=x,
+            threshold=bound,
+            message=(
+                f"{self.signal} spiked to {x:.4g} at step {step}, above {bound:.4g} "
+                f"(median {median:.4g} of the last {n} values, {x / median:.3g}x){note}"
+                if median > 0
+                else f"{self.signal} spiked to {x:.4g} at step {step}, above {bound:.4g} "
+                f"(median {median:.4g} of the last {n} values){note}"
+            ),
+        )
+
+    def reset(self) -> None:
+        """Forget the window (the detector warms up again)."""
+        self._values.clear()
+        self._run.clear()
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"values": list(self._values), "run": list(self._run)}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self._values = deque((float(v) for v in state["values"]), maxlen=self.window)
+        self._run = [float(v) for v in state["run"]]
+
+
+class DivergenceDetector(Detector):
+    """Fires when the smoothed signal stays far above the best smoothed value seen so far.
+
+    Each finite value ``x`` (clipped, see below) updates a bias-corrected exponential moving
+    average ``μ_t = β·μ_{t-1} + (1-β)·x``, ``s_t = μ_t / (1 - β^t)``. After ``warmup`` values
+    the best (minimum) ``b = min s`` is tracked and the bound is::
+
+        bound = b + (ratio - 1)·|b| + min_delta      (= ratio·b + min_delta for b ≥ 0)
+
+    The detector fires when ``s > bound`` for ``patience`` consecutive updates, then re-arms:
+    a persisting divergence fires again only after another ``patience`` updates above the
+    bound (no event storm). This catches both a slow drift upward and "blew up to 1e4, then
+    sits at chance level 2.3 while the best was 0.3" (2.3 > 2 × 0.3), but not a healthy noisy
+    descent: the EMA averages the noise away and the best only goes down with the loss.
+
+    Robustness to single spikes: once the best exists, each input is clipped to
+    ``s_{t-1} + clip·(bound - b)`` before smoothing, so one huge value (the
+    :class:`SpikeDetector`'s business) moves the average by at most ``(1-β)·clip`` "gaps"
+    ``bound - b`` and cannot hold it above the bound for ``patience`` steps, while a sustained
+    blow-up still climbs ``(1-β)·clip`` gaps per step (0.4 with the defaults) and crosses the
+    bound within a few steps. The reported value is this robust smoothed value.
+
+    The early, high loss is handled by ``warmup``: the best is not tracked (and nothing
+    fires) until ``warmup`` values have been smoothed, so the first noisy values neither
+    set an unreachable best nor count as divergence.
+
+    For a signal that may reach 0 or go negative, use ``min_delta > 0`` (an absolute margin).
+
+    After an LR cut that keeps the current weights, call :meth:`rebase`: it makes the current
+    level (the median of the last ``patience`` raw values) both the smoothed value and the
+    best, so the detector judges the new regime instead of comparing against a best the run
+    may never reach again, and does not fire again on the divergence it just reported. After
+    a rollback, prefer restoring the detector's :meth:`state_dict` saved together with the
+    weights (its history then matches the restored model); :meth:`rebase` also works (the best
+    follows the loss back down), :meth:`reset` costs ``warmup`` blind steps.
+
+    Args:
+        signal: Name of the monitored quantity (default ``"loss"``).
+        ema: Smoothing factor β of the moving average, in [0, 1) (0 = no smoothing).
+        ratio: Relative bound (≥ 1): diverged when the smoothed value exceeds ``ratio ×`` best.
+        patience: Consecutive updates above the bound needed to fire (int ≥ 1).
+        warmup: Values smoothed before the best is tracked (int ≥ 1).
+        min_delta: Absolute margin added to the bound (≥ 0); ``ratio > 1`` or
+            ``min_delta > 0`` is required.
+        clip: Inputs are clipped to ``smoothed + clip·(bound - best)`` (> 0), or ``None`` for
+            no clipping.
+
+    Raises:
+        ValueError: If an argument is outside its range (the message names it).
+
+    Example:
+        >>> d = DivergenceDetector(warmup=5, patience=3)
+        >>> healthy = [d.update(t, 2.0 / (1 + t)) for t in range(50)]
+        >>> any(healthy)
+        False
+        >>> events = [d.update(t, 2.3) for t in range(50, 100)]  # stuck at chance level
+        >>> first = next(e for e in events if e)
+        >>> first.kind, first.threshold < first.value
+        ('divergence', True)
+        >>> d.rebase()  # e.g. after the guard cut the LR: judge the new regime
+        >>> d.best
+        2.3
+        >>> any(d.update(t, 2.3) for t in range(100, 150))
+        False
+    """
+
+    kind: ClassVar[str] = "divergence"
+
+    def __init__(
+        self,
+        signal: str = "loss",
+        ema: float = 0.9,
+        ratio: float = 2.0,
+        patience: int = 10,
+        warmup: int = 20,
+        min_delta: float = 0.0,
+        *,
+        clip: float | None = 4.0,
+    ) -> None:
+        super().__init__(signal)
+        self.ema = _check_float("ema", ema, 0.0, 1.0, high_open=True)
+        self.ratio = _check_float("ratio", ratio, 1.0)
+        self.patience = _check_int("patience", patience, 1)
+        self.warmup = _check_int("warmup", warmup, 1)
+        self.min_delta = _check_float("min_delta", min_delta, 0.0)
+        if self.ratio == 1.0 and self.min_delta == 0.0:
+            raise ValueError(
+                f"ratio={ratio!r} is invalid together with min_delta={min_delta!r}: "
+                "need ratio > 1 or min_delta > 0"
+            )
+        if clip is not None:
+            clip = _check_float("clip", clip, 0.0, low_open=True)
+        self.clip = clip
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the average, the best and the counter (warmup starts again)."""
+        self._avg = 0.0
+        self._n = 0
+        self._best: float | None = None
+        self._above = 0
+        self._recent: deque[float] = deque(maxlen=self.patience)
+
+    @property
+    def smoothed(self) -> float | None:
+        """The bias-corrected moving average, or ``None`` before the first finite value."""
+        if self._n == 0:
+            return None
+        return self._avg / (1.0 - self.ema**self._n)
+
+    @property
+    def best(self) -> float | None:
+        """The lowest smoothed value since warmup (or the last :meth:`rebase`)."""
+        return self._best
+
+    def bound(self) -> float | None:
+        """The current divergence bound, or ``None`` while the best is not established.
+
+        Returns:
+            ``best + (ratio - 1)·|best| + min_delta`` or ``None``.
+        """
+        if self._best is None:
+            return None
+        return self._best + (self.ratio - 1.0) * abs(self._best) + self.min_delta
+
+    def rebase(self) -> None:
+        """Judge a new regime: the current level becomes the smoothed value and the best.
+
+        The current level is the median of the last ``patience`` finite raw values (not the
+        lagging average). Also clears the consecutive counter and ends the warmup. Call it
+        after an LR cut that keeps the weights (see the class docstring). Before the first
+        value it only clears the counter.
+        """
+        self._above = 0
+        if not self._recent:
+            return
+        level = _median(sorted(self._recent))
+        self._n = max(self._n, self.warmup)
+        self._avg = level * (1.0 - self.ema**self._n)
+        self._best = level
+
+    def update(self, step: int, value: float) -> Detection | None:
+        """Feed one value; return a ``"divergence"`` detection on sustained divergence.
+
+        Args:
+            step: Optimizer step the value belongs to.
+            value: The signal's value; non-finite values are ignored.
+
+        Returns:
+            A detection when the smoothed value has been above :meth:`bound` for
+            ``patience`` consecutive updates, else ``None``.
+        """
+        x = float(value)
+        if not math.isfinite(x):
+            return None
+        self._recent.append(x)
+        if self._best is not None and self.clip is not None:
+            gap = (self.ratio - 1.0) * abs(self._best) + self.min_delta
+            if gap > 0.0:
+                x = min(x, self._avg / (1.0 - self.ema**self._n) + self.clip * gap)
+        self._avg = self.ema * self._avg + (1.0 - self.ema) * x
+        self._n += 1
+        s = self._avg / (1.0 - self.ema**self._n)
+        if self._n < self.warmup:
+            return None
+        if self._best is None or s < self._best:
+            self._best = s
+        bound = self._best + (self.ratio - 1.0) * abs(self._best) + self.min_delta
+        if s <= bound:
+            self._above = 0
+            return None
+        self._above += 1
+        if self._above < self.patience:
+            return None
+        self._above = 0
+        return Detection(
+            step=int(step),
+            kind=self.kind,
+            signal=self.signal,
+            value=s,
+            threshold=bound,
+            message=(
+                f"{self.signal} diverged: smoothed value {s:.4g} above {bound:.4g} "
+                f"(best {self._best:.4g}) for {self.patience} steps at step {step}"
+            ),
+        )
+
+    def _get_state(self) -> dict[str, Any]:
+        return {
+            "avg": self._avg,
+            "n": self._n,
+            "best": self._best,
+            "above": self._above,
+            "recent": list(self._recent),
+        }
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self._avg = float(state["avg"])
+        self._n = int(state["n"])
+        self._best = None if state["best"] is None else float(state["best"])
+        self._above = int(state["above"])
+        self._recent = deque((float(v) for v in state["recent"]), maxlen=self.patience)
+
+
+class OscillationDetector(Detector):
+    """Fires when successive updates keep pointing back and forth.
+
+    Over the last ``window`` values ``c_i`` (cosines), with ``σ = -1`` for
+    ``direction="negative"`` and ``σ = +1`` for ``direction="positive"``, it fires iff::
+
+        #{i : σ·c_i > 0} / window ≥ min_fraction   and   σ·mean(c) ≥ σ·threshold
+
+    Two conventions are supported:
+
+    * ``direction="negative"`` (default) for ``update_cosine = cos(Δ_t, Δ_{t-1})``, the cosine
+      between successive updates: values near -1 mean each step undoes the previous one
+      (overshooting along the update direction). Default threshold -0.5 (fires when
+      ``mean ≤ -0.5``).
+    * ``direction="positive"`` for an overshoot signal such as
+      ``g_t·Δ_{t-1} / (|g_t||Δ_{t-1}|)``: a positive value means the new gradient points
+      along the last update, i.e. the last step jumped past the minimum. Default threshold
+      +0.5 (fires when ``mean ≥ 0.5``).
+
+    After firing the window is cleared, so a persisting oscillation fires again only after
+    ``window`` new values. The first ``warmup`` finite values are ignored (the first steps of
+    an adaptive optimizer are often erratic). Non-finite values are ignored.
+
+    Args:
+        signal: Name of the monitored quantity (default ``"update_cosine"``).
+        window: Number of recent values judged together (int ≥ 2).
+        threshold: Bound on the window mean, on the oscillation side of 0: in [-1, 0) for
+            ``direction="negative"``, in (0, 1] for ``"positive"``; ``None`` = ∓0.5.
+        min_fraction: Minimum fraction of values on the oscillation side of 0, in (0, 1].
+        warmup: Number of initial finite values ignored (int ≥ 0).
+        direction: ``"negative"`` or ``"positive"``: which sign means oscillation.
+
+    Raises:
+        ValueError: If an argument is outside its range (the message names it).
+
+    Example:
+        >>> d = OscillationDetector(window=10)
+        >>> any(d.update(t, 0.3) for t in range(30))  # consistent direction
+        False
+        >>> events = [d.update(t, -0.9) for t in range(30, 40)]  # back and forth
+        >>> e = next(e for e in events if e)
+        >>> e.kind, e.step, round(e.value, 2)
+        ('oscillation', 37, -0.66)
+        >>> o = OscillationDetector(signal="overshoot", direction="positive", window=4)
+        >>> [e is not None for e in (o.update(t, 0.8) for t in range(4))]
+        [False, False, False, True]
+    """
+
+    kind: ClassVar[str] = "oscillation"
+
+    def __init__(
+        self,
+        signal: str = "update_cosine",
+        window: int = 20,
+        threshold: float | None = None,
+        min_fraction: float = 0.8,
+        warmup: int = 0,
+        *,
+        direction: Literal["negative", "positive"] = "negative",
+    ) -> None:
+        super().__init__(signal)
+        if direction not in ("negative", "positive"):
+            raise ValueError(
+                f"direction={direction!r} is invalid: must be 'negative' or 'positive'"
+            )
+        self.direction = direction
+        self._sign = -1.0 if direction == "negative" else 1.0
+        self.window = _check_int("window", window, 2)
+        if threshold is None:
+            threshold = 0.5 * self._sign
+        if direction == "negative":
+            self.threshold = _check_float("threshold", threshold, -1.0, 0.0, high_open=True)
+        else:
+            self.threshold = _check_float("threshold", threshold, 0.0, 1.0, low_open=True)
+        self.min_fraction = _check_float("min_fraction", min_fraction, 0.0, 1.0, low_open=True)
+        self.warmup = _check_int("warmup", warmup, 0)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the window and the warmup count."""
+        self._values: deque[float] = deque(maxlen=self.window)
+        self._seen = 0
+
+    def update(self, step: int, value: float) -> Detection | None:
+        """Feed one value; return an ``"oscillation"`` detection when the window oscillates.
+
+        Args:
+            step: Optimizer step the value belongs to.
+            value: The cosine; non-finite values are ignored.
+
+        Returns:
+            A detection when the full window satisfies both conditions, else ``None``.
+        """
+        x = float(value)
+        if not math.isfinite(x):
+            return None
+        self._seen += 1
+        if self._seen <= self.warmup:
+            return None
+        self._values.append(x)
+        if len(self._values) < self.window:
+            return None
+        sign = self._sign
+        fraction = sum(1 for v in self._values if sign * v > 0.0) / self.window
+        mean = math.fsum(self._values) / self.window
+        if fraction < self.min_fraction or sign * mean < sign * self.threshold:
+            return None
+        self._values.clear()
+        side = "negative" if sign < 0 else "positive"
+        return Detection(
+            step=int(step),
+            kind=self.kind,
+            signal=self.signal,
+            value=mean,
+            threshold=self.threshold,
+            message=(
+                f"{self.signal} oscillates at step {step}: mean {mean:.3f} over the last "
+                f"{self.window} steps ({fraction:.0%} {side}, threshold {self.threshold:g})"
+            ),
+        )
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"values": list(self._values), "seen": self._seen}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self._values = deque((float(v) for v in state["values"]), maxlen=self.window)
+        self._seen = int(state["seen"])
+
+
+class UpdateRatioDetector(Detector):
+    """Fires when ‖Δθ‖/‖θ‖ stays far above the usual ~1e-3.
+
+    The rule of thumb is an update-to-parameter norm ratio around 1e-3 per layer (much higher
+    means the learning rate is too high). Formula: fires when ``value > threshold`` for
+    ``patience`` consecutive updates, then re-arms (fires again only after another
+    ``patience`` values above). A value at or below the threshold clears the counter;
+    non-finite values are ignored. The default threshold 0.1 is 100× the rule of thumb, so it
+    flags real trouble (each step rewrites ~10 % of the weights), not a slightly hot LR.
+
+    Args:
+        signal: Name of the monitored quantity (default ``"update_ratio"``).
+        threshold: Ratio above which a step counts as too large (> 0).
+        patience: Consecutive values above ``threshold`` needed to fire (int ≥ 1).
+
+    Raises:
+        ValueError: If an argument is outside its range (the message names it).
+
+    Example:
+        >>> d = UpdateRatioDetector(threshold=0.1, patience=3)
+        >>> [d.update(t, v) is not None for t, v in enumerate([1e-3, 0.5, 0.4, 0.3, 1e-3])]
+        [False, False, False, True, False]
+    """
+
+    kind: ClassVar[str] = "update_ratio"
+
+    def __init__(
+        self, signal: str = "update_ratio", threshold: float = 0.1, patience: int = 3
+    ) -> None:
+        super().__init__(signal)
+        self.threshold = _check_float("threshold", threshold, 0.0, low_open=True)
+        self.patience = _check_int("patience", patience, 1)
+        self._above = 0
+
+    def reset(self) -> None:
+        """Clear the consecutive counter."""
+        self._above = 0
+
+    def update(self, step: int, value: float) -> Detection | None:
+        """Feed one value; fire after ``patience`` consecutive values above the threshold.
+
+        Args:
+            step: Optimizer step the value belongs to.
+            value: The update-to-parameter norm ratio; non-finite values are ignored.
+
+        Returns:
+            A detection on the ``patience``-th consecutive value above the threshold.
+        """
+        x = float(value)
+        if not math.isfinite(x):
+            return None
+        if x <= self.threshold:
+            self._above = 0
+            return None
+        self._above += 1
+        if self._above < self.patience:
+            return None
+        self._above = 0
+        return Detection(
+            step=int(step),
+            kind=self.kind,
+            signal=self.signal,
+            value=x,
+            threshold=self.threshold,
+            message=(
+                f"{self.signal} = {x:.3g} above {self.threshold:g} for {self.patience} "
+                f"consecutive steps at step {step} (typical ~1e-3: the LR is far too high)"
+            ),
+        )
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"above": self._above}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self._above = int(state["above"])

@@ -1,0 +1,784 @@
+"""What the guard can do about a detection: cut the learning rate, skip a step, roll back.
+
+Framework-free (plain :mod:`torch`); the Lightning callback wires these into the training
+loop. Three tools:
+
+* :func:`scale_lr` multiplies learning rates in a way that **survives LR schedulers**:
+  after a cut by ``f`` every later learning rate is ``f ×`` what the schedule would have
+  given. :class:`LRCut` is the stateful policy around it (cooldown, cumulative scale,
+  maximum number of cuts).
+* :func:`skip_step` drops the gradients so the next ``optimizer.step()`` leaves the
+  parameters and the optimizer state bit-identical.
+* :class:`RollbackBuffer` keeps the last few healthy in-memory CPU snapshots of the weights,
+  optimizer and scheduler state and restores one bit-identically.
+
+Order of operations when the guard does several things at one step: restore (rollback)
+first, then re-apply the cuts made after the snapshot, then cut; skipping is independent.
+A restore brings back the learning rates stored in the snapshot, which do not include cuts
+made after it (see :class:`RollbackBuffer`).
+
+Example:
+    >>> import torch
+    >>> w = torch.nn.Parameter(torch.zeros(2))
+    >>> opt = torch.optim.SGD([w], lr=0.1)
+    >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    >>> scale_lr(opt, sched, 0.5)
+    {'0/0': (0.1, 0.05)}
+    >>> for _ in range(2):
+    ...     opt.step()
+    ...     sched.step()
+    >>> opt.param_groups[0]["lr"]  # 0.5 × the scheduled 0.05
+    0.025
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["LRCut", "RollbackBuffer", "Snapshot", "scale_lr", "skip_step"]
+
+#: Param-group keys holding a learning rate that torch schedulers read: the current LR, the
+#: scheduler start value (``initial_lr``, all schedulers) and OneCycleLR's ``max_lr``/``min_lr``.
+LR_GROUP_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+#: Per-group LR lists on scheduler objects: ``base_lrs`` (all), ``_last_lr`` (all),
+#: ``max_lrs`` (CyclicLR), ``min_lrs`` (ReduceLROnPlateau).
+LR_SCHEDULER_LISTS = ("base_lrs", "_last_lr", "max_lrs", "min_lrs")
+#: Scalar LR attributes shared by all groups: ``eta_min`` (CosineAnnealingLR,
+#: CosineAnnealingWarmRestarts) and ReduceLROnPlateau's ``default_min_lr``.
+LR_SCHEDULER_SCALARS = ("eta_min", "default_min_lr")
+
+GroupSpec = int | tuple[int, int] | str
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer behind a wrapper such as Lightning's ``LightningOptimizer``."""
+    inner = optimizer
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "_optimizer"):
+        inner = inner._optimizer
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"{type(optimizer).__name__} is not a torch.optim.Optimizer")
+    return inner
+
+
+def _as_list(obj: Any) -> list[Any]:
+    if obj is None:
+        return []
+    if isinstance(obj, (list, tuple)):
+        return list(obj)
+    return [obj]
+
+
+def _walk_schedulers(schedulers: Iterable[Any]) -> Iterator[Any]:
+    """Every scheduler object once, recursing into SequentialLR/ChainedScheduler."""
+    seen: set[int] = set()
+    stack = list(reversed(list(schedulers)))
+    while stack:
+        s = stack.pop()
+        if id(s) in seen:
+            continue
+        seen.add(id(s))
+        yield s
+        stack.extend(reversed(list(getattr(s, "_schedulers", ()) or ())))
+
+
+def _scaled(value: Any, factor: float, done: set[int]) -> Any:
+    """``value × factor``; tensors in place (once each) so their identity is kept."""
+    if isinstance(value, Tensor):
+        if id(value) not in done:
+            done.add(id(value))
+            with torch.no_grad():
+                value.mul_(factor)
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value * factor
+    return value
+
+
+def _parse_groups(
+    groups: Iterable[GroupSpec] | None, optimizers: Sequence[torch.optim.Optimizer]
+) -> set[tuple[int, int]]:
+    every = {(i, j) for i, o in enumerate(optimizers) for j in range(len(o.param_groups))}
+    if groups is None:
+        return every
+    chosen: set[tuple[int, int]] = set()
+    for g in groups:
+        if isinstance(g, str):
+            try:
+                i_s, j_s = g.split("/")
+                pair = (int(i_s), int(j_s))
+            except ValueError:
+                raise ValueError(
+                    f"groups entry {g!r} is invalid: must be 'optimizer/group', e.g. '0/1'"
+                ) from None
+            items = [pair]
+        elif isinstance(g, int) and not isinstance(g, bool):
+            if not 0 <= g < len(optimizers):
+                raise ValueError(
+                    f"groups entry {g!r} is invalid: optimizer index must be in "
+                    f"[0, {len(optimizers) - 1}]"
+                )
+            items = [(g, j) for j in range(len(optimizers[g].param_groups))]
+        elif isinstance(g, tuple) and len(g) == 2:
+            items = [(int(g[0]), int(g[1]))]
+        else:
+            raise ValueError(
+                f"groups entry {g!r} is invalid: must be an optimizer index, an "
+                "(optimizer, group) pair or an 'optimizer/group' string"
+            )
+        for pair in items:
+            if pair not in every:
+                raise ValueError(f"groups entry {g!r} is invalid: no param group {pair}")
+            chosen.add(pair)
+    return chosen
+
+
+def _check_factor(factor: Any) -> float:
+    ok = isinstance(factor, (int, float)) and not isinstance(factor, bool)
+    if not ok or not (0.0 < float(factor) <= 1.0) or not math.isfinite(float(factor)):
+        raise ValueError(f"factor={factor!r} is invalid: must be a number in (0, 1]")
+    return float(factor)
+
+
+def _check_min_lr(min_lr: Any) -> float:
+    ok = isinstance(min_lr, (int, float)) and not isinstance(min_lr, bool)
+    if not ok or not math.isfinite(float(min_lr)) or float(min_lr) < 0.0:
+        raise ValueError(f"min_lr={min_lr!r} is invalid: must be a finite number >= 0")
+    return float(min_lr)
+
+
+# --------------------------------------------------------------------------------------------
+# learning-rate cut
+# --------------------------------------------------------------------------------------------
+
+
+def scale_lr(
+    optimizers: Any,
+    schedulers: Any = (),
+    factor: float = 0.5,
+    *,
+    groups: Iterable[GroupSpec] | None = None,
+    min_lr: float = 0.0,
+) -> dict[str, tuple[float, float]]:
+    """Multiply learning rates by ``factor`` so that every LR scheduler keeps the cut.
+
+    A plain ``group["lr"] *= f`` is undone by the next ``scheduler.step()`` of most
+    schedulers (they recompute the LR from ``base_lrs``). Because every torch schedule is
+    linear in its LR-valued fields, scaling *all* of them by ``f`` makes every later LR
+    exactly ``f ×`` the reference schedule. Scaled fields, for each selected group ``j``
+    of optimizer ``i``:
+
+    * param group: ``lr``, ``initial_lr``, OneCycleLR's ``max_lr`` and ``min_lr``;
+    * every scheduler of optimizer ``i`` (recursing into SequentialLR / ChainedScheduler
+      ``_schedulers``): ``base_lrs[j]``, ``_last_lr[j]``, CyclicLR's ``max_lrs[j]``,
+      ReduceLROnPlateau's ``min_lrs[j]``;
+    * the scalars shared by all groups of a scheduler, CosineAnnealingLR /
+      CosineAnnealingWarmRestarts ``eta_min`` and ReduceLROnPlateau's ``default_min_lr``, only
+      when all groups of that optimizer get the same effective factor. Otherwise they cannot be
+      scaled per group: a :class:`UserWarning` says so and those groups follow
+      ``eta_min + f·(schedule - eta_min)`` instead (exact only when ``eta_min = 0``).
+
+    This covers StepLR, MultiStepLR, ConstantLR, LinearLR, ExponentialLR, PolynomialLR,
+    LambdaLR, MultiplicativeLR, CosineAnnealingLR, CosineAnnealingWarmRestarts, CyclicLR,
+    OneCycleLR, SequentialLR, ChainedScheduler and ReduceLROnPlateau (whose absolute ``eps``
+    is not scaled). A tensor ``lr`` (fused/capturable optimizers) is scaled in place, so the
+    optimizer keeps the same tensor object.
+
+    ``min_lr`` floors the new LR of each group at the time of the cut: a group whose
+    ``lr × factor`` would fall below ``min_lr`` gets the smaller effective cut
+    ``max(factor, min_lr / lr)`` (and none at all if its LR is already at or below ``min_lr``),
+    applied to all its fields, so its later LRs are ``effective factor × schedule`` (the
+    schedule may still decay below ``min_lr`` later). The returned dict shows what happened.
+
+    Nothing is needed on resume: the optimizer and scheduler state dicts saved in a checkpoint
+    already hold the scaled values.
+
+    Args:
+        optimizers: One optimizer or a sequence (Lightning's ``trainer.optimizers``); wrappers
+            with an ``_optimizer`` attribute are unwrapped.
+        schedulers: One scheduler, a sequence, or ``()``; each must belong to one of
+            ``optimizers`` (in Lightning: ``[c.scheduler for c in trainer.lr_scheduler_configs]``).
+        factor: Multiplier in (0, 1].
+        groups: Which param groups to cut: ``None`` (all) or an iterable of optimizer indices
+            ``i``, ``(i, j)`` pairs or ``"i/j"`` strings.
+        min_lr: Floor for the new LR of each group (≥ 0).
+
+    Returns:
+        ``{"i/j": (lr_before, lr_after)}`` for every cut group, as Python floats.
+
+    Raises:
+        ValueError: If ``factor``, ``min_lr`` or ``groups`` is invalid, or a scheduler belongs
+            to an optimizer not in ``optimizers``.
+        TypeError: If an optimizer is not a torch optimizer.
+
+    Example:
+        >>> import torch
+        >>> w, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+        >>> opt = torch.optim.SGD([{"params": [w], "lr": 0.1}, {"params": [b], "lr": 0.01}])
+        >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+        >>> scale_lr([opt], [sched], 0.5, groups=["0/0"])
+        {'0/0': (0.1, 0.05)}
+        >>> scale_lr(opt, sched, 0.5, min_lr=0.008)  # group 1 is floored: a smaller cut
+        {'0/0': (0.05, 0.025), '0/1': (0.01, 0.008)}
+    """
+    factor = _check_factor(factor)
+    min_lr = _check_min_lr(min_lr)
+    opts = [_unwrap(o) for o in _as_list(optimizers)]
+    selected = _parse_groups(groups, opts)
+    done: set[int] = set()  # tensors already scaled in place
+
+    effective: dict[tuple[int, int], float] = {}
+    result: dict[str, tuple[float, float]] = {}
+    for i, opt in enumerate(opts):
+        for j, group in enumerate(opt.param_groups):
+            if (i, j) not in selected:
+                continue
+            before = float(group["lr"])
+            eff = factor
+            if min_lr > 0.0 and before * factor < min_lr:
+                eff = min(1.0, min_lr / before) if before > 0.0 else 1.0
+            effective[(i, j)] = eff
+            if eff != 1.0:
+                for key in LR_GROUP_KEYS:
+                    if key in group:
+                        group[key] = _scaled(group[key], eff, done)
+            result[f"{i}/{j}"] = (before, float(group["lr"]))
+
+    index = {id(o): i for i, o in enumerate(opts)}
+    lists_done: set[int] = set()
+    for sched in _walk_schedulers(_as_list(schedulers)):
+        sched_opt = getattr(sched, "optimizer", None)
+        if sched_opt is None:
+            continue
+        found = index.get(id(_unwrap(sched_opt)))
+        if found is None:
+            raise ValueError(
+                f"scheduler {type(sched).__name__} belongs to an optimizer that is not in "
+                "optimizers"
+            )
+        n_groups = len(opts[found].param_groups)
+        factors = {j: effective[(found, j)] for j in range(n_groups) if (found, j) in effective}
+        for name in LR_SCHEDULER_LISTS:
+            values = getattr(sched, name, None)
+            if not isinstance(values, list) or id(values) in lists_done:
+                continue
+            lists_done.add(id(values))
+            for j, eff in factors.items():
+                if j < len(values) and eff != 1.0:
+                    values[j] = _scaled(values[j], eff, done)
+        uniform = set(factors.values())
+        for name in LR_SCHEDULER_SCALARS:
+            value = getattr(sched, name, None)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value == 0:
+                continue
+            if len(factors) == n_groups and len(uniform) == 1:
+                setattr(sched, name, _scaled(value, next(iter(uniform)), done))
+            elif uniform - {1.0}:
+                warnings.warn(
+                    f"{type(sched).__name__}.{name}={value:g} is shared by all param groups "
+                    "but they were cut by different factors; it is left unscaled, so the "
+                    "cut groups decay towards the unscaled value",
+                    UserWarning,
+                    stacklevel=2,
+                )
+    return result
+
+
+class LRCut:
+    """Stateful learning-rate cut policy: factor, cooldown, floor and a maximum number of cuts.
+
+    Each :meth:`cut` calls :func:`scale_lr` (so the cut survives schedulers) and multiplies
+    :attr:`scale` by ``factor``. :attr:`scale` is the cumulative *nominal* multiplier, for
+    reporting (e.g. :attr:`lr_monitor.events.GuardEvent.lr_scale`): when ``min_lr`` floors a
+    group its actual multiplier is larger (a smaller cut); the dict returned by :meth:`cut`
+    has the real LRs.
+
+    :meth:`state_dict` holds the counters only. On resume from a checkpoint the optimizer and
+    scheduler state dicts already contain the scaled learning rates, so :meth:`load_state_dict`
+    restores the counters (cooldown, ``max_cuts`` and reporting stay right) and never
+    re-applies a cut.
+
+    Args:
+        factor: Multiplier per cut, in (0, 1).
+        cooldown: Minimum number of steps between two cuts (int ≥ 0): a cut at step ``k``
+            allows the next one at ``k + cooldown`` at the earliest.
+        min_lr: Floor for the new LR of each group (see :func:`scale_lr`), ≥ 0.
+        max_cuts: Maximum number of cuts in the run (int ≥ 1), or ``None`` for no limit.
+
+    Raises:
+        ValueError: If an argument is outside its range (the message names it).
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        >>> policy = LRCut(factor=0.5, cooldown=10, max_cuts=2)
+        >>> policy.cut(100, opt)
+        {'0/0': (0.001, 0.0005)}
+        >>> policy.can_cut(105), policy.cut(105, opt)
+        (False, None)
+        >>> policy.cut(110, opt)["0/0"][1], policy.scale, policy.num_cuts, policy.can_cut(500)
+        (0.00025, 0.25, 2, False)
+    """
+
+    def __init__(
+        self,
+        factor: float = 0.5,
+        cooldown: int = 0,
+        min_lr: float = 0.0,
+        max_cuts: int | None = None,
+    ) -> None:
+        ok = isinstance(factor, (int, float)) and not isinstance(factor, bool)
+        if not ok or not 0.0 < float(factor) < 1.0:
+            raise ValueError(f"factor={factor!r} is invalid: must be a number in (0, 1)")
+        if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:
+            raise ValueError(f"cooldown={cooldown!r} is invalid: must be an int >= 0")
+        if max_cuts is not None and (
+            isinstance(max_cuts, bool) or not isinstance(max_cuts, int) or max_cuts < 1
+        ):
+            raise ValueError(f"max_cuts={max_cuts!r} is invalid: must be an int >= 1 or None")
+        self.factor = float(factor)
+        self.cooldown = cooldown
+        self.min_lr = _check_min_lr(min_lr)
+        self.max_cuts = max_cuts
+        self.scale = 1.0
+        self.num_cuts = 0
+        self.last_cut_step: int | None = None
+
+    def can_cut(self, step: int) -> bool:
+        """Whether a cut at ``step`` is allowed (cooldown over, ``max_cuts`` not reached).
+
+        Args:
+            step: The current optimizer step.
+
+        Returns:
+            ``True`` if :meth:`cut` at ``step`` would cut.
+        """
+        if self.max_cuts is not None and self.num_cuts >= self.max_cuts:
+            return False
+        return self.last_cut_step is None or step - self.last_cut_step >= self.cooldown
+
+    def cut(
+        self,
+        step: int,
+        optimizers: Any,
+        schedulers: Any = (),
+        *,
+        groups: Iterable[GroupSpec] | None = None,
+    ) -> dict[str, tuple[float, float]] | None:
+        """Cut the learning rates by :attr:`factor` if :meth:`can_cut` allows it.
+
+        Args:
+            step: The current optimizer step.
+            optimizers: As for :func:`scale_lr`.
+            schedulers: As for :func:`scale_lr`.
+            groups: As for :func:`scale_lr`.
+
+        Returns:
+            ``{"i/j": (lr_before, lr_after)}`` as from :func:`scale_lr`, or ``None`` when the
+            cut is refused (cooldown or ``max_cuts``); nothing is changed then.
+        """
+        if not self.can_cut(step):
+            return None
+        result = scale_lr(optimizers, schedulers, self.factor, groups=groups, min_lr=self.min_lr)
+        self.scale *= self.factor
+        self.num_cuts += 1
+        self.last_cut_step = int(step)
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters as plain Python types (the configuration is informational).
+
+        Returns:
+            A dict with ``scale``, ``num_cuts``, ``last_cut_step`` and the configuration.
+        """
+        return {
+            "scale": self.scale,
+            "num_cuts": self.num_cuts,
+            "last_cut_step": self.last_cut_step,
+            "factor": self.factor,
+            "cooldown": self.cooldown,
+            "min_lr": self.min_lr,
+            "max_cuts": self.max_cuts,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the counters; never touches any optimizer (see the class docstring).
+
+        Args:
+            state_dict: A dict from :meth:`state_dict`. The configuration stored in it is
+                ignored: the constructor arguments of this instance win.
+        """
+        self.scale = float(state_dict["scale"])
+        self.num_cuts = int(state_dict["num_cuts"])
+        last = state_dict.get("last_cut_step")
+        self.last_cut_step = None if last is None else int(last)
+
+    def __repr__(self) -> str:
+        return (
+            f"LRCut(factor={self.factor}, cooldown={self.cooldown}, min_lr={self.min_lr}, "
+            f"max_cuts={self.max_cuts}, scale={self.scale}, num_cuts={self.num_cuts})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# skip
+# --------------------------------------------------------------------------------------------
+
+
+def skip_step(optimizer: Any) -> int:
+    """Drop every gradient of ``optimizer`` so its next ``step()`` changes nothing.
+
+    torch optimizers skip parameters whose ``grad`` is ``None``: parameters, moments and the
+    per-parameter ``step`` counters stay bit-identical (tested for Adam, AdamW, SGD with
+    momentum, RMSprop and Adagrad). Call it after the backward pass and before
+    ``optimizer.step()`` (in Lightning: ``on_before_optimizer_step``). With AMP's
+    ``GradScaler``, call it after ``scaler.unscale_(optimizer)`` (Lightning does that before
+    ``on_before_optimizer_step``): ``scaler.step`` on an optimizer that was never unscaled and
+    has no gradients raises "No inf checks were recorded". Only the optimizer step is
+    skipped: side effects of the forward pass (BatchNorm running statistics) remain.
+
+    Args:
+        optimizer: A torch optimizer (or a wrapper with ``_optimizer``).
+
+    Returns:
+        The number of gradients dropped.
+
+    Raises:
+        TypeError: If ``optimizer`` is not a torch optimizer.
+
+    Example:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.ones(3))
+        >>> opt = torch.optim.Adam([w], lr=0.1)
+        >>> (w**2).sum().backward()
+        >>> skip_step(opt)
+        1
+        >>> opt.step()
+        >>> w.tolist(), opt.state[w]
+        ([1.0, 1.0, 1.0], {})
+    """
+    dropped = 0
+    for group in _unwrap(optimizer).param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad = None
+                dropped += 1
+    return dropped
+
+
+# --------------------------------------------------------------------------------------------
+# rollback
+# --------------------------------------------------------------------------------------------
+
+
+def _copy_state(obj: Any, device: str | torch.device | None, counter: list[int]) -> Any:
+    """Deep copy of a (nested) state dict; tensors are detached and copied to ``device``."""
+    if isinstance(obj, Tensor):
+        t = obj.detach().to(device if device is not None else obj.device, copy=True)
+        counter[0] += t.numel() * t.element_size()
+        return t
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps the mapping type (e.g. OrderedDict) and attributes
+        out.clear()
+        for k, v in obj.items():
+            out[k] = _copy_state(v, device, counter)
+        return out
+    if isinstance(obj, list):
+        return [_copy_state(v, device, counter) for v in obj]
+    if isinstance(obj, tuple):
+        items = [_copy_state(v, device, counter) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return copy.deepcopy(obj)
+
+
+@dataclass
+class Snapshot:
+    """One in-memory copy of the training state at the end of an optimizer step.
+
+    Args:
+        step: The optimizer step the state belongs to.
+        module: ``module.state_dict()`` with every tensor copied to CPU.
+        optimizers: ``optimizer.state_dict()`` per optimizer, tensors copied to CPU.
+        schedulers: ``scheduler.state_dict()`` per scheduler, deep-copied (tensors stay on
+            their device; they are scalars).
+        extra: Anything else the caller stored with it (deep-copied), e.g. detector state
+            dicts or the :class:`LRCut` scale at that time.
+        nbytes: Bytes held by the tensors of this snapshot.
+    """
+
+    step: int
+    module: dict[str, Any]
+    optimizers: list[dict[str, Any]]
+    schedulers: list[dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)
+    nbytes: int = 0
+
+
+class RollbackBuffer:
+    """Keeps the last ``keep`` healthy snapshots (in CPU memory) and restores one exactly.
+
+    The caller takes a snapshot every ``every_n_steps`` steps *while healthy*
+    (:meth:`maybe_take`, right after the optimizer and scheduler steps, only when no detector
+    fired) and restores one with :meth:`restore` after a divergence. Snapshots are deep copies:
+    ``module.state_dict()`` and ``optimizer.state_dict()`` tensors are copied to CPU
+    (``.detach().to("cpu", copy=True)``), scheduler state dicts are deep-copied. Restoring
+    copies the weights back **in place** (``copy_``), so the optimizer's parameter references
+    and any DDP/FSDP hooks stay valid, and loads the optimizer and scheduler state dicts (which
+    cast the state back to each parameter's device and dtype); the result is bit-identical
+    to the state at the snapshot. A tensor ``lr`` in a param group keeps its tensor object.
+
+    Which snapshot: by default the **oldest** one kept. Detection has latency (a divergence is
+    reported ``patience`` steps after it starts, and a blow-up inflates Adam's second moments
+    before the loss shows it), so the newest snapshot, taken at most ``every_n_steps`` steps
+    ago, may already be contaminated; the oldest leaves a margin of at least
+    ``(keep - 1)·every_n_steps`` steps. Snapshots newer than the restored one are discarded
+    (they are suspect); the restored one is kept, so a repeated failure can roll back again.
+
+    A restore brings back the learning rates stored in the snapshot. Cuts made after it are
+    undone: store the :class:`LRCut` scale in ``extra`` and re-apply
+    ``scale_lr(..., cut.scale / snapshot.extra["lr_scale"])`` after restoring. Pass the
+    schedulers to :meth:`restore` too, so the LR schedule rewinds consistently with the
+    optimizer (the schedule then lags ``trainer.global_step`` by the rolled-back steps).
+
+    Snapshots are not saved in checkpoints (too large); after a resume the buffer is empty
+    until the next snapshot. Memory: :attr:`nbytes` (about ``keep × (weights + optimizer
+    state)``, e.g. 3× the weights per snapshot for Adam).
+
+    Args:
+        every_n_steps: Snapshot period in optimizer steps (int ≥ 1): :meth:`maybe_take`
+            snapshots when ``step % every_n_steps == 0``.
+        keep: Maximum number of snapshots held (int ≥ 1); the oldest is dropped first.
+
+    Raises:
+        ValueError: If an argument is outside its range (the message names it).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> buf = RollbackBuffer(every_n_steps=10, keep=2)
+        >>> for step in range(1, 31):
+        ...     model(torch.ones(1, 2)).sum().backward()
+        ...     opt.step()
+        ...     opt.zero_grad()
+        ...     _ = buf.maybe_take(step, model, [opt])
+        >>> buf.steps
+        [20, 30]
+        >>> weights = model.weight.detach().clone()
+        >>> buf.restore(model, [opt])  # the older one
+        20
+        >>> buf.steps, bool((model.weight != weights).all())
+        ([20], True)
+    """
+
+    def __init__(self, every_n_steps: int = 100, keep: int = 2) -> None:
+        for name, value in (("every_n_steps", every_n_steps), ("keep", keep)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: must be an int >= 1")
+        self.every_n_steps = every_n_steps
+        self.keep = keep
+        self._snapshots: list[Snapshot] = []
+        #: The snapshot restored last, or ``None`` (its ``extra`` holds what was stored).
+        self.last_restored: Snapshot | None = None
+
+    def __len__(self) -> int:
+        return len(self._snapshots)
+
+    @property
+    def steps(self) -> list[int]:
+        """Steps of the held snapshots, oldest first."""
+        return [s.step for s in self._snapshots]
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        """The held snapshots, oldest first (do not modify them)."""
+        return list(self._snapshots)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tensors of all snapshots."""
+        return sum(s.nbytes for s in self._snapshots)
+
+    def clear(self) -> None:
+        """Drop every snapshot."""
+        self._snapshots.clear()
+
+    def due(self, step: int) -> bool:
+        """Whether :meth:`maybe_take` would snapshot at ``step``.
+
+        Args:
+            step: The optimizer step just completed.
+
+        Returns:
+            ``True`` iff ``step`` is a multiple of ``every_n_steps`` not yet snapshotted.
+        """
+        if step % self.every_n_steps:
+            return False
+        return not self._snapshots or self._snapshots[-1].step != step
+
+    def maybe_take(
+        self,
+        step: int,
+        module: torch.nn.Module,
+        optimizers: Sequence[Any] = (),
+        schedulers: Sequence[Any] = (),
+        *,
+        extra: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Take a snapshot if :meth:`due`; call it only while training is healthy.
+
+        Args:
+            step: The optimizer step just completed.
+            module: The model.
+            optimizers: Its optimizers.
+            schedulers: Its LR schedulers.
+            extra: Extra state to store with the snapshot (deep-copied).
+
+        Returns:
+            Whether a snapshot was taken.
+        """
+        if not self.due(step):
+            return False
+        self.take(step, module, optimizers, schedulers, extra=extra)
+        return True
+
+    def take(
+        self,
+        step: int,
+        module: torch.nn.Module,
+        optimizers: Sequence[Any] = (),
+        schedulers: Sequence[Any] = (),
+        *,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Snapshot:
+        """Snapshot now, dropping the oldest snapshot beyond ``keep``.
+
+        Args:
+            step: The optimizer step just completed.
+            module: The model.
+            optimizers: Its optimizers (wrappers with ``_optimizer`` are unwrapped).
+            schedulers: Its LR schedulers (anything with ``state_dict``/``load_state_dict``).
+            extra: Extra state to store with the snapshot (deep-copied).
+
+        Returns:
+            The new snapshot.
+        """
+        counter = [0]
+        snap = Snapshot(
+            step=int(step),
+            module=_copy_state(module.state_dict(), "cpu", counter),
+            optimizers=[
+                _copy_state(_unwrap(o).state_dict(), "cpu", counter) for o in _as_list(optimizers)
+            ],
+            schedulers=[_copy_state(s.state_dict(), None, counter) for s in _as_list(schedulers)],
+            extra=copy.deepcopy(dict(extra or {})),
+        )
+        snap.nbytes = counter[0]
+        self._snapshots.append(snap)
+        del self._snapshots[: -self.keep]
+        return snap
+
+    def restore(
+        self,
+        module: torch.nn.Module,
+        optimizers: Sequence[Any] = (),
+        schedulers: Sequence[Any] = (),
+        *,
+        which: Literal["oldest", "newest"] = "oldest",
+        before: int | None = None,
+    ) -> int:
+        """Restore a snapshot bit-identically and drop the snapshots newer than it.
+
+        Args:
+            module: The model (same architecture as at :meth:`take`).
+            optimizers: The optimizers, in the order given to :meth:`take`; ``()`` leaves the
+                optimizer state alone.
+            schedulers: The schedulers, in the order given to :meth:`take`; ``()`` leaves the
+                schedules alone.
+            which: ``"oldest"`` (default, see the class docstring) or ``"newest"``.
+            before: If given, only snapshots with ``step < before`` are candidates (e.g. the
+                step where a divergence started).
+
+        Returns:
+            The step of the restored snapshot; also :attr:`last_restored` holds it.
+
+        Raises:
+            LookupError: If there is no candidate snapshot.
+            ValueError: If ``which`` is invalid, or the numbers of optimizers or schedulers
+                (when given), or the model's state keys differ from the snapshot's.
+        """
+        if which not in ("oldest", "newest"):
+            raise ValueError(f"which={which!r} is invalid: must be 'oldest' or 'newest'")
+        candidates = [k for k, s in enumerate(self._snapshots) if before is None or s.step < before]
+        if not candidates:
+            raise LookupError(f"no snapshot to restore (held: {self.steps}, before={before})")
+        k = candidates[0] if which == "oldest" else candidates[-1]
+        snap = self._snapshots[k]
+        opts = [_unwrap(o) for o in _as_list(optimizers)]
+        scheds = _as_list(schedulers)
+        if opts and len(opts) != len(snap.optimizers):
+            raise ValueError(
+                f"optimizers has {len(opts)} entries, the snapshot {len(snap.optimizers)}"
+            )
+        if scheds and len(scheds) != len(snap.schedulers):
+            raise ValueError(
+                f"schedulers has {len(scheds)} entries, the snapshot {len(snap.schedulers)}"
+            )
+        _restore_module(module, snap.module)
+        for opt, state in zip(opts, snap.optimizers, strict=False):
+            _restore_optimizer(opt, state)
+        for sched, state in zip(scheds, snap.schedulers, strict=False):
+            sched.load_state_dict(_copy_state(state, None, [0]))
+        del self._snapshots[k + 1 :]
+        self.last_restored = snap
+        return snap.step
+
+
+def _restore_module(module: torch.nn.Module, saved: Mapping[str, Any]) -> None:
+    live = module.state_dict()
+    if set(live) != set(saved):
+        missing = sorted(set(saved) - set(live))[:5]
+        unexpected = sorted(set(live) - set(saved))[:5]
+        raise ValueError(
+            f"module state keys differ from the snapshot: missing {missing}, new {unexpected}"
+        )
+    other: dict[str, Any] = {}
+    with torch.no_grad():
+        for name, value in saved.items():
+            target = live[name]
+            if isinstance(value, Tensor) and isinstance(target, Tensor):
+                target.copy_(value)
+            else:
+                other[name] = copy.deepcopy(value)
+    if other:  # e.g. ``get_extra_state`` entries
+        module.load_state_dict(other, strict=False)
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
+    # Tensor-valued group entries (a tensor lr of a fused/capturable optimizer) must keep
+    # their identity and device: load_state_dict would replace them with the CPU copies.
+    keep = [{k: v for k, v in g.items() if isinstance(v, Tensor)} for g in optimizer.param_groups]
+    # load_state_dict aliases tensors that are already on the right device (and keeps
+    # ``step`` as is): load a fresh copy so the snapshot stays pristine for a later restore.
+    optimizer.load_state_dict(_copy_state(saved, None, [0]))
+    with torch.no_grad():
+        for group, tensors in zip(optimizer.param_groups, keep, strict=True):
+            for key, original in tensors.items():
+                loaded = group.get(key)
+                if isinstance(loaded, Tensor):
+                    original.copy_(loaded)
+                elif loaded is not None:
+                    original.fill_(loaded)
+                group[key] = original

@@ -1,0 +1,491 @@
+"""Detectors on synthetic streams and on a real (small) training loop."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from lr_monitor.detectors import (
+    Detector,
+    DivergenceDetector,
+    NonFiniteDetector,
+    OscillationDetector,
+    SpikeDetector,
+    UpdateRatioDetector,
+)
+from lr_monitor.events import Detection
+
+SEEDS = [0, 1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------------
+# streams
+# ------------------------------------------------------------------------------------------
+
+
+def noisy_descent(seed: int, n: int = 2000, sigma: float = 0.3) -> list[float]:
+    """2.3·exp(-t/100) with multiplicative lognormal noise."""
+    rng = random.Random(seed)
+    return [2.3 * math.exp(-t / 100) * math.exp(sigma * rng.gauss(0, 1)) for t in range(n)]
+
+
+def noisy_descent_to_floor(seed: int, n: int = 2000, sigma: float = 0.3) -> list[float]:
+    """A descent that flattens at an irreducible loss, the usual shape of a real run."""
+    rng = random.Random(seed)
+    return [(2.0 * math.exp(-t / 150) + 0.3) * math.exp(sigma * rng.gauss(0, 1)) for t in range(n)]
+
+
+def feed(detector: Detector, values: list[float], start: int = 0) -> list[Detection]:
+    events = []
+    for t, v in enumerate(values, start=start):
+        e = detector.update(t, v)
+        if e is not None:
+            events.append(e)
+    return events
+
+
+def loss_detectors() -> list[Detector]:
+    return [NonFiniteDetector(), SpikeDetector(), DivergenceDetector()]
+
+
+# ------------------------------------------------------------------------------------------
+# no false positives
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=[f"seed{s}" for s in SEEDS])
+@pytest.mark.parametrize(
+    "stream", [noisy_descent, noisy_descent_to_floor], ids=["exp-descent", "descent-to-floor"]
+)
+def test_healthy_noisy_descent_raises_nothing(stream: Callable[..., list[float]], seed: int):
+    values = stream(seed)
+    for det in loss_detectors():
+        assert feed(det, values) == [], type(det).__name__
+
+
+def _train_signals(
+    seed: int, opt_name: str, steps: int = 300, lr: float | None = None
+) -> dict[str, list[float]]:
+    """Per-step loss, update ratio and successive-update cosine of a real small MLP run."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 10, generator=g)
+    w_true = torch.randn(10, 3, generator=g)
+    y = (x @ w_true + 0.5 * torch.randn(512, 3, generator=g)).argmax(dim=1)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    if opt_name == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr or 3e-3)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr or 0.1, momentum=0.9)
+    params = list(model.parameters())
+    out: dict[str, list[float]] = {"loss": [], "update_ratio": [], "update_cosine": []}
+    prev_update = None
+    for _ in range(steps):
+        idx = torch.randint(0, 512, (16,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        before = torch.cat([p.detach().flatten() for p in params])
+        opt.step()
+        update = torch.cat([p.detach().flatten() for p in params]) - before
+        out["loss"].append(loss.item())
+        out["update_ratio"].append((update.norm() / before.norm()).item())
+        if prev_update is not None:
+            cos = torch.nn.functional.cosine_similarity(update, prev_update, dim=0)
+            out["update_cosine"].append(cos.item())
+        prev_update = update
+    return out
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "sgd-momentum"])
+@pytest.mark.parametrize("seed", [0, 1, 2], ids=["seed0", "seed1", "seed2"])
+def test_real_minibatch_training_raises_nothing(seed: int, opt_name: str):
+    signals = _train_signals(seed, opt_name)
+    assert signals["loss"][-1] < signals["loss"][0]  # it does learn
+    for det in loss_detectors():
+        assert feed(det, signals["loss"]) == [], type(det).__name__
+    assert feed(UpdateRatioDetector(), signals["update_ratio"]) == []
+    assert feed(OscillationDetector(), signals["update_cosine"]) == []
+
+
+@pytest.mark.parametrize("seed", [0, 1], ids=["seed0", "seed1"])
+def test_real_training_with_a_far_too_high_lr_is_flagged(seed: int):
+    signals = _train_signals(seed, "sgd-momentum", steps=200, lr=5.0)
+    ratio_events = feed(UpdateRatioDetector(), signals["update_ratio"])
+    assert ratio_events and ratio_events[0].step <= 5  # flagged within the first steps
+    loss_events = [e for det in loss_detectors() for e in feed(det, signals["loss"])]
+    assert loss_events  # and the loss itself shows it later
+
+
+# ------------------------------------------------------------------------------------------
+# spikes
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=[f"seed{s}" for s in SEEDS])
+def test_spike_fires_once_at_the_spike(seed: int):
+    values = noisy_descent_to_floor(seed, n=600)
+    # with 30 % noise, 6.7 MADs in log space is ~7.5x the median: a 20x jump is a clear spike
+    values[400] = 20 * (2.0 * math.exp(-400 / 150) + 0.3)
+    events = feed(SpikeDetector(), values)
+    assert [(e.step, e.kind, e.signal) for e in events] == [(400, "spike", "loss")]
+    e = events[0]
+    assert e.value == values[400]
+    assert 0 < e.threshold < e.value
+    assert "spiked" in e.message
+    # a spike is not a sustained divergence
+    assert feed(DivergenceDetector(), values) == []
+
+
+def test_spikes_do_not_poison_the_baseline():
+    values = noisy_descent_to_floor(0, n=500)
+    for t in (300, 301, 303, 306):
+        values[t] = 8.0
+    events = feed(SpikeDetector(), values)
+    assert [e.step for e in events] == [300, 301, 303, 306]
+
+
+def test_interleaved_spikes_all_detected():
+    # every other step a spike for 80 steps: were spikes let into the window, they would
+    # soon make up half of it and lift median and MAD above the spikes themselves
+    values = noisy_descent_to_floor(4, n=500)
+    spikes = list(range(300, 380, 2))
+    for t in spikes:
+        values[t] = 30.0  # ~50x the level (the window then spans a steep part of the descent)
+    assert [e.step for e in feed(SpikeDetector(), values)] == spikes
+
+
+def flat_lognormal(seed: int, n: int, sigma: float) -> list[float]:
+    rng = random.Random(seed)
+    return [math.exp(sigma * rng.gauss(0, 1)) for _ in range(n)]
+
+
+def test_no_false_alarms_while_the_window_fills():
+    # a median/MAD from 10-20 values is unreliable: without the small-sample correction
+    # about 0.7 % of these short runs raise a false alarm
+    assert sum(len(feed(SpikeDetector(), flat_lognormal(s, 50, 0.3))) for s in range(1000)) == 0
+
+
+def test_log_space_handles_heavy_multiplicative_noise():
+    runs = [flat_lognormal(s, 1000, 0.5) for s in range(10)]
+    assert sum(len(feed(SpikeDetector(), r)) for r in runs) == 0
+    # the raw values are right-skewed: a linear z-score fires on healthy noise
+    assert sum(len(feed(SpikeDetector(log_space=False), r)) for r in runs) > 10
+
+
+def test_spike_threshold_is_the_bound_crossed():
+    det = SpikeDetector(window=30, warmup=30, log_space=False)
+    base = [1.0 + 0.01 * ((7 * t) % 11 - 5) for t in range(30)]
+    feed(det, base)
+    bound = det.bound()
+    assert bound is not None
+    assert det.update(30, bound * 0.999) is None
+    bound = det.bound()  # that value entered the window
+    assert bound is not None
+    e = det.update(31, bound * 1.001)
+    assert e is not None and e.threshold == pytest.approx(bound)
+
+
+def test_tiny_absolute_wiggles_of_a_converged_loss_are_not_spikes():
+    # quantised, almost constant loss: MAD = 0, so the floor and the relative guard decide
+    values = [1e-4] * 100 + [1.4e-4, 1e-4, 1e-4]
+    assert feed(SpikeDetector(), values) == []
+    assert feed(SpikeDetector(log_space=False), values) == []
+    assert [e.step for e in feed(SpikeDetector(), [*values, 2e-4])] == [103]
+
+
+def test_level_shift_is_accepted_after_adapt_after_spikes():
+    values = [1.0 + 0.01 * (t % 3) for t in range(100)] + [10.0 + 0.1 * (t % 3) for t in range(60)]
+    events = feed(SpikeDetector(adapt_after=5), values)
+    assert [e.step for e in events] == [100, 101, 102, 103, 104]
+    assert "new level" in events[-1].message
+    never = feed(SpikeDetector(adapt_after=None), values)
+    assert len(never) == 60
+
+
+def test_spike_detector_needs_warmup_values():
+    det = SpikeDetector(window=20, warmup=10)
+    assert feed(det, [1.0] * 9 + [100.0]) == []
+    assert det.bound() is not None
+
+
+# ------------------------------------------------------------------------------------------
+# non-finite
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"]
+)
+def test_nonfinite_fires_and_others_ignore_it(bad: float):
+    values = noisy_descent_to_floor(1, n=400)
+    dirty = list(values)
+    dirty[150] = bad
+    dirty[260] = bad
+    events = feed(NonFiniteDetector(), dirty)
+    assert [e.step for e in events] == [150, 260]
+    assert all(e.kind == "nonfinite" and e.threshold == math.inf for e in events)
+    assert str(bad) in events[0].message
+    # the other detectors neither fire on it nor let it into their state
+    for make in (SpikeDetector, DivergenceDetector, UpdateRatioDetector, OscillationDetector):
+        clean_det, dirty_det = make(), make()
+        dirty_events = feed(dirty_det, dirty)
+        clean_events = []
+        for t, v in enumerate(values):
+            if t not in (150, 260) and (e := clean_det.update(t, v)) is not None:
+                clean_events.append(e)
+        assert dirty_events == clean_events, make.__name__
+        assert all(math.isfinite(e.value) for e in dirty_events)
+        assert dirty_det.state_dict() == clean_det.state_dict(), make.__name__
+
+
+def test_nonfinite_accepts_a_zero_dim_tensor():
+    assert NonFiniteDetector().update(3, torch.tensor(float("nan"))).step == 3  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------
+# divergence
+# ------------------------------------------------------------------------------------------
+
+
+def slow_drift(seed: int) -> list[float]:
+    """Healthy descent to ~0.2, then a slow climb to 1.5 over 500 steps (LR warmup gone bad)."""
+    rng = random.Random(seed)
+    out = []
+    for t in range(900):
+        level = 2.3 * math.exp(-t / 50) + 0.2 if t < 300 else 0.2 + 1.3 * min(1, (t - 300) / 500)
+        out.append(level * math.exp(0.1 * rng.gauss(0, 1)))
+    return out
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=[f"seed{s}" for s in SEEDS])
+def test_slow_drift_is_divergence_not_spike(seed: int):
+    values = slow_drift(seed)
+    events = feed(DivergenceDetector(), values)
+    # the level crosses 2 × 0.2 at t ≈ 377; EMA lag + patience 10 add ~15 steps
+    assert events, "slow drift not detected"
+    assert 375 <= events[0].step <= 420
+    assert events[0].value > events[0].threshold
+    assert feed(SpikeDetector(), values) == []
+
+
+def blowup_then_chance(seed: int) -> list[float]:
+    """Descent to 0.3, blow-up to 1e4 for 5 steps, then stuck at chance level 2.3."""
+    rng = random.Random(seed)
+    head = [(2.0 * math.exp(-t / 40) + 0.3) * math.exp(0.2 * rng.gauss(0, 1)) for t in range(400)]
+    tail = [2.3 * math.exp(0.05 * rng.gauss(0, 1)) for _ in range(400)]
+    return [*head, *[1e4] * 5, *tail]
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=[f"seed{s}" for s in SEEDS])
+def test_blowup_then_plateau_at_chance_level(seed: int):
+    values = blowup_then_chance(seed)
+    det = DivergenceDetector()
+    events = feed(det, values)
+    assert events and 400 <= events[0].step <= 430
+    assert events[0].kind == "divergence" and events[0].signal == "loss"
+    # re-arms after patience steps: no storm, but the divergence is not forgotten either
+    steps = [e.step for e in events]
+    assert all(b - a >= det.patience for a, b in itertools.pairwise(steps))
+    assert len(events) >= 10
+    # the spike detector sees the blow-up itself
+    assert 400 in [e.step for e in feed(SpikeDetector(), values)]
+
+
+def test_rebase_after_a_cut_judges_the_new_regime():
+    values = blowup_then_chance(0)
+    det = DivergenceDetector()
+    first = None
+    later = []
+    for t, v in enumerate(values):
+        e = det.update(t, v)
+        if e is not None and first is None:
+            first = e
+            det.rebase()  # the guard cut the LR and keeps going
+        elif e is not None:
+            later.append(e)
+    assert first is not None and later == []
+    assert det.best == pytest.approx(2.3, rel=0.1)
+    # the new regime is still watched: a further blow-up fires again
+    assert feed(det, [10.0] * 40, start=len(values))
+
+
+def test_single_huge_spike_is_not_a_divergence():
+    values = noisy_descent_to_floor(2, n=600)
+    values[400] = 1e4
+    values[450] = 1e6
+    assert feed(DivergenceDetector(), values) == []
+    # without clipping the EMA would hold the spike for ~100 steps: the clip is what helps
+    assert feed(DivergenceDetector(clip=None), values) != []
+
+
+def test_high_initial_loss_is_covered_by_warmup():
+    # the loss starts very high and falls fast: no best is set from the first noisy values
+    rng = random.Random(5)
+    values = [50.0 * math.exp(-t / 5) + 0.5 * math.exp(0.3 * rng.gauss(0, 1)) for t in range(300)]
+    assert feed(DivergenceDetector(), values) == []
+
+
+def test_min_delta_handles_signals_at_zero():
+    det = DivergenceDetector(ratio=1.0, min_delta=0.5, warmup=5, patience=3)
+    assert feed(det, [0.0] * 50 + [0.3] * 20) == []
+    assert feed(det, [1.0] * 10, start=70) != []
+
+
+# ------------------------------------------------------------------------------------------
+# oscillation
+# ------------------------------------------------------------------------------------------
+
+
+def cosines(seed: int, mean_healthy: float, mean_bad: float) -> list[float]:
+    rng = random.Random(seed)
+    healthy = [max(-1.0, min(1.0, rng.gauss(mean_healthy, 0.3))) for _ in range(300)]
+    bad = [max(-1.0, min(1.0, rng.gauss(mean_bad, 0.1))) for _ in range(60)]
+    return healthy + bad
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=[f"seed{s}" for s in SEEDS])
+def test_oscillation_negative_cosine(seed: int):
+    events = feed(OscillationDetector(), cosines(seed, 0.2, -0.8))
+    assert events and all(e.step >= 300 for e in events)
+    assert events[0].step <= 300 + 20
+    assert events[0].value <= -0.5 and events[0].threshold == -0.5
+    # re-armed only after a full new window
+    steps = [e.step for e in events]
+    assert all(b - a >= 20 for a, b in itertools.pairwise(steps))
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=[f"seed{s}" for s in SEEDS])
+def test_oscillation_positive_overshoot_convention(seed: int):
+    det = OscillationDetector(signal="overshoot", direction="positive")
+    events = feed(det, cosines(seed, -0.2, 0.8))
+    assert events and events[0].step >= 300 and events[0].threshold == 0.5
+    assert events[0].signal == "overshoot"
+    # the same stream with the other convention is healthy
+    assert feed(OscillationDetector(), cosines(seed, -0.2, 0.8)) == []
+
+
+def test_oscillation_needs_both_fraction_and_mean():
+    # 80 % negative but tiny magnitude: mean -0.08 > -0.5
+    det = OscillationDetector(window=10)
+    assert feed(det, [-0.1] * 8 * 5 + [0.1] * 2 * 5) == []
+    # strongly negative mean from few large values but mostly positive: fraction too low
+    det = OscillationDetector(window=10)
+    assert feed(det, ([-1.0] * 6 + [0.05] * 4) * 5) == []
+    det = OscillationDetector(window=10, min_fraction=0.5)
+    assert feed(det, ([-1.0] * 6 + [0.05] * 4) * 5) != []
+
+
+def test_oscillation_warmup_ignores_first_values():
+    det = OscillationDetector(window=5, warmup=10)
+    assert feed(det, [-1.0] * 14) == []
+    assert det.update(14, -1.0) is not None
+
+
+# ------------------------------------------------------------------------------------------
+# update ratio
+# ------------------------------------------------------------------------------------------
+
+
+def test_update_ratio_fires_after_patience_and_rearms():
+    det = UpdateRatioDetector(threshold=0.1, patience=3)
+    values = [1e-3] * 10 + [0.5, 0.5, 1e-3] + [0.3] * 7 + [float("nan")] + [0.3] * 2
+    events = feed(det, values)
+    # t=10,11 broken by 12; 13..19 above: fires at 15 and 18; nan (20) ignored; 19,21,22 → 22
+    assert [e.step for e in events] == [15, 18, 22]
+    assert all(e.kind == "update_ratio" and e.threshold == 0.1 for e in events)
+
+
+# ------------------------------------------------------------------------------------------
+# state_dict round trip
+# ------------------------------------------------------------------------------------------
+
+ROUND_TRIP = {
+    "nonfinite": (NonFiniteDetector, lambda: [1.0, math.nan, 2.0, math.inf] * 50),
+    "spike": (SpikeDetector, lambda: [*noisy_descent(3, 300)[:150], 50.0, *noisy_descent(3, 150)]),
+    "divergence": (DivergenceDetector, lambda: blowup_then_chance(1)),
+    "oscillation": (OscillationDetector, lambda: cosines(1, 0.2, -0.8)),
+    "update_ratio": (UpdateRatioDetector, lambda: ([1e-3] * 5 + [0.2] * 4) * 30),
+}
+
+
+@pytest.mark.parametrize("split", [0.3, 0.5, 0.9], ids=["30%", "50%", "90%"])
+@pytest.mark.parametrize("name", list(ROUND_TRIP), ids=list(ROUND_TRIP))
+def test_state_dict_round_trip_gives_the_same_events(name: str, split: float):
+    make, stream = ROUND_TRIP[name]
+    values = stream()
+    reference = feed(make(), values)
+    assert reference, "the stream must produce events for the test to mean anything"
+    cut = int(len(values) * split)
+    first = make()
+    events = feed(first, values[:cut])
+    state = json.loads(json.dumps(first.state_dict()))  # plain Python types only
+    resumed = make()
+    resumed.load_state_dict(state)
+    events += feed(resumed, values[cut:], start=cut)
+    assert events == reference
+
+
+def test_load_state_dict_rejects_another_detector():
+    with pytest.raises(ValueError, match="SpikeDetector"):
+        DivergenceDetector().load_state_dict(SpikeDetector().state_dict())
+
+
+@pytest.mark.parametrize("name", list(ROUND_TRIP), ids=list(ROUND_TRIP))
+def test_reset_forgets_everything(name: str):
+    make, stream = ROUND_TRIP[name]
+    det = make()
+    feed(det, stream())
+    det.reset()
+    assert det.state_dict() == make().state_dict()
+
+
+# ------------------------------------------------------------------------------------------
+# argument validation
+# ------------------------------------------------------------------------------------------
+
+BAD_ARGS = [
+    (SpikeDetector, {"window": -3}, "window=-3"),
+    (SpikeDetector, {"window": 2.5}, "window=2.5"),
+    (SpikeDetector, {"warmup": 60}, "warmup=60"),
+    (SpikeDetector, {"warmup": 1}, "warmup=1"),
+    (SpikeDetector, {"threshold": 0}, "threshold=0"),
+    (SpikeDetector, {"threshold": math.nan}, "threshold=nan"),
+    (SpikeDetector, {"min_rel_increase": -0.1}, "min_rel_increase=-0.1"),
+    (SpikeDetector, {"adapt_after": 0}, "adapt_after=0"),
+    (SpikeDetector, {"log_space": "yes"}, "log_space='yes'"),
+    (SpikeDetector, {"signal": ""}, "signal=''"),
+    (DivergenceDetector, {"ema": 1.0}, "ema=1.0"),
+    (DivergenceDetector, {"ratio": 0.5}, "ratio=0.5"),
+    (DivergenceDetector, {"ratio": 1.0}, "ratio=1.0"),
+    (DivergenceDetector, {"patience": 0}, "patience=0"),
+    (DivergenceDetector, {"warmup": True}, "warmup=True"),
+    (DivergenceDetector, {"min_delta": -1}, "min_delta=-1"),
+    (DivergenceDetector, {"clip": 0}, "clip=0"),
+    (OscillationDetector, {"window": 1}, "window=1"),
+    (OscillationDetector, {"threshold": 0.5}, "threshold=0.5"),
+    (OscillationDetector, {"threshold": -0.5, "direction": "positive"}, "threshold=-0.5"),
+    (OscillationDetector, {"min_fraction": 0}, "min_fraction=0"),
+    (OscillationDetector, {"warmup": -1}, "warmup=-1"),
+    (OscillationDetector, {"direction": "up"}, "direction='up'"),
+    (UpdateRatioDetector, {"threshold": -0.1}, "threshold=-0.1"),
+    (UpdateRatioDetector, {"patience": 0}, "patience=0"),
+    (NonFiniteDetector, {"signal": None}, "signal=None"),
+]
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "needle"),
+    BAD_ARGS,
+    ids=[f"{c.__name__}-{n}" for c, _, n in BAD_ARGS],
+)
+def test_bad_arguments_raise_value_error_naming_them(cls, kwargs, needle):
+    with pytest.raises(ValueError, match="invalid") as info:
+        cls(**kwargs)
+    assert needle in str(info.value)
