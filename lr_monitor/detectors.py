@@ -476,6 +476,12 @@ class DivergenceDetector(Detector):
             ``min_delta > 0`` is required.
         clip: Inputs are clipped to ``smoothed + clip·(bound - best)`` (> 0), or ``None`` for
             no clipping.
+        progress: Also require the smoothed value to have given back this fraction of the
+            progress made since warm-up: ``bound = max(ratio-bound, b + progress·(r − b))``
+            with ``r`` the highest smoothed value during warm-up (the starting level). In
+            (0, 1], or ``None`` (off). A healthy run near a tiny loss wobbles by multiples of
+            its best (0.01 → 0.03) without losing any real progress; this keeps such wobbles
+            quiet while "back at chance level" (r) still fires.
 
     Raises:
         ValueError: If an argument is outside its range (the message names it).
@@ -508,8 +514,12 @@ class DivergenceDetector(Detector):
         min_delta: float = 0.0,
         *,
         clip: float | None = 4.0,
+        progress: float | None = None,
     ) -> None:
         super().__init__(signal)
+        if progress is not None:
+            progress = _check_float("progress", progress, 0.0, 1.0, low_open=True)
+        self.progress = progress
         self.ema = _check_float("ema", ema, 0.0, 1.0, high_open=True)
         self.ratio = _check_float("ratio", ratio, 1.0)
         self.patience = _check_int("patience", patience, 1)
@@ -530,6 +540,7 @@ class DivergenceDetector(Detector):
         self._avg = 0.0
         self._n = 0
         self._best: float | None = None
+        self._reference: float | None = None
         self._above = 0
         self._recent: deque[float] = deque(maxlen=self.patience)
 
@@ -553,7 +564,13 @@ class DivergenceDetector(Detector):
         """
         if self._best is None:
             return None
-        return self._best + (self.ratio - 1.0) * abs(self._best) + self.min_delta
+        return self._bound(self._best)
+
+    def _bound(self, best: float) -> float:
+        bound = best + (self.ratio - 1.0) * abs(best) + self.min_delta
+        if self.progress is not None and self._reference is not None:
+            bound = max(bound, best + self.progress * (self._reference - best))
+        return bound
 
     def rebase(self) -> None:
         """Judge a new regime: the current level becomes the smoothed value and the best.
@@ -570,6 +587,7 @@ class DivergenceDetector(Detector):
         self._n = max(self._n, self.warmup)
         self._avg = level * (1.0 - self.ema**self._n)
         self._best = level
+        self._reference = level
 
     def update(self, step: int, value: float) -> Detection | None:
         """Feed one value; return a ``"divergence"`` detection on sustained divergence.
@@ -587,17 +605,19 @@ class DivergenceDetector(Detector):
             return None
         self._recent.append(x)
         if self._best is not None and self.clip is not None:
-            gap = (self.ratio - 1.0) * abs(self._best) + self.min_delta
+            gap = self._bound(self._best) - self._best
             if gap > 0.0:
                 x = min(x, self._avg / (1.0 - self.ema**self._n) + self.clip * gap)
         self._avg = self.ema * self._avg + (1.0 - self.ema) * x
         self._n += 1
         s = self._avg / (1.0 - self.ema**self._n)
+        if self._best is None:
+            self._reference = s if self._reference is None else max(self._reference, s)
         if self._n < self.warmup:
             return None
         if self._best is None or s < self._best:
             self._best = s
-        bound = self._best + (self.ratio - 1.0) * abs(self._best) + self.min_delta
+        bound = self._bound(self._best)
         if s <= bound:
             self._above = 0
             return None
@@ -624,6 +644,7 @@ class DivergenceDetector(Detector):
             "best": self._best,
             "above": self._above,
             "recent": list(self._recent),
+            "reference": self._reference,
         }
 
     def _set_state(self, state: dict[str, Any]) -> None:
@@ -632,6 +653,8 @@ class DivergenceDetector(Detector):
         self._best = None if state["best"] is None else float(state["best"])
         self._above = int(state["above"])
         self._recent = deque((float(v) for v in state["recent"]), maxlen=self.patience)
+        ref = state.get("reference")
+        self._reference = None if ref is None else float(ref)
 
 
 class OscillationDetector(Detector):

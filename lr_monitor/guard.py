@@ -118,7 +118,9 @@ class DivergenceGuard(pl.Callback):
             (one decade) was chosen from ``benchmarks/divergence_suite.py``: a too-high LR
             is typically off by an order of magnitude or more, and halving needs several
             blow-ups to get there.
-        cooldown: Minimum optimizer steps between two cuts (≥ 0).
+        cooldown: Minimum optimizer steps between two ``cut`` actions (≥ 0). A rollback
+            always cuts: the repeated blow-up is the evidence that the last cut was not
+            enough.
         min_lr: No cut takes a learning rate below this (≥ 0).
         max_cuts: Cuts allowed before a further cut escalates (≥ 1).
         escalate: What a cut becomes once ``max_cuts`` is used up: ``"stop"`` or ``"log"``.
@@ -198,7 +200,7 @@ class DivergenceGuard(pl.Callback):
                                              warmup=min(20, spike_window),
                                              threshold=spike_threshold, min_rel_increase=2.0),
             "divergence/loss": DivergenceDetector("loss", patience=divergence_patience,
-                                                  warmup=20),
+                                                  warmup=20, progress=0.25),
             "oscillation/update_cosine": OscillationDetector("update_cosine"),
             "update_ratio/update_ratio": UpdateRatioDetector("update_ratio"),
         }
@@ -397,19 +399,18 @@ class DivergenceGuard(pl.Callback):
              det: Detection, action: str, found: list[Detection]) -> str:
         lr_before = self._lrs(trainer)
         done: list[str] = []
-        if action in ("cut", "rollback") and not self.cut_policy.can_cut(step):
-            at_max = self.cut_policy.max_cuts is not None and \
-                self.cut_policy.num_cuts >= self.cut_policy.max_cuts
-            if at_max:
-                action = self.escalate
-            elif action == "cut":
-                action = "log"  # cooling down after the previous cut
+        cp = self.cut_policy
+        if action in ("cut", "rollback") and cp.max_cuts is not None \
+                and cp.num_cuts >= cp.max_cuts:
+            action = self.escalate  # every cut used up
+        elif action == "cut" and not cp.can_cut(step):
+            action = "log"  # cooling down after the previous cut
         if action == "rollback":
             if self._rollback(trainer, pl_module):
                 done.append("rollback")
             else:
                 done.append("skip")  # nothing healthy to go back to yet
-            self._cut(trainer, step, done)
+            self._cut(trainer, step, done, ignore_cooldown=True)
         elif action == "cut":
             self._cut(trainer, step, done)
             rebase = getattr(self.detectors["divergence/loss"], "rebase", None)
@@ -427,8 +428,10 @@ class DivergenceGuard(pl.Callback):
         self._record(trainer, det, tuple(done), lr_before, step, found)
         return action
 
-    def _cut(self, trainer: pl.Trainer, step: int, done: list[str]) -> None:
-        if self.cut_policy.cut(step, self._optimizers(trainer), self._schedulers(trainer)):
+    def _cut(self, trainer: pl.Trainer, step: int, done: list[str],
+             ignore_cooldown: bool = False) -> None:
+        if self.cut_policy.cut(step, self._optimizers(trainer), self._schedulers(trainer),
+                               ignore_cooldown=ignore_cooldown):
             done.append("cut_lr")
 
     def _rollback(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:

@@ -376,6 +376,7 @@ class LRCut:
         schedulers: Any = (),
         *,
         groups: Iterable[GroupSpec] | None = None,
+        ignore_cooldown: bool = False,
     ) -> dict[str, tuple[float, float]] | None:
         """Cut the learning rates by :attr:`factor` if :meth:`can_cut` allows it.
 
@@ -384,12 +385,16 @@ class LRCut:
             optimizers: As for :func:`scale_lr`.
             schedulers: As for :func:`scale_lr`.
             groups: As for :func:`scale_lr`.
+            ignore_cooldown: Cut even within the cooldown (``max_cuts`` still holds): for a
+                rollback, where the repeated blow-up is itself the evidence that the
+                previous cut was not enough.
 
         Returns:
             ``{"i/j": (lr_before, lr_after)}`` as from :func:`scale_lr`, or ``None`` when the
             cut is refused (cooldown or ``max_cuts``); nothing is changed then.
         """
-        if not self.can_cut(step):
+        at_max = self.max_cuts is not None and self.num_cuts >= self.max_cuts
+        if at_max or not (ignore_cooldown or self.can_cut(step)):
             return None
         result = scale_lr(optimizers, schedulers, self.factor, groups=groups, min_lr=self.min_lr)
         self.scale *= self.factor

@@ -489,3 +489,32 @@ def test_bad_arguments_raise_value_error_naming_them(cls, kwargs, needle):
     with pytest.raises(ValueError, match="invalid") as info:
         cls(**kwargs)
     assert needle in str(info.value)
+
+
+def test_divergence_progress_rule_ignores_wobbles_near_a_tiny_best() -> None:
+    from lr_monitor.detectors import DivergenceDetector
+
+    plain = DivergenceDetector(warmup=5, patience=5)
+    guarded = DivergenceDetector(warmup=5, patience=5, progress=0.25)
+    stream = [2.3 * 0.8**t for t in range(25)] + [0.01] * 40 + [0.04] * 30  # 4x a tiny best
+    assert any(plain.update(t, v) for t, v in enumerate(stream))
+    assert not any(guarded.update(t, v) for t, v in enumerate(stream))
+    # back at the starting level: both fire
+    back = DivergenceDetector(warmup=5, patience=5, progress=0.25)
+    events = [back.update(t, v) for t, v in enumerate(stream[:65] + [2.3] * 30)]
+    assert any(events)
+
+
+def test_divergence_progress_is_validated_and_saved() -> None:
+    import pytest
+
+    from lr_monitor.detectors import DivergenceDetector
+
+    with pytest.raises(ValueError, match="progress=0"):
+        DivergenceDetector(progress=0)
+    d = DivergenceDetector(warmup=3, progress=0.5)
+    for t in range(10):
+        d.update(t, 1.0 / (1 + t))
+    e = DivergenceDetector(warmup=3, progress=0.5)
+    e.load_state_dict(d.state_dict())
+    assert e.bound() == d.bound()

@@ -27,7 +27,8 @@ class Losses(pl.Callback):
         self.values.append(loss.item())
 
     def final(self) -> float:
-        return statistics.mean(self.values[-20:])
+        """Typical training loss at the end: median of the last 50 steps."""
+        return statistics.median(self.values[-50:])
 
 
 def run(tmp_path: Path, model: pl.LightningModule, guard: DivergenceGuard | None,

@@ -583,3 +583,16 @@ def test_rollback_bad_arguments(kwargs: dict[str, Any], needle: str):
     with pytest.raises(ValueError, match="invalid") as info:
         RollbackBuffer(**kwargs)
     assert needle in str(info.value)
+
+
+def test_cut_can_ignore_the_cooldown_but_not_max_cuts() -> None:
+    import torch
+
+    from lr_monitor.interventions import LRCut
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    policy = LRCut(factor=0.5, cooldown=100, max_cuts=2)
+    assert policy.cut(0, opt) is not None
+    assert policy.cut(1, opt) is None
+    assert policy.cut(1, opt, ignore_cooldown=True) == {"0/0": (0.5, 0.25)}
+    assert policy.cut(2, opt, ignore_cooldown=True) is None  # max_cuts reached
