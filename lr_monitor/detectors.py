@@ -44,6 +44,7 @@ from lr_monitor.events import Detection
 __all__ = [
     "Detector",
     "DivergenceDetector",
+    "ExplosionDetector",
     "NonFiniteDetector",
     "OscillationDetector",
     "SpikeDetector",
@@ -655,6 +656,88 @@ class DivergenceDetector(Detector):
         self._recent = deque((float(v) for v in state["recent"]), maxlen=self.patience)
         ref = state.get("reference")
         self._reference = None if ref is None else float(ref)
+
+
+class ExplosionDetector(Detector):
+    """Fires when a value exceeds ``factor ×`` its starting level — from the second step on.
+
+    The starting level ``r`` is the median of the first ``reference_steps`` finite values
+    (before that, the median of the values seen so far, from the second value on). A value
+    ``x > factor·r`` (with ``r > 0``) is a ``"divergence"``.
+
+    This is the rule for the first steps of a run, where every windowed detector is still
+    warming up: on digits at lr 1.0, Adam's loss jumps from 2.3 to ~3e4 at step 1 and then
+    sits at chance level — the run's best loss *is* its starting loss, so "well above its
+    best" never holds afterwards. A loss ten times its starting level is a blow-up in any
+    task whose loss starts near its worst value (classification, regression from scratch).
+
+    Args:
+        signal: Name of the monitored quantity (default ``"loss"``).
+        factor: Multiple of the starting level that counts as an explosion (> 1).
+        reference_steps: Values whose median is the starting level (int ≥ 1).
+
+    Raises:
+        ValueError: If an argument is outside its range (the message names it).
+
+    Example:
+        >>> d = ExplosionDetector(factor=10)
+        >>> [d.update(0, 2.3), d.update(1, 2.2)]
+        [None, None]
+        >>> e = d.update(2, 3.4e4)
+        >>> e.kind, round(e.threshold, 1)
+        ('divergence', 22.5)
+    """
+
+    kind: ClassVar[str] = "divergence"
+
+    def __init__(self, signal: str = "loss", factor: float = 10.0,
+                 reference_steps: int = 3) -> None:
+        super().__init__(signal)
+        self.factor = _check_float("factor", factor, 1.0, low_open=True)
+        self.reference_steps = _check_int("reference_steps", reference_steps, 1)
+        self.reset()
+
+    @property
+    def level(self) -> float | None:
+        """The starting level (``None`` before the first value)."""
+        if not self._first:
+            return None
+        return _median(sorted(self._first))
+
+    def reset(self) -> None:
+        """Forget the starting level."""
+        self._first: list[float] = []
+
+    def update(self, step: int, value: float) -> Detection | None:
+        """Feed one value; return a detection if it exceeds ``factor ×`` the starting level.
+
+        Args:
+            step: Optimizer step the value belongs to.
+            value: The signal's value; non-finite values are ignored.
+
+        Returns:
+            A ``"divergence"`` detection or ``None``.
+        """
+        x = float(value)
+        if not math.isfinite(x):
+            return None
+        level = self.level
+        bound = None if level is None or level <= 0 else self.factor * level
+        if bound is None or x <= bound:
+            if len(self._first) < self.reference_steps:
+                self._first.append(x)  # explosions never enter the starting level
+            return None
+        return Detection(
+            step=int(step), kind=self.kind, signal=self.signal, value=x, threshold=bound,
+            message=(f"{self.signal} exploded to {x:.4g}, more than {self.factor:g}x its "
+                     f"starting level {level:.4g}"),
+        )
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"first": list(self._first)}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self._first = [float(v) for v in state["first"]]
 
 
 class OscillationDetector(Detector):

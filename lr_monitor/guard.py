@@ -14,8 +14,9 @@ detector        default action              why
 nonfinite       ``rollback``                NaN/inf already reached the loss or gradients:
                                             the state may be poisoned; restore and cut
 spike           ``skip``                    one bad batch or one bad step; do not apply it
-divergence      ``rollback``                the loss has climbed back for many steps (or
-                                            exploded): restore a healthy state, cut the LR
+divergence      ``rollback``                the loss exploded (10× its starting level,
+                                            from the second step on) or has given back its
+                                            progress for many steps: restore, cut the LR
 oscillation     ``cut``                     successive updates point back and forth
 update_ratio    ``cut``                     steps are ~100× the usual size of the weights
 ==============  ==========================  ==============================================
@@ -63,6 +64,7 @@ from lr_monitor.alerts import (
 from lr_monitor.detectors import (
     Detector,
     DivergenceDetector,
+    ExplosionDetector,
     NonFiniteDetector,
     OscillationDetector,
     SpikeDetector,
@@ -188,22 +190,16 @@ class DivergenceGuard(pl.Callback):
         self.snapshots = RollbackBuffer(every_n_steps=snapshot_every_n_steps,
                                         keep=snapshot_keep)
         _check_int("divergence_patience", divergence_patience, 1)
+        _check_int("spike_window", spike_window, 3)
         self.explosion_factor = float(explosion_factor)
         self.watch_grad_norm = bool(watch_grad_norm)
-        self.detectors: dict[str, Detector] = {
-            "nonfinite/loss": NonFiniteDetector("loss"),
-            "nonfinite/grad_norm": NonFiniteDetector("grad_norm"),
-            "spike/loss": SpikeDetector("loss", window=spike_window,
-                                        warmup=min(20, spike_window),
-                                        threshold=spike_threshold, min_rel_increase=1.0),
-            "spike/grad_norm": SpikeDetector("grad_norm", window=spike_window,
-                                             warmup=min(20, spike_window),
-                                             threshold=spike_threshold, min_rel_increase=2.0),
-            "divergence/loss": DivergenceDetector("loss", patience=divergence_patience,
-                                                  warmup=20, progress=0.25),
-            "oscillation/update_cosine": OscillationDetector("update_cosine"),
-            "update_ratio/update_ratio": UpdateRatioDetector("update_ratio"),
+        self._detector_args = {
+            "spike_window": spike_window, "spike_threshold": spike_threshold,
+            "divergence_patience": divergence_patience,
         }
+        # One stream of detectors per optimizer: in manual optimization with several
+        # optimizers, each optimizer's losses and gradients are judged on their own.
+        self.streams: list[dict[str, Detector]] = [self._make_detectors()]
         self.extra_sinks = [as_sink(a) for a in (alerts or [])]
         self.log_events = log_events
         self.jsonl = jsonl
@@ -217,12 +213,49 @@ class DivergenceGuard(pl.Callback):
         self._loss_count = 0
         self._decided_step: int | None = None
         self._decision: str | None = None
-        self._start_level: float | None = None
-        self._start_values: list[float] = []
         self._trainer: pl.Trainer | None = None
         self._pending: list[Detection] = []  # from monitor statistics, acted on next step
         self._last_event_step = -(10**9)
+        self._patience = divergence_patience
         self._consumed: dict[int, int] = {}
+
+    def _make_detectors(self) -> dict[str, Detector]:
+        a = self._detector_args
+        window = a["spike_window"]
+        return {
+            "nonfinite/loss": NonFiniteDetector("loss"),
+            "nonfinite/grad_norm": NonFiniteDetector("grad_norm"),
+            "explosion/loss": ExplosionDetector("loss", factor=self.explosion_factor),
+            "spike/loss": SpikeDetector("loss", window=window, warmup=min(20, window),
+                                        threshold=a["spike_threshold"], min_rel_increase=1.0),
+            "spike/grad_norm": SpikeDetector("grad_norm", window=window, warmup=min(20, window),
+                                             threshold=a["spike_threshold"],
+                                             min_rel_increase=2.0),
+            "divergence/loss": DivergenceDetector("loss", patience=a["divergence_patience"],
+                                                  warmup=20, progress=0.25),
+            "oscillation/update_cosine": OscillationDetector("update_cosine"),
+            "update_ratio/update_ratio": UpdateRatioDetector("update_ratio"),
+        }
+
+    @property
+    def detectors(self) -> dict[str, Detector]:
+        """The detectors of the first optimizer (see :attr:`streams` for the others)."""
+        return self.streams[0]
+
+    def _stream(self, index: int) -> dict[str, Detector]:
+        while len(self.streams) <= index:
+            self.streams.append(self._make_detectors())
+        return self.streams[index]
+
+    def _detector_states(self) -> list[dict[str, Any]]:
+        return [{k: d.state_dict() for k, d in s.items()} for s in self.streams]
+
+    def _load_detector_states(self, states: list[dict[str, Any]]) -> None:
+        for i, state in enumerate(states):
+            stream = self._stream(i)
+            for key, st in state.items():
+                if key in stream:
+                    stream[key].load_state_dict(st)
 
     @property
     def state_key(self) -> str:
@@ -277,7 +310,7 @@ class DivergenceGuard(pl.Callback):
                   force: bool = True) -> None:
         take = self.snapshots.take if force else self.snapshots.maybe_take
         take(step, pl_module, self._optimizers(trainer),
-             extra={"detectors": {k: d.state_dict() for k, d in self.detectors.items()}})
+             extra={"detectors": self._detector_states()})
 
     # -- signals -------------------------------------------------------------------------
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -292,24 +325,36 @@ class DivergenceGuard(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         """Decide (once per optimizer step) and act before the optimizer applies the step."""
+        opt = getattr(optimizer, "optimizer", optimizer)
         step = trainer.global_step
         if self._decided_step != step:
             self._decided_step = step
-            self._decision = self._decide(trainer, pl_module, step)
+            self._decision = self._decide(trainer, pl_module, step, opt)
         if self._decision in ("skip", "rollback", "stop"):
-            skip_step(getattr(optimizer, "optimizer", optimizer))
+            skip_step(opt)
 
-    def _signals(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[float, float]:
-        """Loss and gradient norm, averaged across ranks: one reduce, one host transfer."""
-        if self._loss_sum is not None and self._loss_count:
-            loss = self._loss_sum / self._loss_count
-        else:
-            loss = torch.tensor(math.nan)
+    def _optimizer_index(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> int:
+        for i, o in enumerate(self._optimizers(trainer)):
+            if o is optimizer:
+                return i
+        return 0
+
+    def _signals(self, trainer: pl.Trainer,
+                 optimizer: torch.optim.Optimizer) -> tuple[float | None, float]:
+        """Loss and gradient norm, averaged across ranks: one reduce, one host transfer.
+
+        The loss is ``None`` when no backward pass happened since the last decision.
+        """
+        has_loss = self._loss_sum is not None and self._loss_count > 0
+        # No backward since the last decision (e.g. a second optimizer stepping on the same
+        # backward pass): there is no new loss to judge, only gradients.
+        loss = self._loss_sum / self._loss_count if has_loss else torch.zeros(())  # type: ignore[operator]
         self._loss_sum, self._loss_count = None, 0
         device = loss.device
         parts = [loss.to(torch.float64)]
         if self.watch_grad_norm:
-            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            grads = [p.grad for grp in optimizer.param_groups for p in grp["params"]
+                     if p.grad is not None]
             if grads:
                 norms = torch._foreach_norm(grads)  # type: ignore[arg-type]
                 gsq = torch.stack(norms).double().square().sum().to(device)
@@ -323,57 +368,36 @@ class DivergenceGuard(pl.Callback):
         gnorm = math.sqrt(values[1]) if self.watch_grad_norm and values[1] >= 0 else math.nan
         if self.watch_grad_norm and not math.isfinite(values[1]):
             gnorm = values[1]  # keep nan/inf visible
-        return values[0], gnorm
+        return (values[0] if has_loss else None), gnorm
 
-    def _explosion(self, step: int, loss: float) -> Detection | None:
-        """A loss far above its level in the first steps: divergence, even in warm-up."""
-        if not math.isfinite(loss):
-            return None
-        if self._start_level is None:
-            self._start_values.append(loss)
-            if len(self._start_values) >= 3:
-                vals = sorted(self._start_values)
-                self._start_level = vals[len(vals) // 2]
-            if len(self._start_values) < 2:
-                return None
-            level = sorted(self._start_values[:-1])[(len(self._start_values) - 1) // 2]
-        else:
-            level = self._start_level
-        bound = self.explosion_factor * abs(level)
-        if level > 0 and loss > bound:
-            return Detection(step=step, kind="divergence", signal="loss", value=loss,
-                             threshold=bound,
-                             message=f"loss exploded to {loss:.4g}, more than "
-                                     f"{self.explosion_factor:g}x its initial level {level:.4g}")
-        return None
-
-    def _detect(self, step: int, loss: float, gnorm: float) -> list[Detection]:
-        out: list[Detection] = []
-        d = self.detectors
-        for key, value in (("nonfinite/loss", loss), ("nonfinite/grad_norm", gnorm)):
-            if key == "nonfinite/grad_norm" and not self.watch_grad_norm:
-                continue
-            hit = d[key].update(step, value)
-            if hit:
-                out.append(hit)
-        if out:
-            return out
-        boom = self._explosion(step, loss)
-        if boom:
-            return [boom]
-        for key, value in (("spike/loss", loss), ("spike/grad_norm", gnorm),
-                           ("divergence/loss", loss)):
-            if key == "spike/grad_norm" and not self.watch_grad_norm:
-                continue
-            hit = d[key].update(step, value)
-            if hit:
-                out.append(hit)
-        return out
+    def _detect(self, d: dict[str, Detector], step: int, loss: float | None,
+                gnorm: float) -> list[Detection]:
+        """Run the detectors in order; a non-finite value or an explosion ends the round."""
+        on_loss = loss is not None
+        on_grad = self.watch_grad_norm
+        rounds = (
+            ["nonfinite/loss"] * on_loss + ["nonfinite/grad_norm"] * on_grad,
+            ["explosion/loss"] * on_loss,
+            ["spike/loss", "divergence/loss"] * on_loss + ["spike/grad_norm"] * on_grad,
+        )
+        for keys in rounds:
+            out = []
+            for key in keys:
+                value = gnorm if key.endswith("grad_norm") else loss
+                assert value is not None
+                hit = d[key].update(step, value)
+                if hit:
+                    out.append(hit)
+            if out:
+                return out
+        return []
 
     # -- decisions -----------------------------------------------------------------------
-    def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> str | None:
-        loss, gnorm = self._signals(trainer, pl_module)
-        found = self._detect(step, loss, gnorm) + self._pending
+    def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
+                optimizer: torch.optim.Optimizer) -> str | None:
+        index = self._optimizer_index(trainer, optimizer)
+        loss, gnorm = self._signals(trainer, optimizer)
+        found = self._detect(self._stream(index), step, loss, gnorm) + self._pending
         self._pending = []
         if not found:
             return None
@@ -413,9 +437,10 @@ class DivergenceGuard(pl.Callback):
             self._cut(trainer, step, done, ignore_cooldown=True)
         elif action == "cut":
             self._cut(trainer, step, done)
-            rebase = getattr(self.detectors["divergence/loss"], "rebase", None)
-            if callable(rebase):
-                rebase()
+            for stream in self.streams:
+                div = stream["divergence/loss"]
+                if isinstance(div, DivergenceDetector):
+                    div.rebase()
         elif action == "skip":
             done.append("skip")
         elif action == "stop":
@@ -456,8 +481,7 @@ class DivergenceGuard(pl.Callback):
                 g.update(h)
         extra = next((s.extra for s in self.snapshots.snapshots if s.step == restored), {})
         # The detectors go back with the weights: their history matches the restored model.
-        for key, state in extra.get("detectors", {}).items():
-            self.detectors[key].load_state_dict(state)
+        self._load_detector_states(extra.get("detectors", []))
         for p in pl_module.parameters():
             p.grad = None
         return True
@@ -493,15 +517,13 @@ class DivergenceGuard(pl.Callback):
         if self._decided_step != step:
             return  # no optimizer step happened on this batch (accumulation)
         self._watch_monitor(trainer, step)
-        healthy = self._decision is None and step - self._last_event_step > 2 * max(
-            1, getattr(self.detectors["divergence/loss"], "patience", 1))
-        div = self.detectors["divergence/loss"]
-        bound = getattr(div, "bound", None)
-        smoothed = getattr(div, "smoothed", None)
-        b = bound() if callable(bound) else None
-        s = smoothed
-        if isinstance(s, (int, float)) and isinstance(b, (int, float)) and s > b:
-            healthy = False  # climbing towards a divergence: not a state to return to
+        healthy = self._decision is None and step - self._last_event_step > 2 * self._patience
+        for stream in self.streams:
+            div = stream["divergence/loss"]
+            if isinstance(div, DivergenceDetector):
+                bound, smoothed = div.bound(), div.smoothed
+                if bound is not None and smoothed is not None and smoothed > bound:
+                    healthy = False  # climbing towards a divergence: not a state to return to
         if healthy:
             self._snapshot(trainer, pl_module, step + 1, force=False)
         if trainer.is_global_zero and (step + 1) % max(1, trainer.log_every_n_steps) == 0:
@@ -516,6 +538,7 @@ class DivergenceGuard(pl.Callback):
             if not isinstance(cb, StepSizeMonitor):
                 continue
             for rec in cb.recorders:
+                stream = self._stream(self._optimizer_index(trainer, rec.optimizer))
                 if rec.last_recorded_index is None or \
                         self._consumed.get(id(rec)) == rec.last_recorded_index:
                     continue
@@ -525,37 +548,31 @@ class DivergenceGuard(pl.Callback):
                                   ("update_ratio", "update_ratio/update_ratio")):
                     v = m.get(f"{cb.prefix}/{stat}/{rec.name}/global")
                     if v is not None:
-                        hit = self.detectors[key].update(step, v)
+                        hit = stream[key].update(step, v)
                         if hit:
                             self._pending.append(hit)
 
     # -- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Detectors, LR cut policy (scale, count, cooldown), events and start level.
+        """Detectors (per optimizer), LR cut policy (scale, count, cooldown) and events.
 
         In-memory rollback snapshots are not saved: after a resume the first snapshot is
         taken again after ``snapshot_every_n_steps`` healthy steps.
         """
         return {
-            "detectors": {k: d.state_dict() for k, d in self.detectors.items()},
+            "detectors": self._detector_states(),
             "cut_policy": self.cut_policy.state_dict(),
             "events": [e.to_dict() for e in self.events[-1000:]],
-            "start_values": list(self._start_values),
-            "start_level": self._start_level,
             "last_event_step": self._last_event_step,
             "stop_reason": self.stop_reason,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the LRs themselves come back with the optimizer."""
-        for k, s in state_dict.get("detectors", {}).items():
-            if k in self.detectors:
-                self.detectors[k].load_state_dict(s)
+        self._load_detector_states(state_dict.get("detectors", []))
         if "cut_policy" in state_dict:
             self.cut_policy.load_state_dict(state_dict["cut_policy"])
         self.events = [GuardEvent.from_dict(e) for e in state_dict.get("events", [])]
-        self._start_values = list(state_dict.get("start_values", []))
-        self._start_level = state_dict.get("start_level")
         self._last_event_step = int(state_dict.get("last_event_step", -(10**9)))
         self.stop_reason = state_dict.get("stop_reason")
 
