@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -193,10 +193,9 @@ class DivergenceGuard(pl.Callback):
         _check_int("spike_window", spike_window, 3)
         self.explosion_factor = float(explosion_factor)
         self.watch_grad_norm = bool(watch_grad_norm)
-        self._detector_args = {
-            "spike_window": spike_window, "spike_threshold": spike_threshold,
-            "divergence_patience": divergence_patience,
-        }
+        self.spike_window = spike_window
+        self.spike_threshold = float(spike_threshold)
+        self.divergence_patience = divergence_patience
         # One stream of detectors per optimizer: in manual optimization with several
         # optimizers, each optimizer's losses and gradients are judged on their own.
         self.streams: list[dict[str, Detector]] = [self._make_detectors()]
@@ -220,18 +219,17 @@ class DivergenceGuard(pl.Callback):
         self._consumed: dict[int, int] = {}
 
     def _make_detectors(self) -> dict[str, Detector]:
-        a = self._detector_args
-        window = a["spike_window"]
+        window = self.spike_window
         return {
             "nonfinite/loss": NonFiniteDetector("loss"),
             "nonfinite/grad_norm": NonFiniteDetector("grad_norm"),
             "explosion/loss": ExplosionDetector("loss", factor=self.explosion_factor),
             "spike/loss": SpikeDetector("loss", window=window, warmup=min(20, window),
-                                        threshold=a["spike_threshold"], min_rel_increase=1.0),
+                                        threshold=self.spike_threshold, min_rel_increase=1.0),
             "spike/grad_norm": SpikeDetector("grad_norm", window=window, warmup=min(20, window),
-                                             threshold=a["spike_threshold"],
+                                             threshold=self.spike_threshold,
                                              min_rel_increase=2.0),
-            "divergence/loss": DivergenceDetector("loss", patience=a["divergence_patience"],
+            "divergence/loss": DivergenceDetector("loss", patience=self.divergence_patience,
                                                   warmup=20, progress=0.25),
             "oscillation/update_cosine": OscillationDetector("update_cosine"),
             "update_ratio/update_ratio": UpdateRatioDetector("update_ratio"),
@@ -276,8 +274,8 @@ class DivergenceGuard(pl.Callback):
         log_dir = self.events_dir
         if log_dir is None:
             lg = trainer.logger
-            log_dir = Path(lg.log_dir) if lg is not None and getattr(lg, "log_dir", None) \
-                else Path(trainer.default_root_dir)
+            lg_dir = getattr(lg, "log_dir", None) if lg is not None else None
+            log_dir = Path(lg_dir) if lg_dir else Path(trainer.default_root_dir)
         def is_zero() -> bool:
             return trainer.is_global_zero
         sinks = make_default_sinks(str(log_dir) if trainer.is_global_zero else None,
@@ -285,7 +283,7 @@ class DivergenceGuard(pl.Callback):
                                    is_rank_zero=is_zero)
         for lg in trainer.loggers:
             if is_tensorboard_logger(lg) and trainer.is_global_zero:
-                sinks.append(TensorBoardSink(lg.experiment, is_rank_zero=is_zero))
+                sinks.append(TensorBoardSink(cast(Any, lg).experiment, is_rank_zero=is_zero))
         for s in self.extra_sinks:
             s.is_rank_zero = is_zero  # type: ignore[attr-defined]
         self.sinks = sinks + self.extra_sinks
@@ -348,7 +346,8 @@ class DivergenceGuard(pl.Callback):
         has_loss = self._loss_sum is not None and self._loss_count > 0
         # No backward since the last decision (e.g. a second optimizer stepping on the same
         # backward pass): there is no new loss to judge, only gradients.
-        loss = self._loss_sum / self._loss_count if has_loss else torch.zeros(())  # type: ignore[operator]
+        loss = (self._loss_sum / self._loss_count if self._loss_sum is not None and has_loss
+                else torch.zeros(()))
         self._loss_sum, self._loss_count = None, 0
         device = loss.device
         parts = [loss.to(torch.float64)]
@@ -526,7 +525,8 @@ class DivergenceGuard(pl.Callback):
                     healthy = False  # climbing towards a divergence: not a state to return to
         if healthy:
             self._snapshot(trainer, pl_module, step + 1, force=False)
-        if trainer.is_global_zero and (step + 1) % max(1, trainer.log_every_n_steps) == 0:
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 50)))
+        if trainer.is_global_zero and (step + 1) % every == 0:
             for lg in trainer.loggers:
                 lg.log_metrics({"guard/lr_scale": self.lr_scale,
                                 "guard/events": float(len(self.events))}, step=step)

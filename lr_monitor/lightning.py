@@ -29,9 +29,9 @@ from lr_monitor.monitor import StepSizeMonitor as _StepSizeMonitor
 __all__ = ["DivergenceGuard", "StepSizeMonitor"]
 
 
-class StepSizeMonitor(_StepSizeMonitor, _L.Callback):
+class StepSizeMonitor(_StepSizeMonitor, _L.Callback):  # type: ignore[misc]
     """:class:`lr_monitor.StepSizeMonitor` for ``lightning.pytorch`` trainers."""
 
 
-class DivergenceGuard(_DivergenceGuard, _L.Callback):
+class DivergenceGuard(_DivergenceGuard, _L.Callback):  # type: ignore[misc]
     """:class:`lr_monitor.DivergenceGuard` for ``lightning.pytorch`` trainers."""

@@ -26,7 +26,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -136,13 +136,15 @@ class StepSizeMonitor(pl.Callback):
         """Attach one recorder per optimizer (after a checkpoint has been restored)."""
         self._detach()
         self._trainer = trainer
-        self._interval = self.logging_interval or max(1, int(trainer.log_every_n_steps))
+        self._interval = self.logging_interval or max(
+            1, int(getattr(trainer, "log_every_n_steps", 50)))
         optimizers = [getattr(o, "optimizer", o) for o in trainer.optimizers]
         if not optimizers:
             rank_zero_warn("StepSizeMonitor: the trainer has no optimizer; nothing to record")
             return
         names = optimizer_names(optimizers)
-        param_names = {p: n for n, p in pl_module.named_parameters()}
+        param_names: dict[torch.Tensor, str] = {
+            p: n for n, p in pl_module.named_parameters()}
         sharded = any(callable(getattr(p, "to_local", None)) for p in param_names)
         # Replicated parameters (single device, DDP): rank zero alone measures and logs.
         # Sharded parameters (FSDP2/DTensor): every rank measures its shard and the sums
@@ -214,7 +216,8 @@ class StepSizeMonitor(pl.Callback):
         return n is None or self._trainer.global_step % n == 0
 
     def _tb_writers(self, trainer: pl.Trainer) -> list[Any]:
-        writers = [lg.experiment for lg in trainer.loggers if is_tensorboard_logger(lg)]
+        writers = [cast(Any, lg).experiment for lg in trainer.loggers
+                   if is_tensorboard_logger(lg)]
         wants = self.histogram_every_n_steps != 0 or self.grad_histograms
         if not writers and wants and not self._warned_histograms and trainer.loggers:
             self._warned_histograms = True
@@ -268,7 +271,8 @@ class StepSizeMonitor(pl.Callback):
     def _write_layout(self, trainer: pl.Trainer) -> None:
         if not self.custom_scalars or self._layout_written or not trainer.is_global_zero:
             return
-        writers = [lg.experiment for lg in trainer.loggers if is_tensorboard_logger(lg)]
+        writers = [cast(Any, lg).experiment for lg in trainer.loggers
+                   if is_tensorboard_logger(lg)]
         if not writers:
             return
         charts = {

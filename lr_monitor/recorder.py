@@ -378,7 +378,8 @@ def attach(
     else:
         raise TypeError(f"writer={writer!r} is invalid: needs add_scalar() or to be callable")
 
-    names = {p: n for n, p in model.named_parameters()} if model is not None else None
+    names: dict[Tensor, str] | None = (
+        {p: n for n, p in model.named_parameters()} if model is not None else None)
     box: dict[str, StepRecorder] = {}
 
     def on_record(metrics: dict[str, float], host: HostStepSums) -> None:
