@@ -1,0 +1,460 @@
+"""Tests for the ``lr-monitor`` command line: report, plot and demo.
+
+``report`` and ``plot`` run on TensorBoard event files written here with
+``torch.utils.tensorboard.SummaryWriter`` (the monitor's and the guard's tags) and an
+``events.jsonl`` written with :meth:`GuardEvent.to_dict`, so every expected number is
+known exactly. Values are powers of two, which float32 event files store exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lr_monitor.cli import main
+from lr_monitor.events import GuardEvent
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# --------------------------------------------------------------------------- fixtures
+
+HEALTHY_STEPS = 40
+BAD_STEPS = 30
+BAD_EVENTS = (
+    GuardEvent(step=3, kind="divergence", signal="loss", value=512.0, threshold=16.0,
+               message="loss exploded", actions=("rollback", "cut_lr"),
+               lr_before={"Adam/pg0": 1.0}, lr_after={"Adam/pg0": 0.125}, lr_scale=0.125,
+               epoch=0, time=1000.0, run="too-high/version_0"),
+    GuardEvent(step=9, kind="update_ratio", signal="update_ratio", value=0.25, threshold=0.125,
+               message="update ratio high", actions=("log",), lr_before={"Adam/pg0": 0.125},
+               lr_after={"Adam/pg0": 0.125}, lr_scale=0.125, epoch=0, time=1001.0,
+               run="too-high/version_0"),
+    GuardEvent(step=17, kind="spike", signal="loss", value=64.0, threshold=8.0,
+               message="loss spike", actions=("skip", "cut_lr"),
+               lr_before={"Adam/pg0": 0.125}, lr_after={"Adam/pg0": 0.015625},
+               lr_scale=0.015625, epoch=1, time=1002.0, run="too-high/version_0"),
+    GuardEvent(step=25, kind="nonfinite", signal="loss", value=float("nan"), threshold=0.0,
+               message="loss is nan", actions=("stop",), lr_before={"Adam/pg0": 0.015625},
+               lr_after={"Adam/pg0": 0.015625}, lr_scale=0.015625, epoch=1, time=1003.0,
+               run="too-high/version_0"),
+)
+
+
+def write_run(
+    run_dir: Path,
+    *,
+    steps: int,
+    lr: float,
+    events: Sequence[GuardEvent] = (),
+    monitor: bool = True,
+    guard: bool = True,
+) -> None:
+    """Write a run like Lightning + StepSizeMonitor + DivergenceGuard would."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir))
+    by_step = {e.step: e for e in events}
+    cur_lr, scale, count = lr, 1.0, 0
+    for step in range(steps):
+        if step in by_step:
+            cur_lr = by_step[step].lr_after["Adam/pg0"]
+            scale = by_step[step].lr_scale
+            count += 1
+        loss = 2.0 ** (1 - step // 4) if lr < 0.5 else (512.0 if step == 3 else 2.0)
+        writer.add_scalar("train/loss", loss, step)
+        writer.add_scalar("train/acc", 0.5, step)
+        if monitor:
+            for group in ("pg0", "global"):
+                writer.add_scalar(f"optim/lr/Adam/{group}", cur_lr, step)
+                writer.add_scalar(f"optim/eff_lr/p05/Adam/{group}", cur_lr / 4, step)
+                writer.add_scalar(f"optim/eff_lr/p50/Adam/{group}", cur_lr * 2, step)
+                writer.add_scalar(f"optim/eff_lr/p95/Adam/{group}", cur_lr * 64, step)
+                ratio = 2.0 ** -(10 - (step == 2) * 12)  # 1/1024 except at step 2: 4
+                writer.add_scalar(f"optim/update_ratio/Adam/{group}", ratio, step)
+                writer.add_scalar(f"optim/grad_norm/Adam/{group}", loss / 2, step)
+                nonfinite = float(step == 25 and lr >= 0.5)
+                writer.add_scalar(f"optim/nonfinite/Adam/{group}", nonfinite, step)
+        if guard:
+            writer.add_scalar("guard/lr_scale", scale, step)
+            writer.add_scalar("guard/events", count, step)
+        if step % 10 == 9:
+            writer.add_scalar("val/loss", loss, step)
+            writer.add_scalar("val/acc", 0.75 if lr < 0.5 else 0.125, step)
+    writer.close()
+    if events:
+        with open(run_dir / "events.jsonl", "w", encoding="utf-8") as f:
+            for event in events:
+                f.write(json.dumps(event.to_dict()) + "\n")
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two runs: healthy (lr 2^-10, no events) and too-high (lr 1, four guard events)."""
+    root = tmp_path_factory.mktemp("logs")
+    write_run(root / "healthy" / "version_0", steps=HEALTHY_STEPS, lr=2.0**-10)
+    write_run(root / "too-high" / "version_0", steps=BAD_STEPS, lr=1.0, events=BAD_EVENTS)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rich wraps table cells at the terminal width (80 when not a terminal)."""
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+def copy_logdir(logdir: Path, dest: Path) -> Path:
+    shutil.copytree(logdir, dest)
+    return dest
+
+
+def report_json(capsys: pytest.CaptureFixture[str], path: Path) -> dict[str, Any]:
+    assert main(["report", str(path), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def by_name(payload: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["run"]: r for r in payload["runs"]}
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def test_report_table_names_runs_and_numbers(logdir: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(logdir)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert captured.err == ""
+    assert "run healthy/version_0" in out
+    assert "run too-high/version_0" in out
+    assert out.index("run healthy/version_0") < out.index("run too-high/version_0")
+    assert "40 (last logged step 39)" in out  # healthy steps
+    assert "30 (last logged step 29)" in out
+    assert "0.003906 at step 39 (max 2)" in out  # healthy final train loss = 2^(1 - 39 // 4)
+    assert "2 (steps 3, 17)" in out  # LR cuts of too-high
+    assert "1 (step 17)" in out  # the skip
+    assert "1 (step 25)" in out  # the stop
+    assert "4 (divergence ×1, nonfinite ×1, spike ×1, update_ratio ×1)" in out
+    assert "1 → 0.01562" in out  # lr first → last
+    assert "4 at step 2" in out  # max update ratio
+    assert "step 3: divergence on loss = 512" in out  # event lines
+
+
+def test_report_json_equals_what_was_written(logdir: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    payload = report_json(capsys, logdir)
+    assert payload["logdir"] == str(logdir)
+    runs = by_name(payload)
+    assert sorted(runs) == ["healthy/version_0", "too-high/version_0"]
+
+    healthy = runs["healthy/version_0"]
+    assert healthy["steps"] == HEALTHY_STEPS and healthy["last_step"] == HEALTHY_STEPS - 1
+    assert healthy["metrics"]["train/loss"] == {
+        "last": 2.0**-8, "step": 39, "min": 2.0**-8, "max": 2.0, "points": 40}
+    assert healthy["metrics"]["val/acc"]["last"] == 0.75
+    assert healthy["events"] == [] and healthy["events_file"] is None
+    assert healthy["alerts"] == 0
+    assert healthy["guard"]["actions"] == {"cut_lr": [], "skip": [], "rollback": [], "stop": []}
+    assert healthy["guard"]["final_lr_scale"] == 1.0
+    adam = healthy["step_size"]["Adam"]
+    assert adam["eff_lr_p50_median"] == 2.0**-9
+    assert adam["update_ratio_max"] == 4.0 and adam["update_ratio_max_step"] == 2
+    assert adam["lr"] == {"pg0": {"first": 2.0**-10, "last": 2.0**-10, "step": 39}}
+    assert adam["nonfinite_steps"] == 0
+
+    bad = runs["too-high/version_0"]
+    assert bad["steps"] == BAD_STEPS
+    assert bad["events"] == [json.loads(json.dumps(e.to_dict())) for e in BAD_EVENTS]
+    assert bad["events"][3]["value"] == "nan"  # non-finite floats as strings, strict JSON
+    assert bad["guard"]["actions"] == {
+        "cut_lr": [3, 17], "skip": [17], "rollback": [3], "stop": [25], "log": [9]}
+    assert bad["guard"]["kinds"] == {"divergence": 1, "update_ratio": 1, "spike": 1,
+                                     "nonfinite": 1}
+    assert bad["guard"]["events"] == 4 and bad["guard"]["logged_events"] == 4
+    assert bad["guard"]["final_lr_scale"] == 0.015625
+    assert bad["alerts"] == 4
+    assert bad["events_file"] == str(logdir / "too-high" / "version_0" / "events.jsonl")
+    adam = bad["step_size"]["Adam"]
+    # p50 = 2 * lr: lr is 1 for steps 0-2, 1/8 for 3-16, 1/64 for 17-29 -> median 1/4
+    assert adam["eff_lr_p50_median"] == 0.25
+    assert adam["lr"]["pg0"] == {"first": 1.0, "last": 0.015625, "step": 29}
+    assert adam["nonfinite_steps"] == 1
+    assert bad["metrics"]["train/loss"]["max"] == 512.0
+
+
+def test_report_single_run_directory_and_event_file(logdir: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = logdir / "too-high" / "version_0"
+    payload = report_json(capsys, run_dir)
+    assert [r["run"] for r in payload["runs"]] == ["version_0"]
+    assert payload["runs"][0]["alerts"] == 4
+    event_file = next(run_dir.glob("events.out.tfevents.*"))
+    payload = report_json(capsys, event_file)
+    assert payload["runs"][0]["steps"] == BAD_STEPS
+
+
+def test_report_tolerates_a_truncated_last_line(logdir: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    root = copy_logdir(logdir, tmp_path / "logs")
+    with open(root / "too-high" / "version_0" / "events.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 28, "kind": "spike", "sig')  # a write interrupted by a kill
+    runs = by_name(report_json(capsys, root))
+    assert [e["step"] for e in runs["too-high/version_0"]["events"]] == [3, 9, 17, 25]
+
+
+def test_report_without_monitor_or_guard(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    write_run(tmp_path / "plain", steps=5, lr=2.0**-10, monitor=False, guard=False)
+    run = report_json(capsys, tmp_path)["runs"][0]
+    assert run["step_size"] == {} and run["guard"]["final_lr_scale"] is None
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "no StepSizeMonitor tags" in out and "no DivergenceGuard output" in out
+
+
+def test_report_plain_text_without_rich(logdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "rich.console", None)  # import fails -> plain text
+    assert main(["report", str(logdir)]) == 0
+    out = capsys.readouterr().out
+    assert "run too-high/version_0" in out and "2 (steps 3, 17)" in out
+    assert "┌" not in out
+
+
+def _corrupt_middle_line(root: Path) -> Path:
+    path = root / "too-high" / "version_0" / "events.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[1] = lines[1][:20]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _garbage_event_file(root: Path) -> Path:
+    path = root / "broken" / "events.out.tfevents.123.host"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(bytes(range(256)) * 4)
+    return path
+
+
+@pytest.mark.parametrize("command", ["report", "plot"])
+@pytest.mark.parametrize(
+    ("case", "make", "expected"),
+    [
+        ("missing", lambda root: root / "does-not-exist", "no such file or directory"),
+        ("empty", lambda root: root / "too-high" / "version_0" / "empty-subdir",
+         "no TensorBoard event files"),
+        ("corrupt-jsonl", _corrupt_middle_line, "line 2: corrupt event record"),
+        ("garbage-tfevents", _garbage_event_file, "not a readable TensorBoard event file"),
+        ("not-an-event-file", lambda root: root / "too-high" / "version_0" / "events.jsonl",
+         "not a TensorBoard event file"),
+    ],
+)
+def test_errors_are_one_line_naming_the_file(logdir: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str], command: str,
+                                             case: str, make: Any, expected: str) -> None:
+    root = copy_logdir(logdir, tmp_path / "logs")
+    (root / "too-high" / "version_0" / "empty-subdir").mkdir()
+    bad = make(root)
+    target = bad if case in ("missing", "empty", "not-an-event-file") else root
+    argv = [command, str(target)]
+    if command == "plot":
+        argv += ["-o", str(tmp_path / "out.png")]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.endswith("\n") and captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith(f"lr-monitor {command}: error: ")
+    assert str(bad) in captured.err
+    assert expected in captured.err
+    assert "Traceback" not in captured.err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_usage_errors_exit_2_and_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().err
+    assert main(["report"]) == 2
+    assert main(["demo", "--epochs", "0"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(c in out for c in ("demo", "report", "plot"))
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("lr-monitor ")
+
+
+# -------------------------------------------------------------------------------- plot
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_plot_one_png_with_a_column_per_run(logdir: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    both, single = tmp_path / "both.png", tmp_path / "single.png"
+    assert main(["plot", str(logdir), "-o", str(both)]) == 0
+    assert capsys.readouterr().out == f"wrote {both}\n"
+    assert main(["plot", str(logdir / "healthy"), "-o", str(single)]) == 0
+    (w2, h2), (w1, h1) = png_size(both), png_size(single)
+    assert both.stat().st_size > 50_000
+    assert h2 == h1 and w2 > 1.7 * w1  # a second column, same rows
+
+
+def test_plot_per_run(logdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run.png"
+    assert main(["plot", str(logdir), "-o", str(out), "--per-run"]) == 0
+    expected = [tmp_path / "run-healthy_version_0.png", tmp_path / "run-too-high_version_0.png"]
+    assert capsys.readouterr().out.split() == [w for p in expected for w in ("wrote", str(p))]
+    assert not out.exists()
+    for path in expected:
+        assert png_size(path)[0] > 500
+
+
+def test_plot_run_without_monitor_tags(tmp_path: Path) -> None:
+    write_run(tmp_path / "plain", steps=5, lr=2.0**-10, monitor=False, guard=False)
+    assert main(["plot", str(tmp_path), "-o", str(tmp_path / "p.png")]) == 0
+    assert png_size(tmp_path / "p.png")[0] > 500
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [("missing-dir/run.png", "does not exist"), ("run.pdf", "must be a .png file")],
+)
+def test_plot_bad_output(logdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                         output: str, expected: str) -> None:
+    assert main(["plot", str(logdir), "-o", str(tmp_path / output)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / output) in err and expected in err
+
+
+# ------------------------------------------------------------------ the console script
+
+
+def console_script() -> list[str]:
+    """The installed ``lr-monitor`` script, else ``python -m lr_monitor.cli``."""
+    script = Path(sys.executable).parent / "lr-monitor"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "lr_monitor.cli"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "120"}
+    return subprocess.run([*console_script(), *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env=env, check=False)
+
+
+def test_console_script_report_and_error(logdir: Path, tmp_path: Path) -> None:
+    done = run_cli("report", str(logdir), "--json")
+    assert done.returncode == 0, done.stderr
+    assert sorted(by_name(json.loads(done.stdout))) == ["healthy/version_0",
+                                                         "too-high/version_0"]
+    root = copy_logdir(logdir, tmp_path / "logs")
+    bad = _corrupt_middle_line(root)
+    done = run_cli("report", str(root))
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and str(bad) in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_module_entry_point(logdir: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "lr_monitor.cli", "report", str(logdir)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and "run too-high/version_0" in done.stdout
+
+
+# -------------------------------------------------------------------------------- demo
+
+
+def test_demo_summary_plain_and_rich(logdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from lr_monitor.demo import DemoResult, DemoRun, print_summary
+    from lr_monitor.reporting import build_report, load_run
+
+    runs = []
+    for name, lr, events in (("healthy", 2.0**-10, ()), ("too-high", 1.0, BAD_EVENTS)):
+        run_dir = logdir / name / "version_0"
+        report = build_report(load_run(run_dir, name=f"{name}/version_0"))
+        runs.append(DemoRun(name=name, lr=lr, log_dir=run_dir, events=list(events),
+                            stop_reason="loss is nan" if events else None, report=report))
+    result = DemoResult(out=logdir, runs=runs, plot=logdir / "summary.png", epochs=2,
+                        quick=True)
+    print_summary(result)
+    rich_out = capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "rich.console", None)
+    print_summary(result)
+    plain_out = capsys.readouterr().out
+    for out in (rich_out, plain_out):
+        assert "healthy: no divergence detected; the guard did nothing." in out
+        assert "too-high: the guard detected 4 problems" in out
+        assert "step 17: spike on loss = 64 (threshold 8) -> skip, cut_lr" in out
+        assert "training stopped: loss is nan" in out
+        assert f"--logdir {logdir}" in out
+        assert str(logdir / "summary.png") in out
+    assert "final loss: 0.00391" in plain_out and "val acc: 0.75" in plain_out
+
+
+def _comparable(report: dict[str, Any]) -> dict[str, Any]:
+    """A report without what legitimately differs between two runs: paths and times."""
+    out = {k: v for k, v in report.items() if k not in ("path", "event_files", "events_file")}
+    out["events"] = [{k: v for k, v in e.items() if k not in ("time", "run")}
+                     for e in report["events"]]
+    return out
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "runs"
+    started = time.perf_counter()
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    elapsed = time.perf_counter() - started
+    text = capsys.readouterr().out
+    assert elapsed < 60, f"demo --quick took {elapsed:.0f} s"
+    assert "healthy-lr1e-3" in text and "too-high-lr1" in text
+    assert f"--logdir {out}" in text and str(out / "summary.png") in text
+    assert png_size(out / "summary.png")[0] > 1000
+
+    runs = by_name(report_json(capsys, out))
+    assert sorted(runs) == ["healthy-lr1e-3/version_0", "too-high-lr1/version_0"]
+    for run in runs.values():
+        assert run["steps"] == 16  # --quick: 2 epochs x 8 batches
+        assert set(run["metrics"]) == {"train/loss", "train/acc", "val/loss", "val/acc"}
+        assert run["step_size"]["Adam"]["eff_lr_p50_median"] > 0
+    healthy, bad = runs["healthy-lr1e-3/version_0"], runs["too-high-lr1/version_0"]
+    assert not any(healthy["guard"]["actions"][a] for a in ("cut_lr", "rollback", "stop"))
+    assert healthy["step_size"]["Adam"]["lr"]["pg0"]["last"] == pytest.approx(1e-3)
+    # lr=1.0 blows the loss up at once; the guard must have cut the learning rate.
+    assert bad["metrics"]["train/loss"]["max"] > 10 * healthy["metrics"]["train/loss"]["max"]
+    assert bad["guard"]["actions"]["cut_lr"], bad["guard"]
+    assert bad["step_size"]["Adam"]["lr"]["pg0"]["last"] < 1.0
+    assert bad["events_file"] is not None and len(bad["events"]) == bad["alerts"] >= 1
+    assert math.isfinite(bad["metrics"]["val/acc"]["last"])
+
+    assert main(["plot", str(out), "-o", str(tmp_path / "demo.png")]) == 0
+    assert png_size(tmp_path / "demo.png")[0] > 1000
+
+
+@pytest.mark.slow
+def test_demo_is_deterministic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reports = []
+    for name in ("a", "b"):
+        assert main(["demo", "--quick", "--out", str(tmp_path / name), "--no-progress",
+                     "--epochs", "1"]) == 0
+        capsys.readouterr()
+        reports.append(by_name(report_json(capsys, tmp_path / name)))
+    assert reports[0].keys() == reports[1].keys()
+    for run in reports[0]:
+        assert _comparable(reports[0][run]) == _comparable(reports[1][run])
