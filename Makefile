@@ -25,6 +25,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 	$(BIN)/ruff check $(LINTED)
+	$(BIN)/mypy lr_monitor
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)

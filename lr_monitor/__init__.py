@@ -6,14 +6,22 @@
   rolls back, cuts the learning rate or stops; alerts via :mod:`lr_monitor.alerts`.
 * :func:`attach` — the same statistics for plain PyTorch loops and Fabric.
 * :mod:`lr_monitor.functional` — the pure tensor math underneath.
+
+The Lightning callbacks are imported on first use, so the file-reading CLI
+(``lr-monitor report``/``plot``) starts without importing Lightning.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from lr_monitor.events import Detection, GuardEvent
-from lr_monitor.guard import DivergenceGuard
-from lr_monitor.monitor import StepSizeMonitor
-from lr_monitor.recorder import MonitorHandle, StepRecorder, attach
+
+if TYPE_CHECKING:
+    from lr_monitor.guard import DivergenceGuard
+    from lr_monitor.monitor import StepSizeMonitor
+    from lr_monitor.recorder import MonitorHandle, StepRecorder, attach
 
 __version__ = "0.1.0"
 
@@ -27,3 +35,23 @@ __all__ = [
     "__version__",
     "attach",
 ]
+
+_LAZY = {
+    "DivergenceGuard": "lr_monitor.guard",
+    "StepSizeMonitor": "lr_monitor.monitor",
+    "MonitorHandle": "lr_monitor.recorder",
+    "StepRecorder": "lr_monitor.recorder",
+    "attach": "lr_monitor.recorder",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lr_monitor' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
