@@ -34,11 +34,10 @@ import torch
 from lr_monitor._compat import is_tensorboard_logger, pl, rank_zero_warn
 from lr_monitor.functional.statistics import BINS_PER_DECADE, LOG10_MIN, HostStepSums
 from lr_monitor.recorder import (
-    GRANULARITIES,
     STATISTICS,
     StepRecorder,
-    _compile,
     _validate_interval,
+    check_recorder_args,
     group_names,
     optimizer_names,
 )
@@ -95,19 +94,13 @@ class StepSizeMonitor(pl.Callback):
         if not isinstance(prefix, str) or not prefix or prefix.startswith("/"):
             raise ValueError(f"prefix={prefix!r} is invalid: must be a non-empty string "
                              "not starting with '/'")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity={granularity!r} is invalid: must be one of "
-                             f"{GRANULARITIES}")
-        _compile("include", include)
-        _compile("exclude", exclude)
+        check_recorder_args(granularity=granularity, include=include, exclude=exclude,
+                            cosine_samples=cosine_samples)
         if histogram_every_n_steps is not None and (
                 isinstance(histogram_every_n_steps, bool)
                 or not isinstance(histogram_every_n_steps, int) or histogram_every_n_steps < 0):
             raise ValueError(f"histogram_every_n_steps={histogram_every_n_steps!r} is "
                              "invalid: must be None, 0 (off) or an int >= 1")
-        if not isinstance(cosine_samples, int) or cosine_samples < 1:
-            raise ValueError(f"cosine_samples={cosine_samples!r} is invalid: must be an "
-                             "int >= 1")
         self.logging_interval = logging_interval
         self.prefix = prefix
         self.granularity = granularity

@@ -55,6 +55,7 @@ __all__ = [
     "ScalarWriter",
     "StepRecorder",
     "attach",
+    "check_recorder_args",
     "optimizer_names",
 ]
 
@@ -153,9 +154,8 @@ class StepRecorder:
         log_global: bool = True,
         reduce: Callable[[StepSums], None] | None = None,
     ) -> None:
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity={granularity!r} is invalid: must be one of "
-                             f"{GRANULARITIES}")
+        check_recorder_args(granularity=granularity, include=include, exclude=exclude,
+                            cosine_samples=cosine_samples)
         self.optimizer = optimizer
         self.name = name
         self.prefix = prefix
@@ -307,6 +307,23 @@ class StepRecorder:
             if len(set(lr_values)) == 1:
                 metrics[f"{pre}/lr/{self.name}/global"] = lr_values[0]
         return metrics, host
+
+
+def check_recorder_args(*, granularity: str, include: str | None, exclude: str | None,
+                        cosine_samples: int) -> None:
+    """Validate the recording options shared by :class:`StepRecorder` and the monitor.
+
+    Raises:
+        ValueError: naming the argument, its value and what is allowed.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r} is invalid: must be one of "
+                         f"{GRANULARITIES}")
+    _compile("include", include)
+    _compile("exclude", exclude)
+    if isinstance(cosine_samples, bool) or not isinstance(cosine_samples, int) \
+            or cosine_samples < 1:
+        raise ValueError(f"cosine_samples={cosine_samples!r} is invalid: must be an int >= 1")
 
 
 def _compile(arg: str, pattern: str | None) -> re.Pattern[str] | None:
