@@ -105,6 +105,13 @@ def _check_int(arg: str, value: Any, minimum: int, allow_none: bool = False) -> 
     return value
 
 
+def _grad_scaler(trainer: pl.Trainer) -> Any:
+    """The enabled fp16 ``GradScaler`` of the trainer's precision plugin, or ``None``."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    enabled = getattr(scaler, "is_enabled", None)
+    return scaler if scaler is not None and callable(enabled) and enabled() else None
+
+
 class DivergenceGuard(pl.Callback):
     """Detect overshooting and divergence; skip, roll back, cut the LR or stop.
 
@@ -136,6 +143,9 @@ class DivergenceGuard(pl.Callback):
             divergence immediately, even during the detectors' warm-up (> 1).
         divergence_patience: Steps the smoothed loss must stay above its bound.
         watch_grad_norm: Also watch the gradient norm (one ``foreach`` norm per step).
+        amp_patience: With an fp16 ``GradScaler`` (``precision="16-mixed"`` on GPU),
+            non-finite steps are the scaler's to handle (it skips them and lowers the
+            scale); the guard acts only after this many in a row (≥ 1).
         alerts: Extra sinks (:mod:`lr_monitor.alerts`) or callables ``fn(event)``.
         log_events: Keep the log-line sink (the run's record; on by default).
         jsonl: Keep the ``events.jsonl`` sink (the run's record; on by default).
@@ -167,6 +177,7 @@ class DivergenceGuard(pl.Callback):
         explosion_factor: float = 10.0,
         divergence_patience: int = 20,
         watch_grad_norm: bool = True,
+        amp_patience: int = 20,
         alerts: Sequence[AlertSink | Callable[[GuardEvent], object]] | None = None,
         log_events: bool = True,
         jsonl: bool = True,
@@ -191,6 +202,7 @@ class DivergenceGuard(pl.Callback):
                                         keep=snapshot_keep)
         _check_int("divergence_patience", divergence_patience, 1)
         _check_int("spike_window", spike_window, 3)
+        _check_int("amp_patience", amp_patience, 1)
         self.explosion_factor = float(explosion_factor)
         self.watch_grad_norm = bool(watch_grad_norm)
         self.spike_window = spike_window
@@ -217,6 +229,8 @@ class DivergenceGuard(pl.Callback):
         self._last_event_step = -(10**9)
         self._patience = divergence_patience
         self._consumed: dict[int, int] = {}
+        self.amp_patience = amp_patience
+        self._amp_nonfinite = 0
 
     def _make_detectors(self) -> dict[str, Detector]:
         window = self.spike_window
@@ -317,6 +331,13 @@ class DivergenceGuard(pl.Callback):
         if not trainer.training:
             return
         value = loss.detach().float().reshape(())
+        scaler = _grad_scaler(trainer)
+        if scaler is not None:
+            # fp16 AMP: Lightning hands callbacks the *scaled* loss; divide the scale back
+            # out on the device (the scale changes as the scaler calibrates).
+            scale = getattr(scaler, "_scale", None)
+            value = value / (scale.to(value.device).reshape(()) if isinstance(
+                scale, torch.Tensor) else float(scaler.get_scale()))
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
         self._loss_count += 1
 
@@ -398,6 +419,16 @@ class DivergenceGuard(pl.Callback):
         loss, gnorm = self._signals(trainer, optimizer)
         found = self._detect(self._stream(index), step, loss, gnorm) + self._pending
         self._pending = []
+        if found and _grad_scaler(trainer) is not None and all(
+                d.kind == "nonfinite" for d in found):
+            # fp16 AMP: overflowing steps are the GradScaler's business (it skips them and
+            # lowers the scale). Only a run of them longer than its calibration is ours.
+            self._amp_nonfinite += 1
+            if self._amp_nonfinite < self.amp_patience:
+                return None
+            self._amp_nonfinite = 0
+        else:
+            self._amp_nonfinite = 0
         if not found:
             return None
         actions = [self.policy[det.kind] for det in found]

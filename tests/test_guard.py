@@ -197,3 +197,24 @@ def test_resume_makes_the_same_decisions(tmp_path: Path) -> None:
     assert any(e.step >= 45 for e in straight.events)  # decisions after the resume point
     assert resumed.lr_scale == straight.lr_scale
     assert math.isclose(tr2.optimizers[0].param_groups[0]["lr"], 0.1 * straight.lr_scale)
+
+
+def test_fp16_grad_scaler_loss_is_unscaled_and_overflows_are_left_to_it(tmp_path: Path) -> None:
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    seen: list[float] = []
+
+    class Spy(DivergenceGuard):
+        def _detect(self, d: Any, step: int, loss: Any, gnorm: float) -> Any:
+            if loss is not None:
+                seen.append(loss)
+            return super()._detect(d, step, loss, gnorm)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    guard = Spy(jsonl=False, amp_patience=3)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    # two isolated overflows (the scaler's business) and then a run of NaN losses (ours)
+    run(tmp_path, Faulty(nan_at=(5, 9, 20, 21, 22, 23), lr=1e-3, hidden=64), guard, epochs=1,
+        plugins=[plugin])
+    assert 1.5 < seen[0] < 3.5  # the unscaled cross-entropy at chance level (~2.3), not 2.3e3
+    assert [(e.step, e.kind) for e in guard.events] == [(22, "nonfinite")]
