@@ -203,6 +203,10 @@ class DivergenceGuard(pl.Callback):
         _check_int("divergence_patience", divergence_patience, 1)
         _check_int("spike_window", spike_window, 3)
         _check_int("amp_patience", amp_patience, 1)
+        if isinstance(spike_threshold, bool) or not isinstance(spike_threshold, (int, float)) \
+                or not spike_threshold > 0:
+            raise ValueError(f"spike_threshold={spike_threshold!r} is invalid: must be a "
+                             "number > 0")
         self.explosion_factor = float(explosion_factor)
         self.watch_grad_norm = bool(watch_grad_norm)
         self.spike_window = spike_window
@@ -227,7 +231,6 @@ class DivergenceGuard(pl.Callback):
         self._trainer: pl.Trainer | None = None
         self._pending: list[Detection] = []  # from monitor statistics, acted on next step
         self._last_event_step = -(10**9)
-        self._patience = divergence_patience
         self._consumed: dict[int, int] = {}
         self.amp_patience = amp_patience
         self._amp_nonfinite = 0
@@ -547,7 +550,8 @@ class DivergenceGuard(pl.Callback):
         if self._decided_step != step:
             return  # no optimizer step happened on this batch (accumulation)
         self._watch_monitor(trainer, step)
-        healthy = self._decision is None and step - self._last_event_step > 2 * self._patience
+        healthy = self._decision is None and \
+            step - self._last_event_step > 2 * self.divergence_patience
         for stream in self.streams:
             div = stream["divergence/loss"]
             if isinstance(div, DivergenceDetector):

@@ -166,6 +166,8 @@ def test_cut_survives_the_scheduler_in_a_real_run(tmp_path: Path) -> None:
     ({"explosion_factor": 0.5}, "explosion_factor=0.5"),
     ({"max_cuts": 0}, "max_cuts=0"),
     ({"cooldown": -1}, "cooldown=-1"),
+    ({"spike_threshold": 0}, "spike_threshold=0"),
+    ({"amp_patience": 0}, "amp_patience=0"),
 ], ids=lambda v: str(v) if isinstance(v, str) else None)
 def test_bad_configuration_is_refused(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
