@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from lr_monitor.functional import ParamSnapshot, find_rule
-from lr_monitor.functional.rules import ParamStep, group_steps
+from lr_monitor.functional.rules import ParamStep, iter_group_steps
 from lr_monitor.functional.statistics import (
     HostStepSums,
     StepSums,
@@ -245,12 +245,12 @@ class StepRecorder:
             return False
         return not (self._exclude is not None and self._exclude.search(name))
 
-    def _steps(self) -> list[list[ParamStep]]:
-        if self.exact:
-            return [group_steps(self.optimizer, g) for g in self.optimizer.param_groups]
+    def _steps(self) -> list[Iterable[ParamStep]]:
+        if self.exact:  # generators: reduced chunk by chunk, never the whole model at once
+            return [iter_group_steps(self.optimizer, g) for g in self.optimizer.param_groups]
         assert self._snapshot is not None
         updates = self._snapshot.updates() if self._snapshot.taken else {}
-        out = []
+        out: list[Iterable[ParamStep]] = []
         for g in self.optimizer.param_groups:
             lr = g["lr"]
             rows = []
@@ -278,12 +278,11 @@ class StepRecorder:
         Raises:
             UnsupportedOptimizerError: if the optimizer has no rule and no snapshot.
         """
-        steps = self._steps()
-        tensor_params = [s.param for g in steps for s in g if self._tensor_row(s.param)]
         lrs = [g["lr"] for g in self.optimizer.param_groups]
-        sums = step_sums(steps, history=self.history, grad_sq=grad_sq,
-                         tensor_rows=self._tensor_row if tensor_params else None,
+        sums = step_sums(self._steps(), history=self.history, grad_sq=grad_sq,
+                         tensor_rows=self._tensor_row if self.granularity == "tensor" else None,
                          extra=lrs)
+        tensor_params = sums.tensor_params
         if self.reduce is not None:
             self.reduce(sums)
         host = sums.to_host()

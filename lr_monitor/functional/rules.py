@@ -47,7 +47,7 @@ tensors from the step tensors, so no value is read back to the host.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +61,7 @@ __all__ = [
     "UnsupportedOptimizerError",
     "find_rule",
     "group_steps",
+    "iter_group_steps",
     "register_rule",
 ]
 
@@ -100,8 +101,11 @@ class ParamStep:
     eps_dominated: Tensor | None = None
 
 
-Rule = Callable[[dict[str, Any], list[Tensor], list[dict[str, Any]]], list[ParamStep]]
-"""A rule maps (param group, params with grad and state, their states) to steps."""
+Rule = Callable[[dict[str, Any], list[Tensor], list[dict[str, Any]]], Iterator[ParamStep]]
+"""A rule maps (param group, params with grad and state, their states) to steps.
+
+Rules are generators: a consumer that reduces each step before asking for the next keeps
+only one parameter's temporaries alive (:func:`iter_group_steps`)."""
 
 _RULES: dict[type[torch.optim.Optimizer], Rule] = {}
 
@@ -147,7 +151,8 @@ def find_rule(optimizer: torch.optim.Optimizer) -> Rule | None:
     return _RULES.get(type(optimizer))
 
 
-def group_steps(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list[ParamStep]:
+def iter_group_steps(optimizer: torch.optim.Optimizer,
+                     group: dict[str, Any]) -> Iterator[ParamStep]:
     """Steps of the parameters of ``group`` that took part in the last step.
 
     A parameter took part when it has a gradient and optimizer state. Parameters without
@@ -158,8 +163,9 @@ def group_steps(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list
         optimizer: The optimizer that just stepped.
         group: One of ``optimizer.param_groups``.
 
-    Returns:
-        One :class:`ParamStep` per participating parameter, in group order.
+    Yields:
+        One :class:`ParamStep` per participating parameter, in group order, computed when
+        asked for (reduce each before asking for the next to bound memory).
 
     Raises:
         UnsupportedOptimizerError: if the optimizer has no exact rule, or uses a setting
@@ -191,9 +197,17 @@ def group_steps(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list
             )
         params.append(p)
         states.append(st if st is not None else {})
-    if not params:
-        return []
-    return rule(group, params, states)
+    if params:
+        yield from rule(group, params, states)
+
+
+def group_steps(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> list[ParamStep]:
+    """:func:`iter_group_steps` as a list (every parameter's temporaries at once).
+
+    Raises:
+        UnsupportedOptimizerError: as :func:`iter_group_steps`.
+    """
+    return list(iter_group_steps(optimizer, group))
 
 
 def _needs_state(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
@@ -264,7 +278,7 @@ def _decoupled(adaptive: Tensor, theta: Tensor, lr_wd: Tensor) -> Tensor:
 
 
 def _adam_like(group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]],
-               *, decoupled: bool) -> list[ParamStep]:
+               *, decoupled: bool) -> Iterator[ParamStep]:
     dev = states[0]["step"].device if isinstance(states[0]["step"], Tensor) else None
     dev = dev or torch.device("cpu")
     beta1, beta2 = (_hp(b, dev) for b in group["betas"])
@@ -275,7 +289,6 @@ def _adam_like(group: dict[str, Any], params: list[Tensor], states: list[dict[st
     wd = float(group.get("weight_decay", 0.0))
     eps = float(group["eps"])
     amsgrad = bool(group.get("amsgrad", False))
-    out = []
     for p, st, bc1_i, bc2s_i in zip(params, states, _per_param(bc1, params),
                                     _per_param(bc2_sqrt, params), strict=True):
         m = _real(st["exp_avg"])
@@ -291,24 +304,23 @@ def _adam_like(group: dict[str, Any], params: list[Tensor], states: list[dict[st
         assert theta is not None
         update = _decoupled(adaptive, theta, _scalar_like(lr * wd, p)) if (
             decoupled and wd != 0) else adaptive
-        out.append(ParamStep(
+        yield ParamStep(
             param=p, grad=p.grad, update=update, eff_lr=eff, direction=direction,  # type: ignore[arg-type]
             first_moment=m, second_moment=v, eps_dominated=vhat_sqrt < eps,
-        ))
-    return out
+        )
 
 
 @register_rule(torch.optim.Adam)
 def _adam(group: dict[str, Any], params: list[Tensor],
-          states: list[dict[str, Any]]) -> list[ParamStep]:
-    return _adam_like(group, params, states,
-                      decoupled=bool(group.get("decoupled_weight_decay", False)))
+          states: list[dict[str, Any]]) -> Iterator[ParamStep]:
+    yield from _adam_like(group, params, states,
+                          decoupled=bool(group.get("decoupled_weight_decay", False)))
 
 
 @register_rule(torch.optim.AdamW)
 def _adamw(group: dict[str, Any], params: list[Tensor],
-           states: list[dict[str, Any]]) -> list[ParamStep]:
-    return _adam_like(group, params, states, decoupled=True)
+           states: list[dict[str, Any]]) -> Iterator[ParamStep]:
+    yield from _adam_like(group, params, states, decoupled=True)
 
 
 def _solve_coupled(rhs_scale: Tensor, gp: Tensor, theta: Tensor, wd: float,
@@ -325,14 +337,13 @@ def _solve_coupled(rhs_scale: Tensor, gp: Tensor, theta: Tensor, wd: float,
 
 @register_rule(torch.optim.Adagrad)
 def _adagrad(group: dict[str, Any], params: list[Tensor],
-             states: list[dict[str, Any]]) -> list[ParamStep]:
+             states: list[dict[str, Any]]) -> Iterator[ParamStep]:
     dev = states[0]["step"].device if isinstance(states[0]["step"], Tensor) else torch.device("cpu")
     lr = _hp(group["lr"], dev)
     t = _steps(states).to(dev)
     clr = lr / (1 + (t - 1) * float(group["lr_decay"]))
     wd = float(group["weight_decay"])
     eps = float(group["eps"])
-    out = []
     for p, st, clr_i in zip(params, states, _per_param(clr, params), strict=True):
         s = _real(st["sum"])
         assert s is not None
@@ -343,20 +354,18 @@ def _adagrad(group: dict[str, Any], params: list[Tensor],
         eff = clr_i / (s_sqrt + eps)
         update = _solve_coupled(eff, gp, theta, wd)
         direction = gp + wd * (theta - update) if wd != 0 else gp
-        out.append(ParamStep(param=p, grad=p.grad, update=update, eff_lr=eff,  # type: ignore[arg-type]
-                             direction=direction, second_moment=s, eps_dominated=s_sqrt < eps))
-    return out
+        yield ParamStep(param=p, grad=p.grad, update=update, eff_lr=eff,  # type: ignore[arg-type]
+                             direction=direction, second_moment=s, eps_dominated=s_sqrt < eps)
 
 
 @register_rule(torch.optim.RMSprop)
 def _rmsprop(group: dict[str, Any], params: list[Tensor],
-             states: list[dict[str, Any]]) -> list[ParamStep]:
+             states: list[dict[str, Any]]) -> Iterator[ParamStep]:
     lr = float(group["lr"]) if not isinstance(group["lr"], Tensor) else group["lr"]
     wd = float(group["weight_decay"])
     eps = float(group["eps"])
     momentum = float(group["momentum"])
     centered = bool(group["centered"])
-    out = []
     for p, st in zip(params, states, strict=True):
         lr_p = _scalar_like(_hp(lr, p.device), p)
         v = _real(st["square_avg"])
@@ -380,36 +389,33 @@ def _rmsprop(group: dict[str, Any], params: list[Tensor],
         else:
             update = _solve_coupled(eff, gp, theta, wd)
             direction = gp + wd * (theta - update) if wd != 0 else gp
-        out.append(ParamStep(param=p, grad=p.grad, update=update, eff_lr=eff,  # type: ignore[arg-type]
+        yield ParamStep(param=p, grad=p.grad, update=update, eff_lr=eff,  # type: ignore[arg-type]
                              direction=direction, first_moment=first, second_moment=v,
-                             eps_dominated=avg_core < eps))
-    return out
+                             eps_dominated=avg_core < eps)
 
 
 @register_rule(torch.optim.Adamax)
 def _adamax(group: dict[str, Any], params: list[Tensor],
-            states: list[dict[str, Any]]) -> list[ParamStep]:
+            states: list[dict[str, Any]]) -> Iterator[ParamStep]:
     dev = states[0]["step"].device if isinstance(states[0]["step"], Tensor) else torch.device("cpu")
     beta1 = _hp(group["betas"][0], dev)
     lr = _hp(group["lr"], dev)
     t = _steps(states).to(dev)
     bc1 = 1 - beta1**t
     eps = float(group["eps"])
-    out = []
     for p, st, bc1_i in zip(params, states, _per_param(bc1, params), strict=True):
         m, u = _real(st["exp_avg"]), _real(st["exp_inf"])
         assert m is not None and u is not None
         eff = _scalar_like(lr, p) / u
         direction = m / bc1_i
-        out.append(ParamStep(param=p, grad=p.grad, update=-eff * direction, eff_lr=eff,  # type: ignore[arg-type]
+        yield ParamStep(param=p, grad=p.grad, update=-eff * direction, eff_lr=eff,  # type: ignore[arg-type]
                              direction=direction, first_moment=m, second_moment=u,
-                             eps_dominated=u < 2 * eps))
-    return out
+                             eps_dominated=u < 2 * eps)
 
 
 @register_rule(torch.optim.NAdam)
 def _nadam(group: dict[str, Any], params: list[Tensor],
-           states: list[dict[str, Any]]) -> list[ParamStep]:
+           states: list[dict[str, Any]]) -> Iterator[ParamStep]:
     dev = states[0]["step"].device if isinstance(states[0]["step"], Tensor) else torch.device("cpu")
     beta1, beta2 = (_hp(b, dev) for b in group["betas"])
     lr = _hp(group["lr"], dev)
@@ -424,7 +430,6 @@ def _nadam(group: dict[str, Any], params: list[Tensor],
     wd = float(group["weight_decay"])
     eps = float(group["eps"])
     decoupled = bool(group.get("decoupled_weight_decay", False))
-    out = []
     for p, st, bc2_i, cg_i, cm_i in zip(params, states, _per_param(bc2, params),
                                         _per_param(c_g, params), _per_param(c_m, params),
                                         strict=True):
@@ -446,15 +451,14 @@ def _nadam(group: dict[str, Any], params: list[Tensor],
             if wd != 0:
                 update = _decoupled(update, theta, _scalar_like(lr * wd, p))
         direction = cg_i * g_eff + cm_i * m
-        out.append(ParamStep(param=p, grad=p.grad, update=update, eff_lr=eff,  # type: ignore[arg-type]
+        yield ParamStep(param=p, grad=p.grad, update=update, eff_lr=eff,  # type: ignore[arg-type]
                              direction=direction, first_moment=m, second_moment=v,
-                             eps_dominated=vhat_sqrt < eps))
-    return out
+                             eps_dominated=vhat_sqrt < eps)
 
 
 @register_rule(torch.optim.RAdam)
 def _radam(group: dict[str, Any], params: list[Tensor],
-           states: list[dict[str, Any]]) -> list[ParamStep]:
+           states: list[dict[str, Any]]) -> Iterator[ParamStep]:
     dev = states[0]["step"].device if isinstance(states[0]["step"], Tensor) else torch.device("cpu")
     beta1, beta2 = (_hp(b, dev) for b in group["betas"])
     lr = _hp(group["lr"], dev)
@@ -471,7 +475,6 @@ def _radam(group: dict[str, Any], params: list[Tensor],
     wd = float(group["weight_decay"])
     eps = float(group["eps"])
     decoupled = bool(group.get("decoupled_weight_decay", False))
-    out = []
     for p, st, bc1_i, sc_i, on_i in zip(params, states, _per_param(bc1, params),
                                         _per_param(scale, params), rectified.unbind(),
                                         strict=True):
@@ -486,19 +489,17 @@ def _radam(group: dict[str, Any], params: list[Tensor],
         adaptive = -eff * direction
         update = _decoupled(adaptive, theta, _scalar_like(lr * wd, p)) if (
             decoupled and wd != 0) else adaptive
-        out.append(ParamStep(param=p, grad=p.grad, update=update, eff_lr=eff,  # type: ignore[arg-type]
+        yield ParamStep(param=p, grad=p.grad, update=update, eff_lr=eff,  # type: ignore[arg-type]
                              direction=direction, first_moment=m, second_moment=v,
-                             eps_dominated=(v_sqrt < eps) & on))
-    return out
+                             eps_dominated=(v_sqrt < eps) & on)
 
 
 @register_rule(torch.optim.Adadelta)
 def _adadelta(group: dict[str, Any], params: list[Tensor],
-              states: list[dict[str, Any]]) -> list[ParamStep]:
+              states: list[dict[str, Any]]) -> Iterator[ParamStep]:
     rho = float(group["rho"])
     eps = float(group["eps"])
     wd = float(group["weight_decay"])
-    out = []
     for p, st in zip(params, states, strict=True):
         lr_p = _scalar_like(_hp(group["lr"], p.device), p)
         v, u = _real(st["square_avg"]), _real(st["acc_delta"])
@@ -520,14 +521,13 @@ def _adadelta(group: dict[str, Any], params: list[Tensor],
                 break
             g_eff = gp + wd * (theta + lr_p * eff_core * g_eff)
         eff = lr_p * eff_core
-        out.append(ParamStep(param=p, grad=p.grad, update=-eff * g_eff, eff_lr=eff,  # type: ignore[arg-type]
-                             direction=g_eff, second_moment=v, eps_dominated=v < eps))
-    return out
+        yield ParamStep(param=p, grad=p.grad, update=-eff * g_eff, eff_lr=eff,  # type: ignore[arg-type]
+                             direction=g_eff, second_moment=v, eps_dominated=v < eps)
 
 
 @register_rule(torch.optim.Adafactor)
 def _adafactor(group: dict[str, Any], params: list[Tensor],
-               states: list[dict[str, Any]]) -> list[ParamStep]:
+               states: list[dict[str, Any]]) -> Iterator[ParamStep]:
     dev = states[0]["step"].device if isinstance(states[0]["step"], Tensor) else torch.device("cpu")
     lr = _hp(group["lr"], dev)
     t = _steps(states).to(dev)
@@ -536,7 +536,6 @@ def _adafactor(group: dict[str, Any], params: list[Tensor],
     d = float(group["d"])
     wd = float(group["weight_decay"])
     lr_wd = lr * wd
-    out = []
     for p, st, rho_i in zip(params, states, _per_param(rho_t, params), strict=True):
         eps1 = torch.finfo(p.dtype).eps if eps1_cfg is None else float(eps1_cfg)
         gp = _signed_grad(p, bool(group.get("maximize", False)))
@@ -565,18 +564,16 @@ def _adafactor(group: dict[str, Any], params: list[Tensor],
         eff = c * inv
         adaptive = -c * u_dir
         update = _decoupled(adaptive, theta, lw) if wd != 0 else adaptive
-        out.append(ParamStep(param=p, grad=p.grad, update=update, eff_lr=eff,  # type: ignore[arg-type]
-                             direction=gp, second_moment=var, eps_dominated=var < eps1 * eps1))
-    return out
+        yield ParamStep(param=p, grad=p.grad, update=update, eff_lr=eff,  # type: ignore[arg-type]
+                             direction=gp, second_moment=var, eps_dominated=var < eps1 * eps1)
 
 
 @register_rule(torch.optim.SGD)
 def _sgd(group: dict[str, Any], params: list[Tensor],
-         states: list[dict[str, Any]]) -> list[ParamStep]:
+         states: list[dict[str, Any]]) -> Iterator[ParamStep]:
     wd = float(group["weight_decay"])
     momentum = float(group["momentum"])
     nesterov = bool(group["nesterov"])
-    out = []
     for p, st in zip(params, states, strict=True):
         lr_p = _scalar_like(_hp(group["lr"], p.device), p)
         gp = _signed_grad(p, bool(group.get("maximize", False)))
@@ -592,9 +589,8 @@ def _sgd(group: dict[str, Any], params: list[Tensor],
         else:
             update = -lr_p * buf
             direction = buf
-        out.append(ParamStep(param=p, grad=p.grad, update=update, eff_lr=lr_p,  # type: ignore[arg-type]
-                             direction=direction, first_moment=buf))
-    return out
+        yield ParamStep(param=p, grad=p.grad, update=update, eff_lr=lr_p,  # type: ignore[arg-type]
+                             direction=direction, first_moment=buf)
 
 
 #: The optimizers with an exact rule (each with all its flags).

@@ -24,9 +24,10 @@ Statistics per row (the names are the monitor's tag stems):
   exact.
 * ``eps_dominated_frac``: share of elements where ε exceeds the gradient-based part of
   the denominator (the optimizer behaves like SGD with lr/ε there).
-* ``nonfinite``: number of non-finite elements in gradients, parameters and updates.
-  Healthy steps cost nothing extra; only when a norm comes back non-finite are the
-  elements of the affected tensors counted, in a second (small) transfer.
+* ``nonfinite``: number of non-finite elements in the gradients and the (post-step)
+  parameters; a non-finite update always leaves a non-finite parameter. Healthy steps
+  cost nothing extra; only when a norm comes back non-finite are the elements of the
+  affected rows counted, in a second (small) transfer.
 * ``update_cosine``: cosine between this update and the one recorded last time
   (:class:`UpdateHistory`), on a fixed subsample of at most ``samples_per_tensor``
   coordinates per tensor (exact for smaller tensors). Negative: the steps go back and
@@ -46,7 +47,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,7 @@ from lr_monitor.functional.rules import ParamStep
 
 __all__ = [
     "BINS_PER_DECADE",
+    "CHUNK_NUMEL",
     "FIELDS",
     "LOG10_MAX",
     "LOG10_MIN",
@@ -146,14 +148,16 @@ class StepSums:
         hist: ``rows × bins`` float64 counts of log10(eff_lr).
         extra: Extra float64 scalars that ride along in the same transfer (e.g. the
             group learning rates when they are tensors, pre-step gradient norms).
-        nonfinite_tensors: Per row, the tensors (grad, param, update) to count exactly
+        nonfinite_tensors: Per row, the tensors (gradients, parameters) to count exactly
             when a norm comes back non-finite.
+        tensor_params: The parameters of the tensor rows, in row order.
     """
 
     values: Tensor
     hist: Tensor
     extra: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     nonfinite_tensors: list[list[Tensor]] = field(default_factory=list)
+    tensor_params: list[Tensor] = field(default_factory=list)
 
     def all_reduce(self, group: Any = None) -> None:
         """Reduce across ranks for sharded parameters (FSDP2/DTensor): sum, min, max.
@@ -222,63 +226,132 @@ def _count_nonfinite(values: np.ndarray, tensors: list[list[Tensor]]) -> None:
             values[i, _F["nonfinite_tensors"]] = n
 
 
-def _row_of(steps: Sequence[Sequence[ParamStep]],
-            tensor_rows: Callable[[Tensor], bool] | None) -> tuple[list[int], int, list[int]]:
-    """Map each ParamStep to its row: group rows first, then selected tensors' rows."""
-    group_row = []
-    tensor_row = []
-    n_groups = len(steps)
-    extra = 0
-    for gi, g in enumerate(steps):
-        for s in g:
-            group_row.append(gi)
-            if tensor_rows is not None and tensor_rows(s.param):
-                tensor_row.append(n_groups + extra)
-                extra += 1
-            else:
-                tensor_row.append(-1)
-    return group_row, n_groups + extra, tensor_row
+#: Elements reduced per chunk: the statistics pass holds the temporaries of about this
+#: many elements (or of the largest single tensor, if larger) at a time.
+CHUNK_NUMEL = 1 << 22
 
 
 def step_sums(
-    steps: Sequence[Sequence[ParamStep]],
+    steps: Sequence[Iterable[ParamStep]],
     *,
     history: UpdateHistory | None = None,
     grad_sq: dict[Tensor, Tensor] | None = None,
     tensor_rows: Callable[[Tensor], bool] | None = None,
     extra: Sequence[Tensor | float] = (),
+    chunk_numel: int = CHUNK_NUMEL,
 ) -> StepSums:
     """Reduce the steps of one optimizer to per-row sums, on the device.
 
+    The steps are consumed lazily and reduced in chunks of about ``chunk_numel``
+    elements, so with the generators of
+    :func:`~lr_monitor.functional.rules.iter_group_steps` the peak extra memory is a few
+    temporaries of one chunk (or of the largest tensor), never of the whole model.
+
     Args:
-        steps: Per param group, the :class:`ParamStep` of each parameter
-            (:func:`~lr_monitor.functional.optimizer_steps`).
+        steps: Per param group, the :class:`ParamStep` of each parameter (lists or
+            iterators, e.g. ``[iter_group_steps(opt, g) for g in opt.param_groups]``).
         history: Where the previous update samples live, for ``update_cosine``;
             ``None`` leaves the cosine columns at zero.
         grad_sq: Per parameter, ``‖g‖²`` measured before the step (e.g. before gradient
             clipping); default: from ``p.grad`` after the step.
         tensor_rows: Which parameters also get a row of their own (after the group rows,
-            in order). ``None``: group rows only.
+            in the order met). ``None``: group rows only.
         extra: Scalars to carry in the same host transfer (floats or 0-d tensors).
+        chunk_numel: Elements per chunk (≥ 1).
 
     Returns:
-        The sums; rows are the param groups, then the selected tensors.
+        The sums; rows are the param groups, then the selected tensors
+        (:attr:`StepSums.tensor_params`).
     """
-    flat = [s for g in steps for s in g]
-    group_row, n_rows, tensor_row = _row_of(steps, tensor_rows)
-    dev = flat[0].update.device if flat else torch.device("cpu")
-    values = torch.zeros(n_rows, len(FIELDS), dtype=torch.float64, device=dev)
+    acc = _Accumulator(len(steps), history, grad_sq, tensor_rows)
+    for gi, group in enumerate(steps):
+        chunk: list[ParamStep] = []
+        size = 0
+        for s in group:
+            chunk.append(s)
+            size += s.update.numel()
+            if size >= chunk_numel:
+                acc.reduce(gi, chunk)
+                chunk, size = [], 0
+        if chunk:
+            acc.reduce(gi, chunk)
+    return acc.finish(extra)
+
+
+class _Accumulator:
+    """Reduces chunks of :class:`ParamStep` into group rows and tensor rows."""
+
+    def __init__(self, n_groups: int, history: UpdateHistory | None,
+                 grad_sq: dict[Tensor, Tensor] | None,
+                 tensor_rows: Callable[[Tensor], bool] | None) -> None:
+        self.n_groups = n_groups
+        self.history = history
+        self.grad_sq = grad_sq
+        self.tensor_rows = tensor_rows
+        self.device: torch.device | None = None
+        self.group_values: Tensor | None = None
+        self.group_hist: Tensor | None = None
+        self.tensor_params: list[Tensor] = []
+        self.tensor_values: list[Tensor] = []
+        self.tensor_hist: list[Tensor] = []
+        self.nonfinite: list[list[Tensor]] = [[] for _ in range(n_groups)]
+
+    def _init(self, dev: torch.device) -> None:
+        self.device = dev
+        self.group_values = _empty_rows(self.n_groups, dev)
+        self.group_hist = torch.zeros(self.n_groups, _NBINS, dtype=torch.float64, device=dev)
+
+    def reduce(self, group: int, chunk: list[ParamStep]) -> None:
+        dev = chunk[0].update.device
+        if self.device is None:
+            self._init(dev)
+        assert self.group_values is not None and self.group_hist is not None
+        per_tensor, hists = _chunk_sums(chunk, self.history, self.grad_sq, dev)
+        sums = per_tensor.clone()
+        sums[:, [_F["eff_min"], _F["eff_max"]]] = 0
+        self.group_values[group] += sums.sum(0)
+        v = self.group_values
+        v[group, _F["eff_min"]] = torch.minimum(v[group, _F["eff_min"]],
+                                                per_tensor[:, _F["eff_min"]].min())
+        v[group, _F["eff_max"]] = torch.maximum(v[group, _F["eff_max"]],
+                                                per_tensor[:, _F["eff_max"]].max())
+        self.group_hist[group] += hists.sum(0)
+        for i, s in enumerate(chunk):
+            kept = [_local(s.grad), _local(s.param.detach())]
+            self.nonfinite[group].extend(kept)
+            if self.tensor_rows is not None and self.tensor_rows(s.param):
+                self.tensor_params.append(s.param)
+                self.tensor_values.append(per_tensor[i])
+                self.tensor_hist.append(hists[i])
+                self.nonfinite.append(kept)
+
+    def finish(self, extra: Sequence[Tensor | float]) -> StepSums:
+        dev = self.device or torch.device("cpu")
+        if self.group_values is None:
+            self._init(dev)
+        assert self.group_values is not None and self.group_hist is not None
+        values, hist = self.group_values, self.group_hist
+        if self.tensor_values:
+            values = torch.cat([values, torch.stack(self.tensor_values)])
+            hist = torch.cat([hist, torch.stack(self.tensor_hist)])
+        extra_t = torch.stack([
+            (e.detach().reshape(()) if isinstance(e, Tensor) else torch.tensor(float(e)))
+            .to(device=dev, dtype=torch.float64) for e in extra
+        ]) if extra else torch.zeros(0, dtype=torch.float64, device=dev)
+        return StepSums(values, hist, extra_t, self.nonfinite, list(self.tensor_params))
+
+
+def _empty_rows(n: int, dev: torch.device) -> Tensor:
+    values = torch.zeros(n, len(FIELDS), dtype=torch.float64, device=dev)
     values[:, _F["eff_min"]] = math.inf
     values[:, _F["eff_max"]] = -math.inf
-    hist = torch.zeros(n_rows, _NBINS, dtype=torch.float64, device=dev)
-    nonfinite: list[list[Tensor]] = [[] for _ in range(n_rows)]
-    extra_t = torch.stack([
-        (e.detach().reshape(()) if isinstance(e, Tensor) else torch.tensor(float(e)))
-        .to(device=dev, dtype=torch.float64) for e in extra
-    ]) if extra else torch.zeros(0, dtype=torch.float64, device=dev)
-    if not flat:
-        return StepSums(values, hist, extra_t, nonfinite)
+    return values
 
+
+def _chunk_sums(flat: list[ParamStep], history: UpdateHistory | None,
+                grad_sq: dict[Tensor, Tensor] | None,
+                dev: torch.device) -> tuple[Tensor, Tensor]:
+    """Per-tensor sums (``len(flat) × len(FIELDS)``) and log10 eff-lr histograms."""
     grads = [_local(s.grad) for s in flat]
     params = [_local(s.param.detach()) for s in flat]
     updates = [_local(s.update) for s in flat]
@@ -291,7 +364,7 @@ def step_sums(
     }
     if grad_sq is not None:
         cols["grad_sq"] = torch.stack([
-            grad_sq[s.param].double().reshape(()) if s.param in grad_sq
+            grad_sq[s.param].double().reshape(()).to(dev) if s.param in grad_sq
             else torch.zeros((), dtype=torch.float64, device=dev) for s in flat])
     else:
         cols["grad_sq"] = torch.stack(norm(grads)).double().square()
@@ -322,66 +395,43 @@ def step_sums(
     eps_cnt = []
     eps_num = []
     cos = []
-    per_tensor_hist = torch.zeros(len(flat), _NBINS, dtype=torch.float64, device=dev)
+    hists = torch.zeros(len(flat), _NBINS, dtype=torch.float64, device=dev)
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
     for i, s in enumerate(flat):
-        eff = effs[i]
         n = updates[i].numel()
         if s.eps_dominated is not None:
-            eps_cnt.append(_local(s.eps_dominated).sum())
+            eps_cnt.append(_local(s.eps_dominated).sum().double())
             eps_num.append(float(n))
         else:
-            eps_cnt.append(torch.zeros((), dtype=torch.int64, device=dev))
+            eps_cnt.append(zero)
             eps_num.append(0.0)
-        logv = torch.nan_to_num(eff.reshape(-1).double().log10(), nan=LOG10_MAX,
+        logv = torch.nan_to_num(effs[i].reshape(-1).double().log10(), nan=LOG10_MAX,
                                 posinf=LOG10_MAX, neginf=LOG10_MIN)
         if logv.numel() == 1 and n > 1:  # one learning rate for every element (SGD)
             idx = ((logv - LOG10_MIN) * BINS_PER_DECADE).floor().clamp(0, _NBINS - 1).long()
-            per_tensor_hist[i].index_add_(0, idx, torch.full_like(logv, float(n)))
+            hists[i].index_add_(0, idx, torch.full_like(logv, float(n)))
         else:
-            per_tensor_hist[i] = torch.histc(logv.clamp(LOG10_MIN, LOG10_MAX), bins=_NBINS,
-                                             min=LOG10_MIN, max=LOG10_MAX)
+            hists[i] = torch.histc(logv.clamp(LOG10_MIN, LOG10_MAX), bins=_NBINS,
+                                   min=LOG10_MIN, max=LOG10_MAX)
         if history is not None:
             prev, cur = history.swap(s.param, updates[i])
             c = cur.double()
             if prev is None:
-                cos.append(torch.stack([torch.zeros((), dtype=torch.float64, device=dev),
-                                        torch.zeros((), dtype=torch.float64, device=dev),
-                                        c.dot(c)]))
+                cos.append(torch.stack([zero, zero, c.dot(c)]))
             else:
                 p_ = prev.double()
                 cos.append(torch.stack([c.dot(p_), p_.dot(p_), c.dot(c)]))
-    cols["eps_dominated"] = torch.stack(eps_cnt).double()
+    cols["eps_dominated"] = torch.stack(eps_cnt)
     cols["eps_numel"] = torch.tensor(eps_num, dtype=torch.float64)
     if cos:
-        cmat = torch.stack(cos)
-        cols["cos_dot"], cols["cos_prev_sq"], cols["cos_cur_sq"] = cmat.unbind(1)
-    finite = torch.stack([cols["grad_sq"], cols["param_sq"], cols["update_sq"]]).isfinite()
+        cols["cos_dot"], cols["cos_prev_sq"], cols["cos_cur_sq"] = torch.stack(cos).unbind(1)
+    finite = torch.stack([cols["grad_sq"], cols["param_sq"]]).isfinite()
     cols["nonfinite_tensors"] = (~finite).sum(0).double()
 
-    per_tensor = torch.zeros(len(flat), len(FIELDS), dtype=torch.float64, device=dev)
-    per_tensor[:, _F["eff_min"]] = math.inf
-    per_tensor[:, _F["eff_max"]] = -math.inf
+    per_tensor = _empty_rows(len(flat), dev)
     for name, col in cols.items():
         per_tensor[:, _F[name]] = col.to(dev)
-
-    for rows in (group_row, tensor_row):
-        sel = [i for i, r in enumerate(rows) if r >= 0]
-        if not sel:
-            continue
-        idx = torch.tensor([rows[i] for i in sel], device=dev)
-        src = per_tensor[sel]
-        sums = src.clone()
-        sums[:, _F["eff_min"]] = 0
-        sums[:, _F["eff_max"]] = 0
-        values.index_add_(0, idx, sums)
-        mins = values[:, _F["eff_min"]].scatter_reduce(0, idx, src[:, _F["eff_min"]], "amin")
-        maxs = values[:, _F["eff_max"]].scatter_reduce(0, idx, src[:, _F["eff_max"]], "amax")
-        values[:, _F["eff_min"]] = mins
-        values[:, _F["eff_max"]] = maxs
-        hist.index_add_(0, idx, per_tensor_hist[sel])
-        for i in sel:
-            nonfinite[rows[i]].extend([grads[i], params[i], updates[i]])
-    return StepSums(values, hist, extra_t, nonfinite)
+    return per_tensor, hists
 
 
 def quantile_from_histogram(hist: np.ndarray, q: float) -> float:
