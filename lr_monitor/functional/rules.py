@@ -295,18 +295,19 @@ def _adam_like(group: dict[str, Any], params: list[Tensor], states: list[dict[st
         v = _real(st["max_exp_avg_sq"] if amsgrad else st["exp_avg_sq"])
         assert m is not None and v is not None
         lr_p = _scalar_like(lr, p)
-        vhat_sqrt = v.sqrt() / bc2s_i
-        denom = vhat_sqrt + eps
-        eff = lr_p / denom
+        # In place on two buffers (this pass runs over the whole model): eff, direction.
+        eff = v.sqrt().div_(bc2s_i)  # √v̂
+        eps_dominated = eff < eps
+        eff.add_(eps).reciprocal_().mul_(lr_p)  # lr / (√v̂ + ε)
         direction = m / bc1_i
-        adaptive = -eff * direction
+        adaptive = torch.mul(eff, direction).neg_()
         theta = _real(p.detach())
         assert theta is not None
         update = _decoupled(adaptive, theta, _scalar_like(lr * wd, p)) if (
             decoupled and wd != 0) else adaptive
         yield ParamStep(
             param=p, grad=p.grad, update=update, eff_lr=eff, direction=direction,  # type: ignore[arg-type]
-            first_moment=m, second_moment=v, eps_dominated=vhat_sqrt < eps,
+            first_moment=m, second_moment=v, eps_dominated=eps_dominated,
         )
 
 
