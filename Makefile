@@ -34,10 +34,12 @@ typecheck: $(STAMP)
 	$(BIN)/mypy lr_monitor
 
 bench: $(STAMP)
+	$(PIP) install --disable-pip-version-check -q -c $(CONSTRAINTS) -e ".[bench]"
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/divergence_suite.py
 
 bench-quick: $(STAMP)
+	$(PIP) install --disable-pip-version-check -q -c $(CONSTRAINTS) -e ".[bench]"
 	$(BIN)/python benchmarks/overhead.py --quick
 	$(BIN)/python benchmarks/divergence_suite.py --quick
 
