@@ -220,3 +220,32 @@ def test_fp16_grad_scaler_loss_is_unscaled_and_overflows_are_left_to_it(tmp_path
         plugins=[plugin])
     assert 1.5 < seen[0] < 3.5  # the unscaled cross-entropy at chance level (~2.3), not 2.3e3
     assert [(e.step, e.kind) for e in guard.events] == [(22, "nonfinite")]
+
+
+def test_no_event_on_a_small_batch_regression(tmp_path: Path) -> None:
+    """Batch 8 on a noise-only regression: single batch losses reach 4x the first one.
+
+    This is the run that keeps ``explosion_factor`` at 10 (4 fires here at step 1).
+    """
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Linear(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(64, 4, generator=g),
+                                    torch.randn(64, 1, generator=g)), batch_size=8)
+    guard = DivergenceGuard(jsonl=False)
+    pl.seed_everything(0, verbose=False)
+    tr = trainer(tmp_path, max_epochs=5, callbacks=[guard], logger=False)
+    tr.fit(Linear(), data)
+    assert guard.events == [], [e.summary() for e in guard.events]
