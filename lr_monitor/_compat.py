@@ -10,18 +10,9 @@ built on ``lightning.pytorch``.
 from __future__ import annotations
 
 import pytorch_lightning as pl
-from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_warn
 
-__all__ = [
-    "CSVLogger",
-    "Logger",
-    "TensorBoardLogger",
-    "is_tensorboard_logger",
-    "pl",
-    "rank_zero_only",
-    "rank_zero_warn",
-]
+__all__ = ["is_tensorboard_logger", "pl", "rank_zero_warn"]
 
 
 def is_tensorboard_logger(logger: object) -> bool:

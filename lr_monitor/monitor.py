@@ -224,8 +224,7 @@ class StepSizeMonitor(pl.Callback):
             return
         rec = next(r for r in self.recorders if r.name == name)
         gnames = group_names(rec.optimizer)
-        rows = [(g, host.hist[i], host.values[i]) for i, g in enumerate(gnames)]
-        for gname, counts, _ in rows:
+        for gname, counts in zip(gnames, host.hist, strict=False):
             nz = np.nonzero(counts)[0]
             if nz.size == 0:
                 continue
