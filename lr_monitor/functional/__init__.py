@@ -1,9 +1,13 @@
 """Pure tensor math of optimizer steps: no Lightning import, no host reads.
 
 * :mod:`~lr_monitor.functional.rules` — the exact update rule of every supported
-  ``torch.optim`` optimizer, reconstructed from post-step state.
-* :mod:`~lr_monitor.functional.step` — :func:`effective_lr`, :func:`last_update` and the
-  :class:`ParamSnapshot` fallback for optimizers without a rule.
+  ``torch.optim`` optimizer, reconstructed from post-step state, and
+  :func:`supports_group`, which says before a step whether a param group's next step
+  can be reconstructed.
+* :mod:`~lr_monitor.functional.step` — :func:`effective_lr`, :func:`last_update`, the
+  :class:`ParamSnapshot` fallback for optimizers without a rule, and
+  :func:`with_applied_update` for bf16/fp16 parameters (whose applied update is the
+  rounded intended one).
 * :mod:`~lr_monitor.functional.statistics` — batched summaries of a step (norms,
   effective-lr quantiles, ε dominance, non-finite counts) as reducible sums, read back in
   one host transfer.
@@ -16,7 +20,10 @@ from lr_monitor.functional.rules import (
     ParamStep,
     UnsupportedOptimizerError,
     find_rule,
+    is_low_precision,
+    iter_group_steps,
     register_rule,
+    supports_group,
 )
 from lr_monitor.functional.step import (
     ParamSnapshot,
@@ -24,6 +31,7 @@ from lr_monitor.functional.step import (
     is_supported,
     last_update,
     optimizer_steps,
+    with_applied_update,
 )
 
 __all__ = [
@@ -33,8 +41,12 @@ __all__ = [
     "UnsupportedOptimizerError",
     "effective_lr",
     "find_rule",
+    "is_low_precision",
     "is_supported",
+    "iter_group_steps",
     "last_update",
     "optimizer_steps",
     "register_rule",
+    "supports_group",
+    "with_applied_update",
 ]

@@ -5,9 +5,16 @@ read ``group["lr"]`` as the step used it): in a step post-hook
 (``optimizer.register_step_post_hook``), or in a plain loop between the two calls.
 
 Optimizers without an exact rule (see :data:`lr_monitor.functional.SUPPORTED_OPTIMIZERS`)
-are measured by :class:`ParamSnapshot`, which copies the parameters before the steps
-you want to record and diffs them after. That costs one parameter-sized copy on those
-steps; nothing is ever guessed.
+and param groups :func:`~lr_monitor.functional.rules.supports_group` refuses are measured
+by :class:`ParamSnapshot`, which copies the parameters before the steps you want to
+record and diffs them after. That costs one parameter-sized copy on those steps; nothing
+is ever guessed.
+
+bf16/fp16 parameters: torch computes the step in the parameter's dtype and rounds it
+when adding it, so the rule's update is the *intended* one. :func:`with_applied_update`
+turns it into the applied ``θ_after − θ_before`` from a copy of the parameter taken
+before the step (2 bytes per element, on recorded steps only) and marks the elements
+whose update was rounded away.
 
 Example:
     >>> import torch
@@ -22,12 +29,22 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
 from lr_monitor.functional.rules import ParamStep, find_rule, group_steps
 
-__all__ = ["ParamSnapshot", "effective_lr", "is_supported", "last_update", "optimizer_steps"]
+__all__ = [
+    "ParamSnapshot",
+    "effective_lr",
+    "is_supported",
+    "last_update",
+    "optimizer_steps",
+    "with_applied_update",
+]
 
 
 def optimizer_steps(optimizer: torch.optim.Optimizer) -> list[list[ParamStep]]:
@@ -84,7 +101,9 @@ def last_update(optimizer: torch.optim.Optimizer) -> dict[Tensor, Tensor]:
 
     Returns:
         A dict from each parameter that took part in the step to its update (same shape
-        and dtype as the parameter). Parameters without a gradient or state are absent.
+        and dtype as the parameter; float32 for bf16/fp16 parameters, whose update is the
+        *intended* one — see :func:`with_applied_update`). Parameters without a gradient
+        or state are absent.
 
     Raises:
         UnsupportedOptimizerError: for an optimizer or setting without an exact rule;
@@ -121,16 +140,21 @@ class ParamSnapshot:
         self.optimizer = optimizer
         self._before: dict[Tensor, Tensor] = {}
 
-    def take(self) -> None:
-        """Copy every trainable parameter (call before ``step()``).
+    def take(self, params: Iterable[Tensor] | None = None) -> None:
+        """Copy the parameters (call before ``step()``).
 
         Gradients may not exist yet: with a closure (Lightning's automatic optimization)
         the backward pass runs inside ``step()``, after the step pre-hooks.
+
+        Args:
+            params: The parameters to copy (e.g. only the bf16 ones, or only the groups
+                :func:`~lr_monitor.functional.rules.supports_group` refuses); default:
+                every trainable parameter of the optimizer. Copies keep the parameter's
+                dtype (2 bytes per element for bf16/fp16).
         """
-        self._before = {
-            p: p.detach().clone()
-            for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad
-        }
+        if params is None:
+            params = (p for g in self.optimizer.param_groups for p in g["params"])
+        self._before = {p: p.detach().clone() for p in params if p.requires_grad}
 
     @property
     def taken(self) -> bool:
@@ -140,16 +164,100 @@ class ParamSnapshot:
     def updates(self) -> dict[Tensor, Tensor]:
         """``θ_after − θ_before`` per parameter that had a gradient; releases the copy.
 
+        In the parameter's dtype, except bf16/fp16 parameters: float32, in which the
+        difference is exact.
+
+        Raises:
+            RuntimeError: if :meth:`take` was not called before the step.
+        """
+        before = self.pop()
+        out = {}
+        for p, b in before.items():
+            if p.grad is None:
+                continue
+            if torch.is_complex(p):
+                out[p] = torch.view_as_complex(_applied(p.detach(), b).contiguous())
+            else:
+                out[p] = _applied(p.detach(), b)
+        return out
+
+    def pop(self) -> dict[Tensor, Tensor]:
+        """The copies taken before the step (parameter → ``θ_before``); releases them.
+
+        For :func:`with_applied_update`, which needs ``θ_before`` itself.
+
         Raises:
             RuntimeError: if :meth:`take` was not called before the step.
         """
         if not self._before:
-            raise RuntimeError("ParamSnapshot.updates() called without take() before step()")
+            raise RuntimeError("ParamSnapshot: take() was not called before step()")
         before, self._before = self._before, {}
-        return {p: p.detach() - b for p, b in before.items() if p.grad is not None}
+        return before
 
 
 def is_supported(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether :func:`last_update` has an exact rule for this optimizer's class."""
+    """Whether :func:`last_update` has an exact rule for this optimizer's class.
+
+    Per param group settings: :func:`~lr_monitor.functional.rules.supports_group`.
+    """
     return find_rule(optimizer) is not None
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if torch.is_complex(t) else t
+
+
+def _applied(after: Tensor, before: Tensor) -> Tensor:
+    """``after − before`` in the real view, in float32 (float64 for float64 tensors)."""
+    dtype = torch.float64 if after.dtype.to_real() == torch.float64 else torch.float32
+    return _real(after).to(dtype) - _real(before.detach().to(after.device)).to(dtype)
+
+
+def with_applied_update(step: ParamStep, before: Tensor) -> ParamStep:
+    """``step`` with the update torch actually applied, measured from ``θ_before``.
+
+    torch adds a bf16/fp16 parameter's update in the parameter's dtype, so elements
+    whose update is below about half an ulp of θ do not move, and the others move by a
+    rounded amount: the rule's (intended) update is not what happened. Given a copy of
+    the parameter taken before the step, this returns the step with
+
+    * ``update = θ_after − θ_before``, computed in float32 (float64 for float64
+      parameters; the real view for complex ones) — exact for bf16/fp16, whose
+      difference is representable in float32;
+    * ``update_lost = (intended ≠ 0) & (applied = 0)``: the elements whose update was
+      rounded away;
+
+    and every other field (``eff_lr``, ``direction``, moments) unchanged. A pure function:
+    nothing is modified in place.
+
+    Args:
+        step: A step from the rules (its ``update`` is the intended update).
+        before: ``θ_before``, a copy of ``step.param`` taken before the step (same shape
+            and dtype).
+
+    Returns:
+        The step with the applied update and the ``update_lost`` mask.
+
+    Raises:
+        ValueError: if ``before`` does not have the parameter's shape and dtype.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.tensor([1.0, 1.0], dtype=torch.bfloat16))
+        >>> opt = torch.optim.SGD([p], lr=1.0)
+        >>> before = p.detach().clone()
+        >>> p.grad = torch.tensor([1e-3, 0.25], dtype=torch.bfloat16); opt.step()
+        >>> s = with_applied_update(optimizer_steps(opt)[0][0], before)
+        >>> s.update.tolist(), s.update_lost.tolist()  # 1e-3 < ulp(1)/2 is rounded away
+        ([0.0, -0.25], [True, False])
+    """
+    param = step.param.detach()
+    if before.shape != param.shape or before.dtype != param.dtype:
+        raise ValueError(
+            f"before={type(before).__name__}(shape={tuple(before.shape)}, "
+            f"dtype={before.dtype}) is invalid: must be a copy of the parameter "
+            f"(shape={tuple(param.shape)}, dtype={param.dtype}) taken before the step"
+        )
+    applied = _applied(param, before)
+    lost = (step.update != 0) & (applied == 0)
+    return replace(step, update=applied, update_lost=lost)
 
