@@ -7,12 +7,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lr_monitor.functional import last_update, optimizer_steps
 from lr_monitor.functional.statistics import (
+    BINS_PER_DECADE,
     FIELDS,
+    HIST_SAMPLES,
     UpdateHistory,
     quantile_from_histogram,
+    sample_index,
     step_sums,
     summarize,
 )
@@ -197,3 +202,104 @@ def test_steps_are_consumed_lazily() -> None:
 
     step_sums([watched(g) for g in opt.param_groups], chunk_numel=1)
     assert peak[0] <= 2  # the previous chunk's update may still be referenced by the loop
+
+
+# ------------------------------------------------------------------ subsamples and weights
+
+
+@given(n=st.integers(min_value=0, max_value=200_000), k=st.integers(min_value=1, max_value=5000))
+@settings(max_examples=60, deadline=None)
+def test_sample_index_is_fixed_distinct_and_one_per_stratum(n: int, k: int) -> None:
+    idx = sample_index(n, k)
+    if n <= k:
+        assert idx is None
+        return
+    assert idx is not None and idx.numel() == k
+    assert bool((idx[1:] > idx[:-1]).all()) and int(idx[0]) >= 0 and int(idx[-1]) < n
+    bounds = torch.div(torch.arange(k + 1) * n, k, rounding_mode="floor")
+    assert bool((idx >= bounds[:-1]).all()) and bool((idx < bounds[1:]).all())  # i in stratum i
+    assert torch.equal(sample_index(n, k), idx)
+
+
+def _adam_eff_lr(param: torch.nn.Parameter, grad: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    opt = torch.optim.Adam([param], lr=1e-3)
+    param.grad = grad
+    opt.step()
+    row = summarize(step_sums(optimizer_steps(opt)).to_host())[0]
+    eff = optimizer_steps(opt)[0][0].eff_lr.double().reshape(-1)
+    return eff, row
+
+
+def _layouts() -> dict[str, tuple[torch.Size, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    # Conv2d(256, 256, 3): the gradient scale depends on the kernel tap (9 taps, 4 decades).
+    tap = torch.logspace(-4, 0, 9).reshape(1, 1, 3, 3)
+    conv = torch.randn(256, 256, 3, 3, generator=g) * tap
+    # Embedding(30000, 64): each row's gradient scale follows its token's Zipf frequency.
+    freq = torch.arange(1, 30001, dtype=torch.float32).reshape(-1, 1) ** -1.0
+    emb = torch.randn(30000, 64, generator=g) * freq[torch.randperm(30000, generator=g)]
+    # Attention in_proj (3·512, 512): q, k, v blocks with their own gradient scales.
+    qkv = torch.randn(1536, 512, generator=g) * torch.tensor([1e-3, 1e-2, 1.0]).repeat_interleave(
+        512).reshape(-1, 1)
+    return {"conv": (conv.shape, conv), "embedding": (emb.shape, emb), "attention": (
+        qkv.shape, qkv)}
+
+
+@pytest.mark.parametrize("layout", ["conv", "embedding", "attention"])
+def test_quantiles_are_within_one_bin_on_real_layouts(layout: str) -> None:
+    """The fixed random subsample cannot alias with a tensor's layout (strides, blocks)."""
+    shape, grad = _layouts()[layout]
+    eff, row = _adam_eff_lr(torch.nn.Parameter(torch.zeros(shape)), grad)
+    assert eff.numel() > HIST_SAMPLES  # the histogram is built from a subsample
+    log_eff = np.log10(eff.numpy())
+    for q, key in ((0.05, "p05"), (0.5, "p50"), (0.95, "p95")):
+        exact = float(np.quantile(log_eff, q))
+        assert abs(math.log10(row[f"eff_lr/{key}"]) - exact) <= 1 / BINS_PER_DECADE, key
+
+
+def test_global_cosine_is_the_cosine_of_the_whole_update() -> None:
+    """A large steady tensor and a small alternating one: the small one must not dominate."""
+    big = torch.nn.Parameter(torch.zeros(120_000))
+    small = torch.nn.Parameter(torch.zeros(4096))
+    opt = torch.optim.SGD([big, small], lr=0.1)
+    history = UpdateHistory(samples_per_tensor=4096)
+    g = torch.Generator().manual_seed(1)
+    gb, gs = torch.rand(120_000, generator=g) + 0.5, torch.rand(4096, generator=g) * 3
+    prev = None
+    for sign in (1.0, -1.0):
+        big.grad, small.grad = gb.clone(), sign * gs
+        opt.step()
+        host = step_sums(optimizer_steps(opt), history=history).to_host()
+        u = torch.cat([-0.1 * gb, -0.1 * sign * gs]).double()
+        if prev is not None:
+            exact = float(u @ prev / (u.norm() * prev.norm()))
+        prev = u
+    assert exact > 0.8  # the unweighted sample gave about 0 here
+    assert summarize(host)[0]["update_cosine"] == pytest.approx(exact, abs=0.01)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_statistics_are_computed_in_float32(dtype: torch.dtype) -> None:
+    """bf16/fp16 tensors: norms, means and the eff-lr histogram match a float64 reference."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 10)).to(dtype)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4)
+    x, y = torch.randn(128, 64).to(dtype), torch.randint(0, 10, (128,))
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x).float(), y).backward()
+        opt.step()
+    steps = optimizer_steps(opt)[0]
+    row = summarize(step_sums([steps]).to_host())[0]
+    cat = lambda ts: torch.cat([t.double().reshape(-1) for t in ts])  # noqa: E731
+    eff = cat([s.eff_lr for s in steps])
+    assert row["grad_norm"] == pytest.approx(cat([s.grad for s in steps]).norm().item(), rel=1e-5)
+    assert row["param_norm"] == pytest.approx(cat([s.param for s in steps]).norm().item(),
+                                              rel=1e-5)
+    v = cat([s.second_moment for s in steps])  # type: ignore[misc]
+    assert row["exp_avg_sq_sqrt_mean"] == pytest.approx(v.sqrt().mean().item(), rel=1e-5)
+    log_eff = np.log10(eff.numpy())
+    for q, key in ((0.05, "p05"), (0.5, "p50"), (0.95, "p95")):
+        exact = float(np.quantile(log_eff, q))
+        assert abs(math.log10(row[f"eff_lr/{key}"]) - exact) <= 1 / BINS_PER_DECADE, key

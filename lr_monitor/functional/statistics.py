@@ -10,29 +10,37 @@ The summaries are computed in two phases, the way torchmetrics computes metrics:
 2. :meth:`StepSums.to_host` moves everything in one ``.tolist()`` and
    :func:`summarize` finishes the statistics on the host.
 
-Statistics per row (the names are the monitor's tag stems):
+Statistics per row (the names are the monitor's tag stems). Every reduction runs in
+float32 or better whatever the parameter dtype (bf16/fp16 tensors are upcast chunk by
+chunk), and sums are accumulated in float64:
 
 * ``grad_norm``, ``param_norm``, ``update_norm`` = ``√Σx²``; ``update_ratio`` =
   ``update_norm / param_norm``; ``exp_avg_norm`` = ``√Σm²`` (first moment, where there is
-  one); ``exp_avg_sq_sqrt_mean`` = mean of ``√v`` over elements (the optimizer's raw
-  second-moment state: ``exp_avg_sq``, ``sum``, ``square_avg``, ``exp_inf``, Adafactor's
-  ``V̂``).
+  one); ``exp_avg_sq_sqrt_mean`` = mean over elements of the optimizer's denominator
+  statistic at gradient scale: ``√v`` of ``exp_avg_sq``, ``sum``, ``square_avg``,
+  Adafactor's ``V̂``, and Adamax's ``exp_inf`` as it is (it already is a root). A sparse
+  gradient enters through its coalesced values.
 * ``eff_lr/p05``, ``eff_lr/p50``, ``eff_lr/p95``: quantiles of the per-element effective
   learning rate, from a histogram of ``log10(eff_lr)`` with :data:`BINS_PER_DECADE` bins
   per decade over ``[LOG10_MIN, LOG10_MAX]`` (linear interpolation within a bin: relative
   error below ``10^(1/BINS_PER_DECADE) − 1`` ≈ 4.7%), built from at most
-  :data:`HIST_SAMPLES` elements per tensor (a fixed strided subsample; exact below);
-  ``eff_lr/min``, ``eff_lr/max`` exact.
+  :data:`HIST_SAMPLES` elements per tensor (the fixed stratified random subsample of
+  :func:`sample_index`, each element weighted by the population it stands for; exact
+  below); ``eff_lr/min``, ``eff_lr/max`` exact.
 * ``eps_dominated_frac``: share of elements where ε exceeds the gradient-based part of
   the denominator (the optimizer behaves like SGD with lr/ε there).
+* ``update_lost_frac``: share of elements whose update was rounded away (non-zero
+  intended update, parameter unchanged), from :attr:`ParamStep.update_lost` where the
+  step carries one.
 * ``nonfinite``: number of non-finite elements in the gradients and the (post-step)
   parameters; a non-finite update always leaves a non-finite parameter. Healthy steps
   cost nothing extra; only when a norm comes back non-finite are the elements of the
   affected rows counted, in a second (small) transfer.
 * ``update_cosine``: cosine between this update and the one recorded last time
-  (:class:`UpdateHistory`), on a fixed subsample of at most ``samples_per_tensor``
-  coordinates per tensor (exact for smaller tensors). Negative: the steps go back and
-  forth.
+  (:class:`UpdateHistory`), on the fixed random subsample of at most
+  ``samples_per_tensor`` coordinates per tensor (exact for smaller tensors); each sampled
+  coordinate is weighted by the elements it stands for, so a small tensor counts as much
+  as its size. Negative: the steps go back and forth.
 
 Example:
     >>> import torch
@@ -68,9 +76,14 @@ __all__ = [
     "HostStepSums",
     "StepSums",
     "UpdateHistory",
+    "grad_values",
     "quantile_from_histogram",
+    "rounded_away",
+    "sample_index",
+    "stat_dtype",
     "step_sums",
     "summarize",
+    "tensor_norms",
 ]
 
 #: Histogram range of log10(eff_lr) and its resolution.
@@ -82,9 +95,46 @@ _NBINS = int((LOG10_MAX - LOG10_MIN) * BINS_PER_DECADE)
 FIELDS = (
     "numel", "grad_sq", "param_sq", "update_sq", "first_sq", "first_numel",
     "second_sqrt_sum", "second_numel", "eps_dominated", "eps_numel", "nonfinite_tensors",
-    "cos_dot", "cos_prev_sq", "cos_cur_sq", "eff_min", "eff_max",
+    "cos_dot", "cos_prev_sq", "cos_cur_sq", "lost", "lost_numel", "eff_min", "eff_max",
 )
 _F = {name: i for i, name in enumerate(FIELDS)}
+
+
+def stat_dtype(t: Tensor) -> torch.dtype:
+    """The dtype statistics of ``t`` are computed in: float32, or float64 for float64."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _up(t: Tensor) -> Tensor:
+    """``t`` in at least float32 (bf16/fp16 are upcast; a copy only for those)."""
+    return t if t.dtype in (torch.float32, torch.float64) or t.dtype == torch.bool \
+        else t.to(torch.float32)
+
+
+def rounded_away(param: Tensor, update: Tensor) -> Tensor:
+    """Predicted mask of elements whose update ``Δ`` did not change the parameter.
+
+    An update below half a unit in the last place of ``θ`` is rounded away when it is
+    added. Without a copy of ``θ_before`` that is predicted from the parameter after the
+    step: ``Δ ≠ 0`` and ``θ_after − Δ`` rounds back to ``θ_after`` in the parameter's
+    dtype (exact but for updates within rounding of half an ulp). Where the applied
+    update is measured (bf16/fp16 parameters in the recorder), the count is exact instead.
+
+    Args:
+        param: The parameter after the step.
+        update: The update the optimizer computed (the real view for complex params).
+
+    Returns:
+        A bool tensor of the update's shape.
+
+    Example:
+        >>> theta = torch.tensor([1.0, 1.0, 0.0])
+        >>> rounded_away(theta, torch.tensor([1e-9, 1e-3, 0.0])).tolist()
+        [True, False, False]
+    """
+    theta = param.detach()
+    theta = torch.view_as_real(theta) if torch.is_complex(theta) else theta
+    return (update != 0) & ((theta - update.to(theta.dtype)) == theta)
 
 
 def _local(t: Tensor) -> Tensor:
@@ -96,9 +146,9 @@ def _local(t: Tensor) -> Tensor:
 class UpdateHistory:
     """The previous recorded update of each parameter, on a bounded subsample.
 
-    Keeps ``update.flatten()[offset::stride]`` with ``stride = ⌈numel / samples⌉``, so at
-    most ``samples_per_tensor`` values per tensor (all of them for smaller tensors). The
-    offset is fixed per tensor, so successive samples cover the same coordinates.
+    Keeps the update at the fixed random index set of :func:`sample_index`, so at most
+    ``samples_per_tensor`` values per tensor (all of them for smaller tensors), stored in
+    float32 or better. Successive samples of a tensor cover the same coordinates.
 
     Args:
         samples_per_tensor: Upper bound on the values kept per tensor (≥ 1).
@@ -108,7 +158,8 @@ class UpdateHistory:
     """
 
     def __init__(self, samples_per_tensor: int = 4096) -> None:
-        if not isinstance(samples_per_tensor, int) or samples_per_tensor < 1:
+        if isinstance(samples_per_tensor, bool) or not isinstance(samples_per_tensor, int) \
+                or samples_per_tensor < 1:
             raise ValueError(
                 f"samples_per_tensor={samples_per_tensor!r} is invalid: must be an int >= 1"
             )
@@ -116,17 +167,29 @@ class UpdateHistory:
         self._prev: dict[int, Tensor] = {}
 
     def sample(self, update: Tensor) -> Tensor:
-        """The fixed subsample of ``update`` (a view; no copy)."""
+        """The fixed subsample of ``update``, flat (a view when it is the whole tensor)."""
         return _subsample(update, self.samples_per_tensor)
 
     def swap(self, param: Tensor, update: Tensor) -> tuple[Tensor | None, Tensor]:
-        """Store this update's sample; return (previous sample or None, current sample)."""
-        cur = self.sample(update).detach().clone()
+        """Store this update's sample; return (previous sample or None, current sample).
+
+        Both samples are copies in float32 (float64 for float64 updates); each value stands for
+        ``update.numel() / len(sample)`` elements of the tensor.
+        """
+        cur = self.sample(update.detach()).to(stat_dtype(update), copy=True)
         prev = self._prev.get(id(param))
         if prev is not None and prev.shape != cur.shape:
             prev = None
         self._prev[id(param)] = cur
         return prev, cur
+
+    def checkpoint(self) -> dict[int, Tensor]:
+        """The stored samples (to :meth:`restore` after a failed or repeated pass)."""
+        return dict(self._prev)
+
+    def restore(self, saved: dict[int, Tensor]) -> None:
+        """Go back to a :meth:`checkpoint`."""
+        self._prev = dict(saved)
 
     def clear(self) -> None:
         """Forget every stored update (e.g. after a rollback or a resume)."""
@@ -224,19 +287,63 @@ def _count_nonfinite(values: np.ndarray, tensors: list[list[Tensor]]) -> None:
             values[i, _F["nonfinite_tensors"]] = n
 
 
-#: Elements per tensor that enter the effective-lr histogram (a fixed strided subsample
+#: Elements per tensor that enter the effective-lr histogram (a fixed random subsample
 #: beyond that): the quantiles' rank error is then about 0.1% (binomial, at p05).
 HIST_SAMPLES = 1 << 16
 
+#: Distinct sample index sets kept (one per tensor size, sample size and device).
+_INDEX_CACHE_SIZE = 256
+_INDEX_CACHE: dict[tuple[int, int, str], Tensor] = {}
+
+
+def sample_index(n: int, k: int, device: torch.device | str = "cpu") -> Tensor | None:
+    """A fixed, stratified pseudo-random set of ``min(n, k)`` indices into ``range(n)``.
+
+    Stratum ``i`` covers ``[⌊i·n/k⌋, ⌊(i+1)·n/k⌋)`` and contributes one index, uniform
+    within it (``u_i ~ U[0, 1)``) drawn once from a generator seeded by ``n``
+    and ``k``. Every index stands for ``n/k`` elements (to within one element), the set is
+    the same on every call (so successive samples of a tensor cover the same coordinates,
+    on every rank and every machine), and — unlike a strided subsample — it cannot alias
+    with the layout of a tensor: a ``Conv2d(256, 256, 3)`` weight with stride 9 would see
+    only one kernel tap.
+
+    Args:
+        n: Elements in the tensor (≥ 0).
+        k: Sample size (≥ 1).
+        device: Where the index tensor lives.
+
+    Returns:
+        A sorted int64 tensor of ``k`` distinct indices, or ``None`` when ``n ≤ k`` (take
+        every element).
+
+    Example:
+        >>> idx = sample_index(1000, 10)
+        >>> idx.numel(), bool((idx[1:] > idx[:-1]).all()), int(idx.max()) < 1000
+        (10, True, True)
+        >>> bool((sample_index(1000, 10) == idx).all()), sample_index(5, 10) is None
+        (True, True)
+    """
+    if n <= k:
+        return None
+    key = (n, k, str(device))
+    idx = _INDEX_CACHE.get(key)
+    if idx is None:
+        gen = torch.Generator().manual_seed((n * 1_000_003 + k) % (2**63))
+        u = torch.rand(k, generator=gen, dtype=torch.float64)
+        bounds = torch.div(torch.arange(k + 1, dtype=torch.int64) * n, k, rounding_mode="floor")
+        start, size = bounds[:-1], bounds[1:] - bounds[:-1]  # every size is ≥ 1 (n > k)
+        idx = (start + (u * size).long().clamp_(max=size - 1)).to(device)
+        if len(_INDEX_CACHE) >= _INDEX_CACHE_SIZE:
+            _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
+        _INDEX_CACHE[key] = idx
+    return idx
+
 
 def _subsample(t: Tensor, k: int) -> Tensor:
-    """A fixed strided subsample of at most ``k`` elements (all of them if fewer)."""
+    """The fixed random subsample of at most ``k`` elements (all of them if fewer)."""
     flat = t.reshape(-1)
-    n = flat.numel()
-    if n <= k:
-        return flat
-    stride = -(-n // k)
-    return flat[(n * 7919) % stride::stride]
+    idx = sample_index(flat.numel(), k, flat.device)
+    return flat if idx is None else flat.index_select(0, idx)
 
 
 #: Elements reduced per chunk: the statistics pass holds the temporaries of about this
@@ -330,7 +437,7 @@ class _Accumulator:
                                                 per_tensor[:, _F["eff_max"]].max())
         self.group_hist[group] += hists.sum(0)
         for i, s in enumerate(chunk):
-            kept = [_local(s.grad), _local(s.param.detach())]
+            kept = [grad_values(s.grad), _local(s.param.detach())]
             self.nonfinite[group].extend(kept)
             if self.tensor_rows is not None and self.tensor_rows(s.param):
                 self.tensor_params.append(s.param)
@@ -361,70 +468,103 @@ def _empty_rows(n: int, dev: torch.device) -> Tensor:
     return values
 
 
+def grad_values(g: Tensor) -> Tensor:
+    """The values of a gradient that enter its norm: a sparse one's coalesced values."""
+    g = _local(g)
+    return g.coalesce().values() if g.is_sparse else g
+
+
+def tensor_norms(tensors: list[Tensor]) -> Tensor:
+    """``‖t‖₂`` of each tensor as float64, computed in float32 or better.
+
+    One ``foreach`` launch per dtype class: bf16/fp16 tensors are reduced with a float32
+    accumulator, float32/float64 in their own precision.
+    """
+    out = torch.zeros(len(tensors), dtype=torch.float64,
+                      device=tensors[0].device if tensors else "cpu")
+    low = [i for i, t in enumerate(tensors) if t.dtype in (torch.bfloat16, torch.float16)]
+    rest = [i for i, t in enumerate(tensors) if t.dtype not in (torch.bfloat16, torch.float16)]
+    if low:
+        n = torch._foreach_norm([tensors[i] for i in low], 2, dtype=torch.float32)
+        out[low] = torch.stack(n).to(out.device, torch.float64)
+    if rest:
+        n = torch._foreach_norm([tensors[i] for i in rest])
+        out[rest] = torch.stack(n).to(out.device, torch.float64)
+    return out
+
+
 def _chunk_sums(flat: list[ParamStep], history: UpdateHistory | None,
                 grad_sq: dict[Tensor, Tensor] | None,
                 dev: torch.device) -> tuple[Tensor, Tensor]:
-    """Per-tensor sums (``len(flat) × len(FIELDS)``) and log10 eff-lr histograms."""
-    grads = [_local(s.grad) for s in flat]
+    """Per-tensor sums (``len(flat) × len(FIELDS)``) and log10 eff-lr histograms.
+
+    Every reduction runs in float32 or better whatever the parameter dtype, and the
+    per-tensor rows are float64.
+    """
+    grads = [grad_values(s.grad) for s in flat]
     params = [_local(s.param.detach()) for s in flat]
     updates = [_local(s.update) for s in flat]
-    # Batched reductions (foreach): one kernel launch per list on GPU.
-    norm = torch._foreach_norm
     cols: dict[str, Tensor] = {
         "numel": torch.tensor([float(u.numel()) for u in updates], dtype=torch.float64),
-        "param_sq": torch.stack(norm(params)).double().square(),
-        "update_sq": torch.stack(norm(updates)).double().square(),
+        "param_sq": tensor_norms(params).square(),
+        "update_sq": tensor_norms(updates).square(),
     }
     if grad_sq is not None:
         cols["grad_sq"] = torch.stack([
             grad_sq[s.param].double().reshape(()).to(dev) if s.param in grad_sq
             else torch.zeros((), dtype=torch.float64, device=dev) for s in flat])
     else:
-        cols["grad_sq"] = torch.stack(norm(grads)).double().square()
+        cols["grad_sq"] = tensor_norms(grads).square()
     with_first = [i for i, s in enumerate(flat) if s.first_moment is not None]
     if with_first:
         firsts = [_local(flat[i].first_moment) for i in with_first]  # type: ignore[arg-type]
         col = torch.zeros(len(flat), dtype=torch.float64, device=dev)
-        col[with_first] = torch.stack(norm(firsts)).double().square()
+        col[with_first] = tensor_norms(firsts).to(dev).square()
         cols["first_sq"] = col
         cnt = torch.zeros(len(flat), dtype=torch.float64)
         cnt[with_first] = torch.tensor([float(f.numel()) for f in firsts], dtype=torch.float64)
         cols["first_numel"] = cnt
     with_second = [i for i, s in enumerate(flat) if s.second_moment is not None]
     if with_second:
-        seconds = [_local(flat[i].second_moment) for i in with_second]  # type: ignore[arg-type]
+        # Mean of the denominator at gradient scale: √v for a second moment, the state
+        # itself where it already is a root (Adamax's exp_inf).
+        roots = [_up(_local(flat[i].second_moment))  # type: ignore[arg-type]
+                 for i in with_second]
+        roots = [r if flat[i].second_moment_is_root else r.sqrt()
+                 for i, r in zip(with_second, roots, strict=True)]
         col = torch.zeros(len(flat), dtype=torch.float64, device=dev)
-        col[with_second] = torch.stack(norm(torch._foreach_sqrt(seconds), ord=1)).double()
+        col[with_second] = torch.stack(
+            torch._foreach_norm(roots, ord=1)).to(dev, torch.float64)
         cols["second_sqrt_sum"] = col
         cnt = torch.zeros(len(flat), dtype=torch.float64)
-        cnt[with_second] = torch.tensor([float(t.numel()) for t in seconds],
-                                        dtype=torch.float64)
+        cnt[with_second] = torch.tensor([float(t.numel()) for t in roots], dtype=torch.float64)
         cols["second_numel"] = cnt
     effs = [_local(s.eff_lr) for s in flat]
 
-    # Per-tensor work that foreach cannot express: min/max in one pass, eps counts,
-    # histograms, cosines.
+    # Per-tensor work that foreach cannot express: min/max in one pass, eps and lost
+    # counts, histograms, cosines.
     extremes = []
-    eps_cnt = []
-    eps_num = []
+    counts = []  # eps_dominated, eps_numel, lost, lost_numel
     cos = []
     hists = torch.zeros(len(flat), _NBINS, dtype=torch.float64, device=dev)
     zero = torch.zeros((), dtype=torch.float64, device=dev)
     for i, s in enumerate(flat):
         n = updates[i].numel()
-        extremes.append(torch.stack(torch.aminmax(effs[i])))
-        if s.eps_dominated is not None:
-            eps_cnt.append(_local(s.eps_dominated).sum().double())
-            eps_num.append(float(n))
-        else:
-            eps_cnt.append(zero)
-            eps_num.append(0.0)
-        # log10 in the tensor's own dtype (bins are 0.02 decades wide), clamped in place so
-        # 0 and inf land in the end bins; NaN is left out (it is counted by `nonfinite`).
-        # Large tensors are histogrammed on a fixed subsample of HIST_SAMPLES elements,
-        # each standing for n/HIST_SAMPLES of them (min and max stay exact).
+        extremes.append(torch.stack(torch.aminmax(effs[i])).to(torch.float64))
+        eps_mask, lost_mask = s.eps_dominated, s.update_lost
+        counts.append(torch.stack([
+            _local(eps_mask).sum().double() if eps_mask is not None else zero,
+            zero + (n if eps_mask is not None else 0),
+            _local(lost_mask).sum().double() if lost_mask is not None else zero,
+            zero + (n if lost_mask is not None else 0),
+        ]))
+        # log10 in float32 (bins are 0.02 decades wide), clamped in place so 0 and inf
+        # land in the end bins; NaN is left out (it is counted by `nonfinite`). Large
+        # tensors are histogrammed on the fixed random subsample of HIST_SAMPLES elements
+        # of sample_index, each standing for n/HIST_SAMPLES of them (min and max stay
+        # exact). histc counts in float32: exact up to 2^24 per bin.
         sample = _subsample(effs[i], HIST_SAMPLES)
-        logv = sample.log10().clamp_(LOG10_MIN, LOG10_MAX)
+        logv = sample.to(torch.float32).log10().clamp_(LOG10_MIN, LOG10_MAX)
         if logv.numel() == 1 and n > 1:  # one learning rate for every element (SGD)
             idx = ((logv.double() - LOG10_MIN) * BINS_PER_DECADE).floor().clamp(
                 0, _NBINS - 1).long()
@@ -433,19 +573,22 @@ def _chunk_sums(flat: list[ParamStep], history: UpdateHistory | None,
             h = torch.histc(logv, bins=_NBINS, min=LOG10_MIN, max=LOG10_MAX).double()
             hists[i] = h * (n / logv.numel()) if logv.numel() != n else h
         if history is not None:
+            # Weighted by the elements each sampled coordinate stands for, so the global
+            # cosine estimates the cosine of the whole update, not of the small tensors.
             prev, cur = history.swap(s.param, updates[i])
             c = cur.double()
+            w = n / max(c.numel(), 1)
             if prev is None:
-                cos.append(torch.stack([zero, zero, c.dot(c)]))
+                cos.append(torch.stack([zero, zero, w * c.dot(c)]))
             else:
                 p_ = prev.double()
-                cos.append(torch.stack([c.dot(p_), p_.dot(p_), c.dot(c)]))
-    cols["eff_min"], cols["eff_max"] = torch.stack(extremes).double().unbind(1)
-    cols["eps_dominated"] = torch.stack(eps_cnt)
-    cols["eps_numel"] = torch.tensor(eps_num, dtype=torch.float64)
+                cos.append(w * torch.stack([c.dot(p_), p_.dot(p_), c.dot(c)]))
+    cols["eff_min"], cols["eff_max"] = torch.stack(extremes).unbind(1)
+    (cols["eps_dominated"], cols["eps_numel"], cols["lost"],
+     cols["lost_numel"]) = torch.stack(counts).unbind(1)
     if cos:
         cols["cos_dot"], cols["cos_prev_sq"], cols["cos_cur_sq"] = torch.stack(cos).unbind(1)
-    finite = torch.stack([cols["grad_sq"], cols["param_sq"]]).isfinite()
+    finite = torch.stack([cols["grad_sq"].to(dev), cols["param_sq"].to(dev)]).isfinite()
     cols["nonfinite_tensors"] = (~finite).sum(0).double()
 
     per_tensor = _empty_rows(len(flat), dev)
@@ -523,6 +666,8 @@ def summarize(sums: HostStepSums) -> list[dict[str, float]]:
             row["exp_avg_sq_sqrt_mean"] = f["second_sqrt_sum"] / f["second_numel"]
         if f["eps_numel"] > 0:
             row["eps_dominated_frac"] = f["eps_dominated"] / f["eps_numel"]
+        if f["lost_numel"] > 0:
+            row["update_lost_frac"] = f["lost"] / f["lost_numel"]
         if f["cos_prev_sq"] > 0 and f["cos_cur_sq"] > 0:
             row["update_cosine"] = f["cos_dot"] / math.sqrt(f["cos_prev_sq"] * f["cos_cur_sq"])
         out.append(row)
