@@ -349,7 +349,7 @@ def stats_pass(models: list[str], reps: int) -> dict[str, Any]:
         res: dict[str, Any] = {"adam_step_ms": 1e3 * adam, "n_tensors": len(params),
                                "n_params": sum(p.numel() for p in params)}
         for gran in ("group", "tensor"):
-            rec = StepRecorder(opt, "Adam", should_record=lambda: True,
+            rec = StepRecorder(opt, "Adam", should_record=lambda index: True,
                                on_record=lambda m, h: None, granularity=gran,
                                param_names=names)
 

@@ -71,8 +71,10 @@ from lr_monitor.detectors import (
     UpdateRatioDetector,
 )
 from lr_monitor.events import Detection, GuardEvent
+from lr_monitor.faults import FaultBarrier
 from lr_monitor.interventions import LRCut, RollbackBuffer, skip_step
 from lr_monitor.recorder import optimizer_names
+from lr_monitor.validation import check_bool, check_choice, check_int, check_real, invalid
 
 __all__ = ["ACTIONS", "DEFAULT_POLICY", "DivergenceGuard"]
 
@@ -88,21 +90,6 @@ DEFAULT_POLICY: dict[str, str] = {
     "oscillation": "cut",
     "update_ratio": "cut",
 }
-
-
-def _check_action(arg: str, value: Any, allowed: Sequence[str] = ACTIONS) -> str:
-    if value not in allowed:
-        raise ValueError(f"{arg}={value!r} is invalid: must be one of {tuple(allowed)}")
-    return str(value)
-
-
-def _check_int(arg: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{arg}={value!r} is invalid: must be an int >= {minimum}{extra}")
-    return value
 
 
 def _grad_scaler(trainer: pl.Trainer) -> Any:
@@ -191,28 +178,37 @@ class DivergenceGuard(pl.Callback):
         name: str = "",
     ) -> None:
         self.policy = {
-            "nonfinite": _check_action("on_nonfinite", on_nonfinite),
-            "spike": _check_action("on_spike", on_spike),
-            "divergence": _check_action("on_divergence", on_divergence),
-            "oscillation": _check_action("on_oscillation", on_oscillation),
-            "update_ratio": _check_action("on_update_ratio", on_update_ratio),
+            "nonfinite": check_choice("on_nonfinite", on_nonfinite, ACTIONS),
+            "spike": check_choice("on_spike", on_spike, ACTIONS),
+            "divergence": check_choice("on_divergence", on_divergence, ACTIONS),
+            "oscillation": check_choice("on_oscillation", on_oscillation, ACTIONS),
+            "update_ratio": check_choice("on_update_ratio", on_update_ratio, ACTIONS),
         }
-        self.escalate = _check_action("escalate", escalate, ("stop", "log"))
-        if isinstance(explosion_factor, bool) or not isinstance(explosion_factor, (int, float)) \
-                or not explosion_factor > 1:
-            raise ValueError(f"explosion_factor={explosion_factor!r} is invalid: must be a "
-                             "number > 1")
+        self.escalate = check_choice("escalate", escalate, ("stop", "log"))
+        check_real("explosion_factor", explosion_factor, low=1.0)
+        # Checked here under the names the user typed; LRCut and RollbackBuffer check
+        # them again under their own names.
+        check_real("lr_factor", lr_factor, low=0.0, high=1.0)
+        check_int("cooldown", cooldown, 0)
+        check_real("min_lr", min_lr, low=0.0, low_closed=True)
+        check_int("max_cuts", max_cuts, 1)
+        check_int("snapshot_every_n_steps", snapshot_every_n_steps, 1)
+        check_int("snapshot_keep", snapshot_keep, 1)
+        check_int("divergence_patience", divergence_patience, 1)
+        check_int("spike_window", spike_window, 3)
+        check_int("amp_patience", amp_patience, 1)
+        check_real("spike_threshold", spike_threshold, low=0.0)
+        check_bool("watch_grad_norm", watch_grad_norm)
+        check_bool("log_events", log_events)
+        check_bool("jsonl", jsonl)
+        if not isinstance(name, str):
+            raise invalid("name", name, "a string")
+        if events_dir is not None and not isinstance(events_dir, (str, Path)):
+            raise invalid("events_dir", events_dir, "None, a str or a pathlib.Path")
         self.cut_policy = LRCut(factor=lr_factor, cooldown=cooldown, min_lr=min_lr,
                                 max_cuts=max_cuts)
         self.snapshots = RollbackBuffer(every_n_steps=snapshot_every_n_steps,
                                         keep=snapshot_keep)
-        _check_int("divergence_patience", divergence_patience, 1)
-        _check_int("spike_window", spike_window, 3)
-        _check_int("amp_patience", amp_patience, 1)
-        if isinstance(spike_threshold, bool) or not isinstance(spike_threshold, (int, float)) \
-                or not spike_threshold > 0:
-            raise ValueError(f"spike_threshold={spike_threshold!r} is invalid: must be a "
-                             "number > 0")
         self.explosion_factor = float(explosion_factor)
         self.watch_grad_norm = bool(watch_grad_norm)
         self.spike_window = spike_window
@@ -240,6 +236,9 @@ class DivergenceGuard(pl.Callback):
         self._consumed: dict[int, int] = {}
         self.amp_patience = amp_patience
         self._amp_nonfinite = 0
+        self.faults = FaultBarrier("DivergenceGuard", report=self._report_fault,
+                                   step=lambda: None if self._trainer is None
+                                   else self._trainer.global_step)
 
     def _make_detectors(self) -> dict[str, Detector]:
         window = self.spike_window
@@ -292,8 +291,14 @@ class DivergenceGuard(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Open the alert sinks (rank zero only sends anything)."""
         self._trainer = trainer
-        if stage != "fit" or self.sinks:
-            return
+        if stage == "fit" and not self.sinks:
+            self.faults.call("setup", self._open_sinks, trainer)
+
+    def _report_fault(self, event: GuardEvent) -> None:
+        """A fault of the guard itself goes to its sinks (the log line at least)."""
+        dispatch(self.sinks or make_default_sinks(None), event)
+
+    def _open_sinks(self, trainer: pl.Trainer) -> None:
         log_dir = self.events_dir
         if log_dir is None:
             lg = trainer.logger
@@ -314,8 +319,8 @@ class DivergenceGuard(pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Flush and close the sinks (queued webhooks get a bounded time)."""
         if self.sinks:
-            close_sinks(self.sinks, timeout=10.0)
-            self.sinks = []
+            sinks, self.sinks = self.sinks, []
+            self.faults.call("teardown", close_sinks, sinks, timeout=10.0)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
@@ -325,7 +330,7 @@ class DivergenceGuard(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Snapshot the starting state: a blow-up in the first steps can be undone too."""
         if not len(self.snapshots):
-            self._snapshot(trainer, pl_module, trainer.global_step)
+            self.faults.call("snapshot", self._snapshot, trainer, pl_module, trainer.global_step)
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
                   force: bool = True) -> None:
@@ -337,8 +342,10 @@ class DivergenceGuard(pl.Callback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            loss: torch.Tensor) -> None:
         """Accumulate the loss of each micro-batch (kept on the device)."""
-        if not trainer.training:
-            return
+        if trainer.training:
+            self.faults.call("loss", self._add_loss, trainer, loss)
+
+    def _add_loss(self, trainer: pl.Trainer, loss: torch.Tensor) -> None:
         value = loss.detach().float().reshape(())
         scaler = _grad_scaler(trainer)
         if scaler is not None:
@@ -357,9 +364,10 @@ class DivergenceGuard(pl.Callback):
         step = trainer.global_step
         if self._decided_step != step:
             self._decided_step = step
-            self._decision = self._decide(trainer, pl_module, step, opt)
+            self._decision = self.faults.call("decide", self._decide, trainer, pl_module,
+                                              step, opt)
         if self._decision in ("skip", "rollback", "stop"):
-            skip_step(opt)
+            self.faults.call("skip", skip_step, opt)
 
     def _optimizer_index(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> int:
         for i, o in enumerate(self._optimizers(trainer)):
@@ -552,6 +560,9 @@ class DivergenceGuard(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         """Feed recorded update statistics to their detectors; take healthy snapshots."""
+        self.faults.call("after_step", self._after_step, trainer, pl_module)
+
+    def _after_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step - 1
         if self._decided_step != step:
             return  # no optimizer step happened on this batch (accumulation)
@@ -565,7 +576,8 @@ class DivergenceGuard(pl.Callback):
                 if bound is not None and smoothed is not None and smoothed > bound:
                     healthy = False  # climbing towards a divergence: not a state to return to
         if healthy:
-            self._snapshot(trainer, pl_module, step + 1, force=False)
+            self.faults.call("snapshot", self._snapshot, trainer, pl_module, step + 1,
+                             force=False)
         every = max(1, int(getattr(trainer, "log_every_n_steps", 50)))
         if trainer.is_global_zero and (step + 1) % every == 0:
             for lg in trainer.loggers:

@@ -32,7 +32,15 @@ import numpy as np
 import torch
 
 from lr_monitor._compat import is_tensorboard_logger, pl, rank_zero_warn
-from lr_monitor.functional.statistics import BINS_PER_DECADE, LOG10_MIN, HostStepSums
+from lr_monitor.alerts import AlertSink, close_sinks, dispatch, make_default_sinks
+from lr_monitor.events import GuardEvent
+from lr_monitor.faults import FaultBarrier
+from lr_monitor.functional.statistics import (
+    BINS_PER_DECADE,
+    LOG10_MIN,
+    HostStepSums,
+    grad_values,
+)
 from lr_monitor.recorder import (
     STATISTICS,
     StepRecorder,
@@ -118,6 +126,11 @@ class StepSizeMonitor(pl.Callback):
         self._warned_histograms = False
         self._layout_written = False
         self._recorded_steps = 0
+        self._loaded_step_counts: dict[str, int] = {}  # from a checkpoint, used once
+        self._step_counts: dict[str, int] = {}  # of the recorders, kept after teardown
+        self._sinks: list[AlertSink] | None = None
+        self.faults = FaultBarrier("StepSizeMonitor", report=self._report_fault,
+                                   step=self._current_step)
 
     @property
     def state_key(self) -> str:
@@ -129,6 +142,9 @@ class StepSizeMonitor(pl.Callback):
         """Attach one recorder per optimizer (after a checkpoint has been restored)."""
         self._detach()
         self._trainer = trainer
+        self.faults.call("attach", self._attach, trainer, pl_module)
+
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._interval = self.logging_interval or max(
             1, int(getattr(trainer, "log_every_n_steps", 50)))
         optimizers = [getattr(o, "optimizer", o) for o in trainer.optimizers]
@@ -146,14 +162,19 @@ class StepSizeMonitor(pl.Callback):
         for opt, name in zip(optimizers, names, strict=True):
             rec = StepRecorder(
                 opt, name,
-                should_record=lambda: active and self._due(),
+                should_record=lambda index: active and self._due(index),
                 on_record=self._make_on_record(name),
                 reduce=(lambda sums: sums.all_reduce()) if sharded else None,
                 prefix=self.prefix, granularity=self.granularity, param_names=param_names,
                 include=self.include, exclude=self.exclude,
                 update_cosine=self.update_cosine, cosine_samples=self.cosine_samples,
-                log_global=self.log_global,
+                log_global=self.log_global, faults=self.faults,
             )
+            # Each optimizer counts its own steps: with several optimizers in manual
+            # optimization every opt.step() advances trainer.global_step, so a shared
+            # count would record one optimizer only and run ahead of self.log's x-axis.
+            rec.step_index = self._loaded_step_counts.get(
+                name, trainer.global_step // len(optimizers))
             if not rec.exact:
                 rank_zero_warn(
                     f"StepSizeMonitor: no exact update rule for {type(opt).__name__}; its "
@@ -162,51 +183,78 @@ class StepSizeMonitor(pl.Callback):
                 )
             rec.attach()
             self.recorders.append(rec)
-        self._write_layout(trainer)
+        self._loaded_step_counts = {}
+        self.faults.call("layout", self._write_layout, trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Remove the optimizer hooks."""
+        """Remove the optimizer hooks; close the fault record."""
         self._detach()
+        if self._sinks:
+            close_sinks(self._sinks, timeout=5.0)
+        self._sinks = None
 
     def _detach(self) -> None:
         for r in self.recorders:
             r.detach()
+            self._step_counts[r.name] = r.step_index
         self.recorders = []
 
-    def _due(self) -> bool:
+    def _due(self, index: int) -> bool:
         t = self._trainer
-        return t is not None and t.training and t.global_step % self._interval == 0
+        return t is not None and t.training and index % self._interval == 0
+
+    def _current_step(self) -> int | None:
+        return None if self._trainer is None else self._trainer.global_step
+
+    def _report_fault(self, event: GuardEvent) -> None:
+        """Send a fault record to the run's record (log line and ``events.jsonl``)."""
+        trainer = self._trainer
+        if self._sinks is None:
+            log_dir = None
+            if trainer is not None:
+                lg = trainer.logger
+                log_dir = getattr(lg, "log_dir", None) if lg is not None else None
+                log_dir = log_dir or trainer.default_root_dir
+            self._sinks = make_default_sinks(
+                log_dir, is_rank_zero=lambda: trainer is None or trainer.is_global_zero)
+        dispatch(self._sinks, event)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         """Measure gradient norms before clipping, on recorded steps only."""
         opt = getattr(optimizer, "optimizer", optimizer)
         for r in self.recorders:
-            if r.optimizer is opt:
-                r.capture_gradients()
-                if self.grad_histograms and self._histogram_due() and r._grad_sq is not None:
-                    self._write_grad_histograms(trainer, r)
+            if r.optimizer is opt and r.capture_gradients() and self.grad_histograms \
+                    and self._histogram_due(r.step_index):
+                self.faults.call("grad_histograms", self._write_grad_histograms, trainer, r,
+                                 subject=r.name)
 
     # -- output --------------------------------------------------------------------------
     def _make_on_record(self, name: str) -> Any:
         def on_record(metrics: dict[str, float], host: HostStepSums) -> None:
             trainer = self._trainer
-            if trainer is None or not trainer.is_global_zero:
+            rec = next((r for r in self.recorders if r.name == name), None)
+            if trainer is None or not trainer.is_global_zero or rec is None:
                 return
-            step = trainer.global_step
+            step = rec.last_recorded_index or 0
             self._recorded_steps += 1
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
-            if self._histogram_due():
-                self._write_lr_histograms(trainer, name, host)
+            self.faults.call("log", self._log, trainer, metrics, step, subject=name)
+            if self._histogram_due(step):
+                self.faults.call("histograms", self._write_lr_histograms, trainer, rec, host,
+                                 step, subject=name)
 
         return on_record
 
-    def _histogram_due(self) -> bool:
+    @staticmethod
+    def _log(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def _histogram_due(self, step: int) -> bool:
         n = self.histogram_every_n_steps
         if n == 0 or self._trainer is None:
             return False
-        return n is None or self._trainer.global_step % n == 0
+        return n is None or step % n == 0
 
     def _tb_writers(self, trainer: pl.Trainer) -> list[Any]:
         writers = [cast(Any, lg).experiment for lg in trainer.loggers
@@ -218,11 +266,12 @@ class StepSizeMonitor(pl.Callback):
                            f"{type(trainer.loggers[0]).__name__} only scalars are logged.")
         return writers
 
-    def _write_lr_histograms(self, trainer: pl.Trainer, name: str, host: HostStepSums) -> None:
+    def _write_lr_histograms(self, trainer: pl.Trainer, rec: StepRecorder,
+                             host: HostStepSums, step: int) -> None:
         writers = self._tb_writers(trainer)
         if not writers:
             return
-        rec = next(r for r in self.recorders if r.name == name)
+        name = rec.name
         gnames = group_names(rec.optimizer)
         for gname, counts in zip(gnames, host.hist, strict=False):
             nz = np.nonzero(counts)[0]
@@ -240,7 +289,7 @@ class StepSizeMonitor(pl.Callback):
                     num=total, sum=float((c * centers).sum()),
                     sum_squares=float((c * centers**2).sum()),
                     bucket_limits=edges.tolist(), bucket_counts=c.tolist(),
-                    global_step=trainer.global_step,
+                    global_step=step,
                 )
 
     def _write_grad_histograms(self, trainer: pl.Trainer, rec: StepRecorder) -> None:
@@ -249,7 +298,7 @@ class StepSizeMonitor(pl.Callback):
             return
         for gname, g in zip(group_names(rec.optimizer), rec.optimizer.param_groups,
                             strict=True):
-            grads = [p.grad.detach().reshape(-1).float() for p in g["params"]
+            grads = [grad_values(p.grad).detach().reshape(-1).float() for p in g["params"]
                      if p.grad is not None]
             if not grads:
                 continue
@@ -258,7 +307,7 @@ class StepSizeMonitor(pl.Callback):
             if flat.numel():
                 for w in writers:
                     w.add_histogram(f"{self.prefix}/grad/{rec.name}/{gname}", flat,
-                                    trainer.global_step)
+                                    rec.step_index)
 
     def _write_layout(self, trainer: pl.Trainer) -> None:
         if not self.custom_scalars or self._layout_written or not trainer.is_global_zero:
@@ -281,15 +330,18 @@ class StepSizeMonitor(pl.Callback):
 
     # -- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """What survives a resume: the count of recorded steps.
+        """What survives a resume: the count of recorded steps and each optimizer's steps.
 
         The subsample of the last update kept for ``update_cosine`` is not saved (it is
         parameter-sized in the worst case): after a resume the first recorded step has no
         ``update_cosine``.
         """
-        return {"recorded_steps": self._recorded_steps}
+        counts = {**self._step_counts, **self._loaded_step_counts,
+                  **{r.name: r.step_index for r in self.recorders}}
+        return {"recorded_steps": self._recorded_steps, "step_counts": counts}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self._recorded_steps = int(state_dict.get("recorded_steps", 0))
-
+        self._loaded_step_counts = {str(k): int(v) for k, v in
+                                   state_dict.get("step_counts", {}).items()}

@@ -31,22 +31,29 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lr_monitor.functional import ParamSnapshot, find_rule
-from lr_monitor.functional.rules import ParamStep, iter_group_steps
+from lr_monitor.faults import FaultBarrier
+from lr_monitor.functional import find_rule
+from lr_monitor.functional.rules import ParamStep, iter_group_steps, supports_group
 from lr_monitor.functional.statistics import (
     HostStepSums,
     StepSums,
     UpdateHistory,
+    grad_values,
+    rounded_away,
+    stat_dtype,
     step_sums,
     summarize,
+    tensor_norms,
 )
+from lr_monitor.functional.step import with_applied_update
 
 __all__ = [
     "GRANULARITIES",
@@ -63,7 +70,7 @@ __all__ = [
 STATISTICS = (
     "lr", "eff_lr/p05", "eff_lr/p50", "eff_lr/p95", "eff_lr/min", "eff_lr/max",
     "eps_dominated_frac", "grad_norm", "param_norm", "update_norm", "update_ratio",
-    "exp_avg_norm", "exp_avg_sq_sqrt_mean", "update_cosine", "nonfinite",
+    "exp_avg_norm", "exp_avg_sq_sqrt_mean", "update_lost_frac", "update_cosine", "nonfinite",
 )
 GRANULARITIES = ("group", "tensor")
 
@@ -112,18 +119,48 @@ def _validate_interval(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+
+
+def _real_view(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if torch.is_complex(t) else t
+
+
 class StepRecorder:
     """Records the steps of one optimizer on chosen steps, through torch's step hooks.
+
+    How each parameter's update is known, per recorded step:
+
+    * *exact*: the optimizer has a rule for the group's settings
+      (:func:`~lr_monitor.functional.rules.supports_group`): reconstructed from the
+      post-step state, no copy. Elements whose update was too small to change the
+      parameter are predicted from the rounding of ``θ − Δ`` (``update_lost_frac``).
+    * *applied*: bf16/fp16 parameters: torch rounds the update into the parameter's
+      dtype, so the rule's update is not what happened. A copy of those parameters
+      (2 bytes per element) is taken before the step and the applied update is
+      ``θ_after − θ_before``; ``update_lost_frac`` counts the elements whose non-zero
+      update was rounded away.
+    * *measured*: no rule (or a setting the rule cannot reconstruct): every parameter of
+      the group is copied before the step and ``eff_lr`` is the group's lr.
+
+    Nothing here can end the run: every hook runs behind a
+    :class:`~lr_monitor.faults.FaultBarrier`. A parameter whose statistics raise is
+    reported once and left out of later records; a failure that cannot be pinned on a
+    parameter disables this recorder.
 
     Args:
         optimizer: The optimizer to watch.
         name: Its name in the tags (``Adam``, ``Adam-1``).
-        should_record: Called with no argument before each step; ``True`` records it.
+        should_record: Called before each step with this optimizer's step index (the
+            number of its steps so far); ``True`` records the step.
         on_record: Called after a recorded step with ``(metrics, host_sums)``.
         prefix: Tag prefix (``optim``).
         granularity: ``"group"`` (rows per param group and ``global``) or ``"tensor"``
             (also one row per selected parameter tensor).
-        param_names: Parameter → name, for tensor rows and ``include``/``exclude``.
+        param_names: Parameter → name, for tensor rows, ``include``/``exclude`` and fault
+            reports.
         include: Regex; with ``granularity="tensor"``, only matching names get rows.
         exclude: Regex; matching names get no tensor row.
         update_cosine: Keep a subsample of the last recorded update for
@@ -132,6 +169,7 @@ class StepRecorder:
         log_global: Also emit the ``global`` row (all groups together).
         reduce: Applied to the device sums before the host transfer; for sharded
             parameters pass ``lambda sums: sums.all_reduce()`` (every rank must record).
+        faults: The barrier the hooks run behind (default: one that only logs).
 
     Raises:
         ValueError: for an unknown granularity, a bad regex or ``cosine_samples`` < 1.
@@ -142,7 +180,7 @@ class StepRecorder:
         optimizer: torch.optim.Optimizer,
         name: str,
         *,
-        should_record: Callable[[], bool],
+        should_record: Callable[[int], bool],
         on_record: Callable[[dict[str, float], HostStepSums], None],
         prefix: str = "optim",
         granularity: str = "group",
@@ -153,6 +191,7 @@ class StepRecorder:
         cosine_samples: int = 4096,
         log_global: bool = True,
         reduce: Callable[[StepSums], None] | None = None,
+        faults: FaultBarrier | None = None,
     ) -> None:
         check_recorder_args(granularity=granularity, include=include, exclude=exclude,
                             cosine_samples=cosine_samples)
@@ -168,9 +207,12 @@ class StepRecorder:
         self.history = UpdateHistory(cosine_samples) if update_cosine else None
         self.log_global = log_global
         self.reduce = reduce
+        self.faults = faults or FaultBarrier(f"StepRecorder({name})")
         self.exact = find_rule(optimizer) is not None
-        self._snapshot = None if self.exact else ParamSnapshot(optimizer)
         self._recording = False
+        self._before: dict[Tensor, Tensor] = {}
+        self._measured_groups: set[int] = set()
+        self._excluded: set[int] = set()
         self._grad_sq: dict[Tensor, Tensor] | None = None
         self._handles: list[RemovableHandle] = []
         self.step_index = 0
@@ -193,46 +235,112 @@ class StepRecorder:
             h.remove()
         self._handles = []
         self._grad_sq = None
+        self._before = {}
         if self.history is not None:
             self.history.clear()
 
-    def capture_gradients(self) -> None:
+    @property
+    def disabled(self) -> bool:
+        """Whether a fault has switched this recorder off."""
+        return self.faults.disabled("record", self.name)
+
+    def capture_gradients(self) -> bool:
         """Measure gradient norms now (before clipping), if this step will be recorded.
 
         Lightning calls this from ``on_before_optimizer_step``; in a plain loop, call it
         before ``clip_grad_norm_`` to record unclipped norms (otherwise the pre-step hook
-        measures them after clipping).
+        measures them after clipping). Sparse gradients are measured by their coalesced
+        values.
+
+        Returns:
+            Whether the coming step will be recorded.
         """
-        if not self.should_record():
+        due = not self.disabled and bool(self.should_record(self.step_index))
+        if not due:
             self._grad_sq = None
-            return
+            return False
+        self._grad_sq = self.faults.call("capture_gradients", self._grad_norms,
+                                         subject=self.name)
+        return True
+
+    def _grad_norms(self) -> dict[Tensor, Tensor]:
         params = [p for g in self.optimizer.param_groups for p in g["params"]
-                  if p.grad is not None]
+                  if p.grad is not None and id(p) not in self._excluded]
         if not params:
-            self._grad_sq = {}
-            return
-        norms = torch._foreach_norm([p.grad for p in params])  # type: ignore[misc]
-        self._grad_sq = {p: n.double().square() for p, n in zip(params, norms, strict=True)}
+            return {}
+        norms = tensor_norms([grad_values(p.grad) for p in params])  # type: ignore[arg-type]
+        return {p: n.square() for p, n in zip(params, norms.unbind(), strict=True)}
 
     def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._recording = bool(self.should_record())
-        if not self._recording:
+        self._recording = False
+        self.faults.call("record", self._before_step, subject=self.name)
+
+    def _before_step(self) -> None:
+        if not self.should_record(self.step_index):
             return
+        self._recording = True
         if self._grad_sq is None:
             self.capture_gradients()
-        if self._snapshot is not None:
-            self._snapshot.take()
+        # Copies: every parameter of a group without an exact rule; bf16/fp16 parameters
+        # of the others (their applied update differs from the rule's by rounding).
+        self._measured_groups = set()
+        before: dict[Tensor, Tensor] = {}
+        for gi, g in enumerate(self.optimizer.param_groups):
+            measured = not (self.exact and supports_group(self.optimizer, g))
+            if measured:
+                self._measured_groups.add(gi)
+            for p in g["params"]:
+                if p.requires_grad and (measured or p.dtype in _LOW_PRECISION):
+                    before[p] = p.detach().clone()
+        self._before = before
 
     def _post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.step_index += 1
         if not self._recording:
             return
         self._recording = False
-        grad_sq, self._grad_sq = self._grad_sq, None
-        metrics, host = self.measure(grad_sq)
+        try:
+            self.faults.call("record", self._record, subject=self.name)
+        finally:
+            self._before = {}
+            self._grad_sq = None
+
+    def _record(self) -> None:
+        grad_sq = self._grad_sq
+        saved = self.history.checkpoint() if self.history is not None else None
+        try:
+            metrics, host = self.measure(grad_sq)
+        except Exception:
+            # Pin the failure on the parameters that cause it, leave them out from now
+            # on and measure the rest; if no parameter alone fails, the barrier disables
+            # the recorder.
+            culprits = self._faulty_params(grad_sq)
+            if not culprits:
+                raise
+            for p, exc in culprits:
+                self._excluded.add(id(p))
+                pname = self.param_names.get(p, f"tensor of shape {tuple(p.shape)}")
+                self.faults.fail("statistics", exc, subject=f"{self.name} {pname}")
+            if self.history is not None and saved is not None:
+                self.history.restore(saved)
+            metrics, host = self.measure(grad_sq)
         self.last_metrics = metrics
         self.last_recorded_index = self.step_index - 1
         self.on_record(metrics, host)
+
+    def _faulty_params(self, grad_sq: dict[Tensor, Tensor] | None
+                       ) -> list[tuple[Tensor, Exception]]:
+        out = []
+        for gi, g in enumerate(self.optimizer.param_groups):
+            for p in g["params"]:
+                if p.grad is None or id(p) in self._excluded:
+                    continue
+                try:
+                    sums = step_sums([self._group_steps(gi, g, [p])], grad_sq=grad_sq)
+                    summarize(sums.to_host())
+                except Exception as exc:
+                    out.append((p, exc))
+        return out
 
     # -- measurement ---------------------------------------------------------------------
     def _tensor_row(self, p: Tensor) -> bool:
@@ -245,25 +353,32 @@ class StepRecorder:
             return False
         return not (self._exclude is not None and self._exclude.search(name))
 
-    def _steps(self) -> list[Iterable[ParamStep]]:
-        if self.exact:  # generators: reduced chunk by chunk, never the whole model at once
-            return [iter_group_steps(self.optimizer, g) for g in self.optimizer.param_groups]
-        assert self._snapshot is not None
-        updates = self._snapshot.updates() if self._snapshot.taken else {}
-        out: list[Iterable[ParamStep]] = []
-        for g in self.optimizer.param_groups:
-            lr = g["lr"]
-            rows = []
-            for p in g["params"]:
-                if p not in updates:
-                    continue
-                u = updates[p]
-                eff = lr.detach().reshape(()) if isinstance(lr, Tensor) else torch.tensor(
-                    float(lr), dtype=p.dtype, device=p.device)
-                rows.append(ParamStep(param=p, grad=p.grad, update=u,  # type: ignore[arg-type]
-                                      eff_lr=eff, direction=-u / eff))
-            out.append(rows)
-        return out
+    def _group_steps(self, gi: int, group: dict[str, Any],
+                     params: list[Tensor] | None = None) -> Iterator[ParamStep]:
+        """The steps of ``params`` (default: the group's, minus excluded ones), lazily."""
+        if params is None:
+            params = [p for p in group["params"] if id(p) not in self._excluded]
+        if gi in self._measured_groups or not self.exact:
+            yield from self._measured_steps(group, params)
+            return
+        for s in iter_group_steps(self.optimizer, {**group, "params": params}):
+            before = self._before.get(s.param)
+            if before is not None:
+                yield with_applied_update(s, before)
+            else:
+                yield replace(s, update_lost=rounded_away(s.param, s.update))
+
+    def _measured_steps(self, group: dict[str, Any], params: list[Tensor]
+                        ) -> Iterator[ParamStep]:
+        lr = group["lr"]
+        for p in params:
+            before = self._before.get(p)
+            if before is None or p.grad is None:
+                continue
+            u = _real_view(p.detach()).to(stat_dtype(p)) - _real_view(before).to(stat_dtype(p))
+            eff = lr.detach().reshape(()).to(u) if isinstance(lr, Tensor) else torch.tensor(
+                float(lr), dtype=u.dtype, device=u.device)
+            yield ParamStep(param=p, grad=p.grad, update=u, eff_lr=eff, direction=-u / eff)
 
     def measure(self, grad_sq: dict[Tensor, Tensor] | None = None
                 ) -> tuple[dict[str, float], HostStepSums]:
@@ -276,10 +391,11 @@ class StepRecorder:
             The metrics and the host sums they were computed from.
 
         Raises:
-            UnsupportedOptimizerError: if the optimizer has no rule and no snapshot.
+            UnsupportedOptimizerError: if a group has no rule and no copy was taken.
         """
         lrs = [g["lr"] for g in self.optimizer.param_groups]
-        sums = step_sums(self._steps(), history=self.history, grad_sq=grad_sq,
+        steps = [self._group_steps(gi, g) for gi, g in enumerate(self.optimizer.param_groups)]
+        sums = step_sums(steps, history=self.history, grad_sq=grad_sq,
                          tensor_rows=self._tensor_row if self.granularity == "tensor" else None,
                          extra=lrs)
         tensor_params = sums.tensor_params
@@ -403,7 +519,7 @@ def attach(
 
     rec = StepRecorder(
         optimizer, name or type(optimizer).__name__,
-        should_record=lambda: box["r"].step_index % every_n_steps == 0,
+        should_record=lambda index: index % every_n_steps == 0,
         on_record=on_record, param_names=names, **recorder_kwargs,
     )
     box["r"] = rec

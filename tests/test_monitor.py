@@ -244,7 +244,7 @@ def test_state_dict_in_checkpoint(tmp_path: Path) -> None:
     ckpt = tmp_path / "c.ckpt"
     tr.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=False)["callbacks"][mon.state_key]
-    assert state == {"recorded_steps": 2}
+    assert state == {"recorded_steps": 2, "step_counts": {"Adam": 4}}
     other = StepSizeMonitor(2)
     other.load_state_dict(state)
     assert other.state_dict() == state
@@ -274,3 +274,202 @@ def test_attach_in_a_plain_loop(tmp_path: Path) -> None:
     # the recorded grad norm is the unclipped one
     assert tags["optim/grad_norm/RMSprop/global"][4] > 1e-3
     assert not opt._optimizer_step_post_hooks
+
+
+# ------------------------------------------------------------------ every optimizer, every dtype
+
+
+class TwoOptimizersEachStep(Regressor):
+    """Manual optimization: two optimizers, each stepping once per batch."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda m: None)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        a, b = self.optimizers()
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        a.zero_grad(); b.zero_grad()  # noqa: E702
+        self.manual_backward(loss)
+        a.step(); b.step()  # noqa: E702
+        self.log("train/loss", loss)
+
+    def configure_optimizers(self) -> Any:
+        return [torch.optim.Adam(self.net[0].parameters(), lr=1e-2),
+                torch.optim.SGD(self.net[2].parameters(), lr=1e-2)]
+
+
+def test_manual_optimization_records_every_optimizer_on_self_logs_axis(tmp_path: Path) -> None:
+    """Each opt.step() advances global_step; each optimizer still records every 2nd step."""
+    logger = TensorBoardLogger(str(tmp_path), name="manual")
+    tr = trainer(tmp_path, logger=logger, max_steps=12, callbacks=[StepSizeMonitor(2)])
+    tr.fit(TwoOptimizersEachStep(), regression_loader())
+    assert tr.global_step == 12  # 6 batches, 2 optimizer steps each
+    tags = read_scalars(logger.log_dir)
+    assert sorted(tags["train/loss"]) == [0, 1, 2, 3, 4, 5]
+    assert sorted(tags["optim/update_norm/Adam/global"]) == [0, 2, 4]
+    assert sorted(tags["optim/update_norm/SGD/global"]) == [0, 2, 4]
+
+
+def test_resume_continues_each_optimizers_step_count(tmp_path: Path) -> None:
+    mon = StepSizeMonitor(2)
+    tr = trainer(tmp_path, max_steps=6, callbacks=[mon])
+    tr.fit(TwoOptimizersEachStep(), regression_loader())
+    ckpt = tmp_path / "c.ckpt"
+    tr.save_checkpoint(ckpt)
+    logger = TensorBoardLogger(str(tmp_path), name="resumed")
+    tr2 = trainer(tmp_path, logger=logger, max_steps=12, max_epochs=3,
+                  callbacks=[StepSizeMonitor(2)])
+    tr2.fit(TwoOptimizersEachStep(), regression_loader(), ckpt_path=str(ckpt))
+    tags = read_scalars(logger.log_dir)
+    assert sorted(tags["optim/update_norm/SGD/global"]) == [4]  # steps 3, 4, 5 of each
+
+
+class Bf16Ones(pl.LightningModule):
+    """Weights of 1.0 in bf16; AdamW's lr·sign step (~lr) is below half an ulp of 1.0."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net = torch.nn.Linear(8, 2, bias=False)
+        torch.nn.init.ones_(self.net.weight)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x).float(), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+class AppliedDelta(pl.Callback):
+    """Measures θ_after − θ_before of every step in float64."""
+
+    def __init__(self) -> None:
+        self.norms: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self.before = [p.detach().double().clone() for p in pl_module.parameters()]
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *a: Any) -> None:
+        d = torch.cat([(p.detach().double() - b).reshape(-1)
+                       for p, b in zip(pl_module.parameters(), self.before, strict=True)])
+        self.norms[trainer.global_step - 1] = d.norm().item()
+
+
+def test_bf16_weights_that_do_not_move_are_reported_as_not_moving(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(str(tmp_path), name="bf16")
+    delta = AppliedDelta()
+    tr = trainer(tmp_path, logger=logger, max_steps=3, precision="bf16-true",
+                 callbacks=[StepSizeMonitor(1), delta])
+    tr.fit(Bf16Ones(lr=1e-3), regression_loader())
+    tags = read_scalars(logger.log_dir)
+    assert set(delta.norms.values()) == {0.0}  # the weights really did not move
+    for step in range(3):
+        assert tags["optim/update_norm/AdamW/global"][step] == 0.0
+        assert tags["optim/update_ratio/AdamW/global"][step] == 0.0
+        assert tags["optim/update_lost_frac/AdamW/global"][step] == 1.0
+
+
+def test_bf16_update_norm_is_the_applied_update(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(str(tmp_path), name="bf16-moving")
+    delta = AppliedDelta()
+    tr = trainer(tmp_path, logger=logger, max_steps=4, precision="bf16-true",
+                 callbacks=[StepSizeMonitor(1), delta])
+    tr.fit(Regressor(lambda m: torch.optim.Adam(m.parameters(), lr=3e-3)), regression_loader())
+    tags = read_scalars(logger.log_dir)
+    assert min(delta.norms.values()) > 0
+    lost = [tags["optim/update_lost_frac/Adam/global"][s] for s in range(4)]
+    assert all(0.0 <= v < 1.0 for v in lost) and max(lost) > 0  # some updates rounded away
+    for step, value in delta.norms.items():
+        assert tags["optim/update_norm/Adam/global"][step] == pytest.approx(value, rel=1e-6)
+
+
+def test_float32_updates_are_not_lost(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(str(tmp_path), name="fp32")
+    tr = trainer(tmp_path, logger=logger, max_steps=2, callbacks=[StepSizeMonitor(1)])
+    tr.fit(Regressor(OPTIMIZERS["adam"]), regression_loader())
+    tags = read_scalars(logger.log_dir)
+    assert tags["optim/update_lost_frac/Adam/global"] == {0: 0.0, 1: 0.0}
+
+
+class SparseEmbedding(pl.LightningModule):
+    """Token classification with ``nn.Embedding(sparse=True)``: sparse gradients."""
+
+    def __init__(self, make: Any) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 8, sparse=True)
+        self.head = torch.nn.Linear(8, 3)
+        self._make = make
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        tokens, y = batch
+        return torch.nn.functional.cross_entropy(self.head(self.emb(tokens).mean(1)), y)
+
+    def configure_optimizers(self) -> Any:
+        if self._make is SPARSE["sparse-adam"]:
+            self.head.requires_grad_(False)  # SparseAdam takes sparse gradients only
+        return self._make(self)
+
+
+def token_loader() -> Any:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (64, 5), generator=g)
+    return DataLoader(TensorDataset(tokens, tokens[:, 0] % 3), batch_size=16)
+
+
+SPARSE = {
+    "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+    "adagrad": lambda m: torch.optim.Adagrad(m.parameters(), lr=0.1),
+    "sparse-adam": lambda m: torch.optim.SparseAdam([m.emb.weight], lr=0.01),
+}
+
+
+@pytest.mark.parametrize("opt_name", list(SPARSE))
+def test_sparse_gradients_get_real_statistics(tmp_path: Path, opt_name: str) -> None:
+    class Grad(pl.Callback):
+        def __init__(self) -> None:
+            self.norms: dict[int, float] = {}
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            g = pl_module.emb.weight.grad
+            if g is not None:
+                self.norms[trainer.global_step] = g.coalesce().values().double().norm().item()
+
+    logger = TensorBoardLogger(str(tmp_path), name="sparse")
+    grad = Grad()
+    model = SparseEmbedding(SPARSE[opt_name])
+    delta = AppliedDelta()
+    callbacks: list[pl.Callback] = [StepSizeMonitor(1, granularity="tensor"), grad, delta]
+    tr = trainer(tmp_path, logger=logger, max_steps=3, callbacks=callbacks)
+    tr.fit(model, token_loader())
+    tags = read_scalars(logger.log_dir)
+    name = {"sgd": "SGD", "adagrad": "Adagrad", "sparse-adam": "SparseAdam"}[opt_name]
+    emb = tags[f"optim/grad_norm/{name}/emb.weight"]
+    assert len(emb) == 3 and all(math.isfinite(v) and v > 0 for v in emb.values())
+    for step, value in emb.items():
+        assert value == pytest.approx(grad.norms[step], rel=1e-6)
+    for step, value in delta.norms.items():
+        assert tags[f"optim/update_norm/{name}/global"][step] == pytest.approx(value, rel=1e-5)
+
+
+def test_differentiable_optimizer_is_recorded() -> None:
+    """``differentiable=True`` (meta-learning) used to raise from the post-step hook."""
+    torch.manual_seed(0)
+    base = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    p = base.clone()  # a non-leaf parameter: the step stays part of the autograd graph
+    opt = torch.optim.Adam([p], lr=1e-2, differentiable=True)
+    seen: list[dict[str, float]] = []
+    handle = attach(opt, lambda metrics, step: seen.append(metrics))
+    for k in range(3):
+        p.grad = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64) * (k + 1)
+        before = p.detach().clone()
+        opt.step()
+        delta = (p.detach() - before).norm().item()
+        assert seen[-1]["optim/update_norm/Adam/global"] == pytest.approx(delta, rel=1e-9)
+    handle.detach()
+    p.sum().backward()  # the graph through the steps is intact
+    assert base.grad is not None and len(seen) == 3

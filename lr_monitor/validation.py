@@ -1,0 +1,105 @@
+"""Argument checks with one message format, naming the argument the user typed.
+
+Every public constructor validates its arguments with these functions, so a bad value
+fails at once with ``<argument>=<value> is invalid: must be <what is allowed>``. A
+class that passes its arguments on to another (the guard to :class:`~lr_monitor.LRCut`)
+checks them first under the name the user typed (``lr_factor``, not ``factor``).
+
+Example:
+    >>> check_int("cooldown", 3, minimum=0)
+    3
+    >>> check_real("lr_factor", 2.0, low=0.0, high=1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: lr_factor=2.0 is invalid: must be a number in (0, 1)
+    >>> check_bool("watch_grad_norm", "False")
+    Traceback (most recent call last):
+    ...
+    ValueError: watch_grad_norm='False' is invalid: must be True or False
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["check_bool", "check_choice", "check_int", "check_real", "invalid"]
+
+
+def invalid(arg: str, value: Any, allowed: str) -> ValueError:
+    """The project's one error message: ``<arg>=<value> is invalid: must be <allowed>``."""
+    return ValueError(f"{arg}={value!r} is invalid: must be {allowed}")
+
+
+def check_int(arg: str, value: Any, minimum: int, *, allow_none: bool = False) -> Any:
+    """``value`` if it is an int ``>= minimum`` (or ``None`` when allowed).
+
+    Raises:
+        ValueError: otherwise (``bool`` is not an int here).
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise invalid(arg, value, f"an int >= {minimum}" + (" or None" if allow_none else ""))
+    return value
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def check_real(arg: str, value: Any, *, low: float = -math.inf, high: float = math.inf,
+               low_closed: bool = False, high_closed: bool = False) -> float:
+    """``float(value)`` if it is a finite real number in the given interval.
+
+    Args:
+        arg: The argument's name as the user typed it.
+        value: The value to check.
+        low: Lower end of the interval.
+        high: Upper end of the interval.
+        low_closed: Whether ``low`` itself is allowed.
+        high_closed: Whether ``high`` itself is allowed.
+
+    Raises:
+        ValueError: for a non-number, ``bool``, NaN, infinity or a value outside.
+    """
+    if low == -math.inf and high == math.inf:
+        allowed = "a finite number"
+    elif high == math.inf:
+        allowed = f"a finite number {'>=' if low_closed else '>'} {_fmt(low)}"
+    elif low == -math.inf:
+        allowed = f"a finite number {'<=' if high_closed else '<'} {_fmt(high)}"
+    else:
+        allowed = (f"a number in {'[' if low_closed else '('}{_fmt(low)}, {_fmt(high)}"
+                   f"{']' if high_closed else ')'}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid(arg, value, allowed)
+    x = float(value)
+    ok = math.isfinite(x) and (x >= low if low_closed else x > low) and (
+        x <= high if high_closed else x < high)
+    if not ok:
+        raise invalid(arg, value, allowed)
+    return x
+
+
+def check_bool(arg: str, value: Any) -> bool:
+    """``value`` if it is ``True`` or ``False`` (``"False"`` and ``0`` are not).
+
+    Raises:
+        ValueError: otherwise.
+    """
+    if not isinstance(value, bool):
+        raise invalid(arg, value, "True or False")
+    return value
+
+
+def check_choice(arg: str, value: Any, allowed: Sequence[str]) -> str:
+    """``value`` if it is one of ``allowed``.
+
+    Raises:
+        ValueError: otherwise.
+    """
+    if not isinstance(value, str) or value not in allowed:
+        raise invalid(arg, value, f"one of {tuple(allowed)}")
+    return value
