@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -418,11 +417,10 @@ def _comparable(report: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "runs"
-    started = time.perf_counter()
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
-    elapsed = time.perf_counter() - started
     text = capsys.readouterr().out
-    assert elapsed < 60, f"demo --quick took {elapsed:.0f} s"
+    # no wall-clock bound (it depends on the machine and its kernels): --quick is checked
+    # by its size instead, 16 optimizer steps per run (below)
     assert "healthy-lr1e-3" in text and "too-high-lr1" in text
     assert f"--logdir {out}" in text and str(out / "summary.png") in text
     assert png_size(out / "summary.png")[0] > 1000

@@ -69,26 +69,20 @@ def test_healthy_noisy_descent_raises_nothing(stream: Callable[..., list[float]]
         assert feed(det, values) == [], type(det).__name__
 
 
-def _train_signals(
-    seed: int, opt_name: str, steps: int = 300, lr: float | None = None
+def _signals(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    steps: int,
 ) -> dict[str, list[float]]:
-    """Per-step loss, update ratio and successive-update cosine of a real small MLP run."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(512, 10, generator=g)
-    w_true = torch.randn(10, 3, generator=g)
-    y = (x @ w_true + 0.5 * torch.randn(512, 3, generator=g)).argmax(dim=1)
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
-    if opt_name == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=lr or 3e-3)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=lr or 0.1, momentum=0.9)
+    """Per-step loss, update ratio and successive-update cosine of a real training loop."""
     params = list(model.parameters())
     out: dict[str, list[float]] = {"loss": [], "update_ratio": [], "update_cosine": []}
     prev_update = None
     for _ in range(steps):
-        idx = torch.randint(0, 512, (16,), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        x, y = batch()
+        loss = loss_fn(model(x), y)
         opt.zero_grad()
         loss.backward()
         before = torch.cat([p.detach().flatten() for p in params])
@@ -103,6 +97,28 @@ def _train_signals(
     return out
 
 
+def _train_signals(
+    seed: int, opt_name: str, steps: int = 300, lr: float | None = None
+) -> dict[str, list[float]]:
+    """Signals of a small MLP trained on minibatches of a noisy 3-class problem."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 10, generator=g)
+    w_true = torch.randn(10, 3, generator=g)
+    y = (x @ w_true + 0.5 * torch.randn(512, 3, generator=g)).argmax(dim=1)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+    if opt_name == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=lr or 3e-3)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr or 0.1, momentum=0.9)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, 512, (16,), generator=g)
+        return x[idx], y[idx]
+
+    return _signals(model, opt, batch, torch.nn.functional.cross_entropy, steps)
+
+
 @pytest.mark.parametrize("opt_name", ["adam", "sgd-momentum"])
 @pytest.mark.parametrize("seed", [0, 1, 2], ids=["seed0", "seed1", "seed2"])
 def test_real_minibatch_training_raises_nothing(seed: int, opt_name: str):
@@ -114,13 +130,35 @@ def test_real_minibatch_training_raises_nothing(seed: int, opt_name: str):
     assert feed(OscillationDetector(), signals["update_cosine"]) == []
 
 
+FAR_TOO_HIGH_LR, MOMENTUM = 20.0, 0.9
+
+
 @pytest.mark.parametrize("seed", [0, 1], ids=["seed0", "seed1"])
 def test_real_training_with_a_far_too_high_lr_is_flagged(seed: int):
-    signals = _train_signals(seed, "sgd-momentum", steps=200, lr=5.0)
+    # Full-batch least squares: the loss is quadratic with a constant Hessian H, so along
+    # each eigenvector (eigenvalue λ) SGD with heavy-ball momentum β is the linear recursion
+    # e' = (1 + β - lr·λ)·e - β·e_prev, which grows geometrically iff lr·λ > 2(1 + β).
+    # Unlike a chaotic MLP run (whose fate at a too-high LR depends on the CPU's kernels),
+    # the outcome is certain: rounding cannot undo an exponential blow-up.
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 10, generator=g)
+    y = x @ torch.randn(10, 3, generator=g) + 0.5 * torch.randn(512, 3, generator=g)
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(10, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=FAR_TOO_HIGH_LR, momentum=MOMENTUM)
+    features = torch.cat([x, torch.ones(512, 1)], dim=1).double()  # weights and bias
+    hessian = 2 / (512 * 3) * features.T @ features  # of mse_loss, for each output's row
+    lam_min = torch.linalg.eigvalsh(hessian).min().item()
+    assert FAR_TOO_HIGH_LR * lam_min > 2 * (2 * (1 + MOMENTUM))  # every direction, 2x over
+    signals = _signals(model, opt, lambda: (x, y), torch.nn.functional.mse_loss, steps=60)
+
     ratio_events = feed(UpdateRatioDetector(), signals["update_ratio"])
-    assert ratio_events and ratio_events[0].step <= 5  # flagged within the first steps
-    loss_events = [e for det in loss_detectors() for e in feed(det, signals["loss"])]
-    assert loss_events  # and the loss itself shows it later
+    # every step is larger than the weights: flagged as soon as the patience allows
+    assert ratio_events and ratio_events[0].step == UpdateRatioDetector().patience - 1
+    loss_events = {type(det).__name__: feed(det, signals["loss"]) for det in loss_detectors()}
+    # and the loss itself shows it later: it overflows float32 within the 60 steps
+    assert loss_events["NonFiniteDetector"], signals["loss"]
+    assert all(e.step > ratio_events[0].step for es in loss_events.values() for e in es)
 
 
 # ------------------------------------------------------------------------------------------
