@@ -40,20 +40,24 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from lr_monitor.faults import FaultBarrier
-from lr_monitor.functional import find_rule
-from lr_monitor.functional.rules import ParamStep, iter_group_steps, supports_group
+from lr_monitor.functional import ParamSnapshot, find_rule
+from lr_monitor.functional.rules import (
+    ParamStep,
+    is_low_precision,
+    iter_group_steps,
+    supports_group,
+)
 from lr_monitor.functional.statistics import (
     HostStepSums,
     StepSums,
     UpdateHistory,
     grad_values,
     rounded_away,
-    stat_dtype,
     step_sums,
     summarize,
     tensor_norms,
 )
-from lr_monitor.functional.step import with_applied_update
+from lr_monitor.functional.step import applied_update, with_applied_update
 
 __all__ = [
     "GRANULARITIES",
@@ -117,15 +121,6 @@ def _validate_interval(name: str, value: Any, allow_none: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         allowed = "None or an int >= 1" if allow_none else "an int >= 1"
         raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
-
-
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-
-
-def _real_view(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if torch.is_complex(t) else t
 
 
 class StepRecorder:
@@ -210,6 +205,7 @@ class StepRecorder:
         self.faults = faults or FaultBarrier(f"StepRecorder({name})")
         self.exact = find_rule(optimizer) is not None
         self._recording = False
+        self._snapshot = ParamSnapshot(optimizer)
         self._before: dict[Tensor, Tensor] = {}
         self._measured_groups: set[int] = set()
         self._excluded: set[int] = set()
@@ -284,21 +280,20 @@ class StepRecorder:
         # Copies: every parameter of a group without an exact rule; bf16/fp16 parameters
         # of the others (their applied update differs from the rule's by rounding).
         self._measured_groups = set()
-        before: dict[Tensor, Tensor] = {}
+        copied: list[Tensor] = []
         for gi, g in enumerate(self.optimizer.param_groups):
             measured = not (self.exact and supports_group(self.optimizer, g))
             if measured:
                 self._measured_groups.add(gi)
-            for p in g["params"]:
-                if p.requires_grad and (measured or p.dtype in _LOW_PRECISION):
-                    before[p] = p.detach().clone()
-        self._before = before
+            copied += [p for p in g["params"] if measured or is_low_precision(p)]
+        self._snapshot.take(copied)
 
     def _post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.step_index += 1
         if not self._recording:
             return
         self._recording = False
+        self._before = self._snapshot.pop() if self._snapshot.taken else {}
         try:
             self.faults.call("record", self._record, subject=self.name)
         finally:
@@ -358,7 +353,7 @@ class StepRecorder:
         """The steps of ``params`` (default: the group's, minus excluded ones), lazily."""
         if params is None:
             params = [p for p in group["params"] if id(p) not in self._excluded]
-        if gi in self._measured_groups or not self.exact:
+        if gi in self._measured_groups:
             yield from self._measured_steps(group, params)
             return
         for s in iter_group_steps(self.optimizer, {**group, "params": params}):
@@ -375,7 +370,7 @@ class StepRecorder:
             before = self._before.get(p)
             if before is None or p.grad is None:
                 continue
-            u = _real_view(p.detach()).to(stat_dtype(p)) - _real_view(before).to(stat_dtype(p))
+            u = applied_update(p.detach(), before)
             eff = lr.detach().reshape(()).to(u) if isinstance(lr, Tensor) else torch.tensor(
                 float(lr), dtype=u.dtype, device=u.device)
             yield ParamStep(param=p, grad=p.grad, update=u, eff_lr=eff, direction=-u / eff)

@@ -98,21 +98,29 @@ def test_tensorboard_values_equal_functional(tmp_path: Path, opt_name: str) -> N
     assert f"optim/log10_eff_lr/{name}/pg0" in acc.Tags()["histograms"]
 
 
+class TwoOptimizersEachStep(Regressor):
+    """Manual optimization: two optimizers, each stepping once per batch."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda m: None)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        a, b = self.optimizers()
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        a.zero_grad(); b.zero_grad()  # noqa: E702
+        self.manual_backward(loss)
+        a.step(); b.step()  # noqa: E702
+        self.log("train/loss", loss)
+
+    def configure_optimizers(self) -> Any:
+        return [torch.optim.Adam(self.net[0].parameters(), lr=1e-2),
+                torch.optim.SGD(self.net[2].parameters(), lr=1e-2)]
+
+
 def test_two_optimizers_and_named_groups(tmp_path: Path) -> None:
-    class TwoOpt(Regressor):
-        def __init__(self) -> None:
-            super().__init__(lambda m: None)
-            self.automatic_optimization = False
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            a, b = self.optimizers()
-            x, y = batch
-            loss = torch.nn.functional.mse_loss(self.net(x), y)
-            a.zero_grad(); b.zero_grad()  # noqa: E702
-            self.manual_backward(loss)
-            a.step(); b.step()  # noqa: E702
-            return loss
-
+    class TwoOpt(TwoOptimizersEachStep):
         def configure_optimizers(self) -> Any:
             first, second = self.net[0], self.net[2]
             return [
@@ -277,27 +285,6 @@ def test_attach_in_a_plain_loop(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ every optimizer, every dtype
-
-
-class TwoOptimizersEachStep(Regressor):
-    """Manual optimization: two optimizers, each stepping once per batch."""
-
-    def __init__(self) -> None:
-        super().__init__(lambda m: None)
-        self.automatic_optimization = False
-
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        a, b = self.optimizers()
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        a.zero_grad(); b.zero_grad()  # noqa: E702
-        self.manual_backward(loss)
-        a.step(); b.step()  # noqa: E702
-        self.log("train/loss", loss)
-
-    def configure_optimizers(self) -> Any:
-        return [torch.optim.Adam(self.net[0].parameters(), lr=1e-2),
-                torch.optim.SGD(self.net[2].parameters(), lr=1e-2)]
 
 
 def test_manual_optimization_records_every_optimizer_on_self_logs_axis(tmp_path: Path) -> None:

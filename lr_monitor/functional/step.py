@@ -39,6 +39,7 @@ from lr_monitor.functional.rules import ParamStep, find_rule, group_steps
 
 __all__ = [
     "ParamSnapshot",
+    "applied_update",
     "effective_lr",
     "is_supported",
     "last_update",
@@ -176,9 +177,9 @@ class ParamSnapshot:
             if p.grad is None:
                 continue
             if torch.is_complex(p):
-                out[p] = torch.view_as_complex(_applied(p.detach(), b).contiguous())
+                out[p] = torch.view_as_complex(applied_update(p.detach(), b).contiguous())
             else:
-                out[p] = _applied(p.detach(), b)
+                out[p] = applied_update(p.detach(), b)
         return out
 
     def pop(self) -> dict[Tensor, Tensor]:
@@ -207,8 +208,23 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if torch.is_complex(t) else t
 
 
-def _applied(after: Tensor, before: Tensor) -> Tensor:
-    """``after − before`` in the real view, in float32 (float64 for float64 tensors)."""
+def applied_update(after: Tensor, before: Tensor) -> Tensor:
+    """``after − before`` in the real view, in float32 (float64 for float64 tensors).
+
+    Exact for bf16/fp16 tensors, whose difference is representable in float32.
+
+    Args:
+        after: The parameter after the step.
+        before: A copy taken before the step.
+
+    Returns:
+        The applied update (the real view's shape for complex parameters).
+
+    Example:
+        >>> a = torch.tensor([1.0, 1.0078125], dtype=torch.bfloat16)
+        >>> applied_update(a, torch.ones(2, dtype=torch.bfloat16))
+        tensor([0.0000, 0.0078])
+    """
     dtype = torch.float64 if after.dtype.to_real() == torch.float64 else torch.float32
     return _real(after).to(dtype) - _real(before.detach().to(after.device)).to(dtype)
 
@@ -257,7 +273,7 @@ def with_applied_update(step: ParamStep, before: Tensor) -> ParamStep:
             f"dtype={before.dtype}) is invalid: must be a copy of the parameter "
             f"(shape={tuple(param.shape)}, dtype={param.dtype}) taken before the step"
         )
-    applied = _applied(param, before)
+    applied = applied_update(param, before)
     lost = (step.update != 0) & (applied == 0)
     return replace(step, update=applied, update_lost=lost)
 
