@@ -52,7 +52,7 @@ from typing import Any, cast
 
 import torch
 
-from lr_monitor._compat import is_tensorboard_logger, pl, rank_zero_warn
+from lr_monitor._compat import is_tensorboard_logger, pl, rank_zero_warn, run_dir
 from lr_monitor.alerts import (
     AlertSink,
     TensorBoardSink,
@@ -299,11 +299,7 @@ class DivergenceGuard(pl.Callback):
         dispatch(self.sinks or make_default_sinks(None), event)
 
     def _open_sinks(self, trainer: pl.Trainer) -> None:
-        log_dir = self.events_dir
-        if log_dir is None:
-            lg = trainer.logger
-            lg_dir = getattr(lg, "log_dir", None) if lg is not None else None
-            log_dir = Path(lg_dir) if lg_dir else Path(trainer.default_root_dir)
+        log_dir = self.events_dir if self.events_dir is not None else run_dir(trainer)
         def is_zero() -> bool:
             return trainer.is_global_zero
         sinks = make_default_sinks(str(log_dir) if trainer.is_global_zero else None,

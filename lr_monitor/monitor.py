@@ -31,7 +31,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from lr_monitor._compat import is_tensorboard_logger, pl, rank_zero_warn
+from lr_monitor._compat import is_tensorboard_logger, pl, rank_zero_warn, run_dir
 from lr_monitor.alerts import AlertSink, close_sinks, dispatch, make_default_sinks
 from lr_monitor.events import GuardEvent
 from lr_monitor.faults import FaultBarrier
@@ -210,13 +210,9 @@ class StepSizeMonitor(pl.Callback):
         """Send a fault record to the run's record (log line and ``events.jsonl``)."""
         trainer = self._trainer
         if self._sinks is None:
-            log_dir = None
-            if trainer is not None:
-                lg = trainer.logger
-                log_dir = getattr(lg, "log_dir", None) if lg is not None else None
-                log_dir = log_dir or trainer.default_root_dir
             self._sinks = make_default_sinks(
-                log_dir, is_rank_zero=lambda: trainer is None or trainer.is_global_zero)
+                None if trainer is None else run_dir(trainer),
+                is_rank_zero=lambda: trainer is None or trainer.is_global_zero)
         dispatch(self._sinks, event)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
