@@ -46,7 +46,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -217,6 +217,12 @@ class DivergenceGuard(pl.Callback):
         # One stream of detectors per optimizer: in manual optimization with several
         # optimizers, each optimizer's losses and gradients are judged on their own.
         self.streams: list[dict[str, Detector]] = [self._make_detectors()]
+        if alerts is not None and (isinstance(alerts, (str, bytes))
+                                   or not isinstance(alerts, Iterable)):
+            raise invalid("alerts", alerts, "None or a list of alert sinks or callables")
+        for i, a in enumerate(alerts or []):
+            if not (isinstance(a, AlertSink) or callable(a)):
+                raise invalid(f"alerts[{i}]", a, "an AlertSink or a callable fn(event)")
         self.extra_sinks = [as_sink(a) for a in (alerts or [])]
         self.log_events = log_events
         self.jsonl = jsonl

@@ -44,11 +44,11 @@ from lr_monitor.functional.statistics import (
 from lr_monitor.recorder import (
     STATISTICS,
     StepRecorder,
-    _validate_interval,
     check_recorder_args,
     group_names,
     optimizer_names,
 )
+from lr_monitor.validation import check_bool, check_int
 
 __all__ = ["StepSizeMonitor"]
 
@@ -98,17 +98,13 @@ class StepSizeMonitor(pl.Callback):
         cosine_samples: int = 4096,
         log_global: bool = True,
     ) -> None:
-        _validate_interval("logging_interval", logging_interval, allow_none=True)
-        if not isinstance(prefix, str) or not prefix or prefix.startswith("/"):
-            raise ValueError(f"prefix={prefix!r} is invalid: must be a non-empty string "
-                             "not starting with '/'")
-        check_recorder_args(granularity=granularity, include=include, exclude=exclude,
-                            cosine_samples=cosine_samples)
-        if histogram_every_n_steps is not None and (
-                isinstance(histogram_every_n_steps, bool)
-                or not isinstance(histogram_every_n_steps, int) or histogram_every_n_steps < 0):
-            raise ValueError(f"histogram_every_n_steps={histogram_every_n_steps!r} is "
-                             "invalid: must be None, 0 (off) or an int >= 1")
+        check_int("logging_interval", logging_interval, 1, allow_none=True)
+        check_recorder_args(prefix=prefix, granularity=granularity, include=include,
+                            exclude=exclude, update_cosine=update_cosine,
+                            cosine_samples=cosine_samples, log_global=log_global)
+        check_int("histogram_every_n_steps", histogram_every_n_steps, 0, allow_none=True)
+        check_bool("grad_histograms", grad_histograms)
+        check_bool("custom_scalars", custom_scalars)
         self.logging_interval = logging_interval
         self.prefix = prefix
         self.granularity = granularity
@@ -128,6 +124,10 @@ class StepSizeMonitor(pl.Callback):
         self._recorded_steps = 0
         self._loaded_step_counts: dict[str, int] = {}  # from a checkpoint, used once
         self._step_counts: dict[str, int] = {}  # of the recorders, kept after teardown
+        # The x-axis: batches in which an optimizer stepped (self.log's step).
+        self._batches = 0
+        self._loaded_batches: int | None = None
+        self._steps_at_batch_start = 0
         self._sinks: list[AlertSink] | None = None
         self.faults = FaultBarrier("StepSizeMonitor", report=self._report_fault,
                                    step=self._current_step)
@@ -171,8 +171,8 @@ class StepSizeMonitor(pl.Callback):
                 log_global=self.log_global, faults=self.faults,
             )
             # Each optimizer counts its own steps: with several optimizers in manual
-            # optimization every opt.step() advances trainer.global_step, so a shared
-            # count would record one optimizer only and run ahead of self.log's x-axis.
+            # optimization every opt.step() advances trainer.global_step, so recording
+            # on global_step would catch one optimizer only.
             rec.step_index = self._loaded_step_counts.get(
                 name, trainer.global_step // len(optimizers))
             if not rec.exact:
@@ -183,8 +183,24 @@ class StepSizeMonitor(pl.Callback):
                 )
             rec.attach()
             self.recorders.append(rec)
-        self._loaded_step_counts = {}
+        self._batches = (self._loaded_batches if self._loaded_batches is not None
+                         else trainer.global_step // len(optimizers))
+        self._loaded_step_counts, self._loaded_batches = {}, None
         self.faults.call("layout", self._write_layout, trainer)
+
+    def _optimizer_steps(self) -> int:
+        return sum(r.step_index for r in self.recorders)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        """Remember the step counts, to tell whether this batch stepped an optimizer."""
+        self._steps_at_batch_start = self._optimizer_steps()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Advance the x-axis after a batch that stepped an optimizer (as ``self.log``)."""
+        if self._optimizer_steps() != self._steps_at_batch_start:
+            self._batches += 1
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove the optimizer hooks; close the fault record."""
@@ -221,7 +237,7 @@ class StepSizeMonitor(pl.Callback):
         opt = getattr(optimizer, "optimizer", optimizer)
         for r in self.recorders:
             if r.optimizer is opt and r.capture_gradients() and self.grad_histograms \
-                    and self._histogram_due(r.step_index):
+                    and self._histogram_due(self._batches):
                 self.faults.call("grad_histograms", self._write_grad_histograms, trainer, r,
                                  subject=r.name)
 
@@ -232,7 +248,7 @@ class StepSizeMonitor(pl.Callback):
             rec = next((r for r in self.recorders if r.name == name), None)
             if trainer is None or not trainer.is_global_zero or rec is None:
                 return
-            step = rec.last_recorded_index or 0
+            step = self._batches
             self._recorded_steps += 1
             self.faults.call("log", self._log, trainer, metrics, step, subject=name)
             if self._histogram_due(step):
@@ -303,7 +319,7 @@ class StepSizeMonitor(pl.Callback):
             if flat.numel():
                 for w in writers:
                     w.add_histogram(f"{self.prefix}/grad/{rec.name}/{gname}", flat,
-                                    rec.step_index)
+                                    self._batches)
 
     def _write_layout(self, trainer: pl.Trainer) -> None:
         if not self.custom_scalars or self._layout_written or not trainer.is_global_zero:
@@ -326,7 +342,7 @@ class StepSizeMonitor(pl.Callback):
 
     # -- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """What survives a resume: the count of recorded steps and each optimizer's steps.
+        """What survives a resume: recorded steps, each optimizer's steps, the x-axis.
 
         The subsample of the last update kept for ``update_cosine`` is not saved (it is
         parameter-sized in the worst case): after a resume the first recorded step has no
@@ -334,10 +350,14 @@ class StepSizeMonitor(pl.Callback):
         """
         counts = {**self._step_counts, **self._loaded_step_counts,
                   **{r.name: r.step_index for r in self.recorders}}
-        return {"recorded_steps": self._recorded_steps, "step_counts": counts}
+        batches = self._batches if self._loaded_batches is None else self._loaded_batches
+        return {"recorded_steps": self._recorded_steps, "step_counts": counts,
+                "batches": batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self._recorded_steps = int(state_dict.get("recorded_steps", 0))
         self._loaded_step_counts = {str(k): int(v) for k, v in
                                    state_dict.get("step_counts", {}).items()}
+        if "batches" in state_dict:
+            self._loaded_batches = int(state_dict["batches"])

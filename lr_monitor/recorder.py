@@ -58,6 +58,7 @@ from lr_monitor.functional.statistics import (
     tensor_norms,
 )
 from lr_monitor.functional.step import applied_update, with_applied_update
+from lr_monitor.validation import check_bool, check_choice, check_int, invalid
 
 __all__ = [
     "GRANULARITIES",
@@ -113,14 +114,6 @@ def group_names(optimizer: torch.optim.Optimizer) -> list[str]:
             name = f"{name}-{i}"
         names.append(name)
     return names
-
-
-def _validate_interval(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "None or an int >= 1" if allow_none else "an int >= 1"
-        raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
 
 
 class StepRecorder:
@@ -188,8 +181,9 @@ class StepRecorder:
         reduce: Callable[[StepSums], None] | None = None,
         faults: FaultBarrier | None = None,
     ) -> None:
-        check_recorder_args(granularity=granularity, include=include, exclude=exclude,
-                            cosine_samples=cosine_samples)
+        check_recorder_args(prefix=prefix, granularity=granularity, include=include,
+                            exclude=exclude, update_cosine=update_cosine,
+                            cosine_samples=cosine_samples, log_global=log_global)
         self.optimizer = optimizer
         self.name = name
         self.prefix = prefix
@@ -207,7 +201,6 @@ class StepRecorder:
         self._recording = False
         self._snapshot = ParamSnapshot(optimizer)
         self._before: dict[Tensor, Tensor] = {}
-        self._measured_groups: set[int] = set()
         self._excluded: set[int] = set()
         self._grad_sq: dict[Tensor, Tensor] | None = None
         self._handles: list[RemovableHandle] = []
@@ -244,9 +237,9 @@ class StepRecorder:
         """Measure gradient norms now (before clipping), if this step will be recorded.
 
         Lightning calls this from ``on_before_optimizer_step``; in a plain loop, call it
-        before ``clip_grad_norm_`` to record unclipped norms (otherwise the pre-step hook
-        measures them after clipping). Sparse gradients are measured by their coalesced
-        values.
+        before ``clip_grad_norm_`` to record unclipped norms (otherwise they are taken after
+        the step from the gradient the optimizer used, i.e. after clipping). Sparse
+        gradients are measured by their coalesced values.
 
         Returns:
             Whether the coming step will be recorded.
@@ -275,18 +268,14 @@ class StepRecorder:
         if not self.should_record(self.step_index):
             return
         self._recording = True
-        if self._grad_sq is None:
-            self.capture_gradients()
         # Copies: every parameter of a group without an exact rule; bf16/fp16 parameters
         # of the others (their applied update differs from the rule's by rounding).
-        self._measured_groups = set()
-        copied: list[Tensor] = []
-        for gi, g in enumerate(self.optimizer.param_groups):
-            measured = not (self.exact and supports_group(self.optimizer, g))
-            if measured:
-                self._measured_groups.add(gi)
-            copied += [p for p in g["params"] if measured or is_low_precision(p)]
-        self._snapshot.take(copied)
+        self._snapshot.take([p for g in self.optimizer.param_groups for p in g["params"]
+                             if self._measured(g) or is_low_precision(p)])
+
+    def _measured(self, group: dict[str, Any]) -> bool:
+        """Whether ``group``'s steps are measured from copies (no exact rule for it)."""
+        return not (self.exact and supports_group(self.optimizer, group))
 
     def _post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.step_index += 1
@@ -326,12 +315,12 @@ class StepRecorder:
     def _faulty_params(self, grad_sq: dict[Tensor, Tensor] | None
                        ) -> list[tuple[Tensor, Exception]]:
         out = []
-        for gi, g in enumerate(self.optimizer.param_groups):
+        for g in self.optimizer.param_groups:
             for p in g["params"]:
                 if p.grad is None or id(p) in self._excluded:
                     continue
                 try:
-                    sums = step_sums([self._group_steps(gi, g, [p])], grad_sq=grad_sq)
+                    sums = step_sums([self._group_steps(g, [p])], grad_sq=grad_sq)
                     summarize(sums.to_host())
                 except Exception as exc:
                     out.append((p, exc))
@@ -348,12 +337,12 @@ class StepRecorder:
             return False
         return not (self._exclude is not None and self._exclude.search(name))
 
-    def _group_steps(self, gi: int, group: dict[str, Any],
+    def _group_steps(self, group: dict[str, Any],
                      params: list[Tensor] | None = None) -> Iterator[ParamStep]:
         """The steps of ``params`` (default: the group's, minus excluded ones), lazily."""
         if params is None:
             params = [p for p in group["params"] if id(p) not in self._excluded]
-        if gi in self._measured_groups:
+        if self._measured(group):
             yield from self._measured_steps(group, params)
             return
         for s in iter_group_steps(self.optimizer, {**group, "params": params}):
@@ -389,7 +378,7 @@ class StepRecorder:
             UnsupportedOptimizerError: if a group has no rule and no copy was taken.
         """
         lrs = [g["lr"] for g in self.optimizer.param_groups]
-        steps = [self._group_steps(gi, g) for gi, g in enumerate(self.optimizer.param_groups)]
+        steps = [self._group_steps(g) for g in self.optimizer.param_groups]
         sums = step_sums(steps, history=self.history, grad_sq=grad_sq,
                          tensor_rows=self._tensor_row if self.granularity == "tensor" else None,
                          extra=lrs)
@@ -419,30 +408,39 @@ class StepRecorder:
         return metrics, host
 
 
-def check_recorder_args(*, granularity: str, include: str | None, exclude: str | None,
-                        cosine_samples: int) -> None:
-    """Validate the recording options shared by :class:`StepRecorder` and the monitor.
+def check_recorder_args(*, prefix: Any = "optim", granularity: Any = "group",
+                        include: Any = None, exclude: Any = None, update_cosine: Any = True,
+                        cosine_samples: Any = 4096, log_global: Any = True) -> None:
+    """Validate the recording options of :class:`StepRecorder`, :func:`attach` and the monitor.
 
     Raises:
         ValueError: naming the argument, its value and what is allowed.
+
+    Example:
+        >>> check_recorder_args(update_cosine="False")
+        Traceback (most recent call last):
+        ...
+        ValueError: update_cosine='False' is invalid: must be True or False
     """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity={granularity!r} is invalid: must be one of "
-                         f"{GRANULARITIES}")
+    if not isinstance(prefix, str) or not prefix or prefix.startswith("/"):
+        raise invalid("prefix", prefix, "a non-empty string not starting with '/'")
+    check_choice("granularity", granularity, GRANULARITIES)
     _compile("include", include)
     _compile("exclude", exclude)
-    if isinstance(cosine_samples, bool) or not isinstance(cosine_samples, int) \
-            or cosine_samples < 1:
-        raise ValueError(f"cosine_samples={cosine_samples!r} is invalid: must be an int >= 1")
+    check_bool("update_cosine", update_cosine)
+    check_int("cosine_samples", cosine_samples, 1)
+    check_bool("log_global", log_global)
 
 
-def _compile(arg: str, pattern: str | None) -> re.Pattern[str] | None:
+def _compile(arg: str, pattern: Any) -> re.Pattern[str] | None:
     if pattern is None:
         return None
+    if not isinstance(pattern, str):
+        raise invalid(arg, pattern, "None or a regular expression (a string)")
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise ValueError(f"{arg}={pattern!r} is not a valid regular expression: {e}") from e
+        raise invalid(arg, pattern, f"a valid regular expression ({e})") from e
 
 
 class MonitorHandle:
@@ -493,7 +491,13 @@ def attach(
         ValueError: for a bad ``every_n_steps`` or recorder argument.
         TypeError: if ``writer`` is neither callable nor has ``add_scalar``.
     """
-    _validate_interval("every_n_steps", every_n_steps)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise invalid("optimizer", optimizer, "a torch.optim.Optimizer")
+    check_int("every_n_steps", every_n_steps, 1)
+    if name is not None and (not isinstance(name, str) or not name):
+        raise invalid("name", name, "None or a non-empty string")
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise invalid("model", model, "None or a torch.nn.Module")
     if hasattr(writer, "add_scalar"):
         sw = writer
 

@@ -231,6 +231,12 @@ def test_host_transfers_one_per_recorded_step(tmp_path: Path, monkeypatch: pytes
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
+    ({"update_cosine": "False"}, "update_cosine='False'"),
+    ({"grad_histograms": "yes"}, "grad_histograms='yes'"),
+    ({"custom_scalars": 0}, "custom_scalars=0"),
+    ({"log_global": "False"}, "log_global='False'"),
+    ({"include": 5}, "include=5"),
+    ({"exclude": 5}, "exclude=5"),
     ({"logging_interval": 0}, "logging_interval=0"),
     ({"logging_interval": 2.5}, "logging_interval=2.5"),
     ({"granularity": "layer"}, "granularity='layer'"),
@@ -238,11 +244,29 @@ def test_host_transfers_one_per_recorded_step(tmp_path: Path, monkeypatch: pytes
     ({"histogram_every_n_steps": -1}, "histogram_every_n_steps=-1"),
     ({"cosine_samples": 0}, "cosine_samples=0"),
     ({"prefix": ""}, "prefix=''"),
-], ids=["interval-zero", "interval-float", "granularity", "regex", "hist-negative",
-        "cosine-samples", "prefix-empty"])
+], ids=["cosine-str", "grad-hist-str", "custom-scalars-int", "global-str", "include-int",
+        "exclude-int", "interval-zero", "interval-float", "granularity", "regex",
+        "hist-negative", "cosine-samples", "prefix-empty"])
 def test_bad_arguments_name_themselves(kwargs: dict[str, Any], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match="^" + match):
         StepSizeMonitor(**kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"every_n_steps": 0}, "every_n_steps=0"),
+    ({"update_cosine": "False"}, "update_cosine='False'"),
+    ({"log_global": "no"}, "log_global='no'"),
+    ({"prefix": ""}, "prefix=''"),
+    ({"prefix": 5}, "prefix=5"),
+    ({"name": 5}, "name=5"),
+    ({"model": "m"}, "model='m'"),
+])
+def test_attach_bad_arguments_name_themselves(kwargs: dict[str, Any], match: str) -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(ValueError, match="^" + match):
+        attach(opt, lambda metrics, step: None, **kwargs)
+    with pytest.raises(ValueError, match="^optimizer=None is invalid"):
+        attach(None, lambda metrics, step: None)  # type: ignore[arg-type]
 
 
 def test_state_dict_in_checkpoint(tmp_path: Path) -> None:
@@ -252,7 +276,7 @@ def test_state_dict_in_checkpoint(tmp_path: Path) -> None:
     ckpt = tmp_path / "c.ckpt"
     tr.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=False)["callbacks"][mon.state_key]
-    assert state == {"recorded_steps": 2, "step_counts": {"Adam": 4}}
+    assert state == {"recorded_steps": 2, "step_counts": {"Adam": 4}, "batches": 4}
     other = StepSizeMonitor(2)
     other.load_state_dict(state)
     assert other.state_dict() == state
@@ -297,6 +321,70 @@ def test_manual_optimization_records_every_optimizer_on_self_logs_axis(tmp_path:
     assert sorted(tags["train/loss"]) == [0, 1, 2, 3, 4, 5]
     assert sorted(tags["optim/update_norm/Adam/global"]) == [0, 2, 4]
     assert sorted(tags["optim/update_norm/SGD/global"]) == [0, 2, 4]
+
+
+class CriticEveryOtherBatch(TwoOptimizersEachStep):
+    """GAN-critic pattern: the second optimizer steps on even batches only."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        a, b = self.optimizers()
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        a.zero_grad(); b.zero_grad()  # noqa: E702
+        self.manual_backward(loss)
+        a.step()
+        if batch_idx % 2 == 0:
+            b.step()
+        self.log("train/loss", loss)
+
+
+def test_an_optimizer_that_steps_every_other_batch_is_plotted_at_its_batches(
+        tmp_path: Path) -> None:
+    class Norms(pl.Callback):
+        def __init__(self) -> None:
+            self.sgd: dict[int, float] = {}
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, *a: Any) -> None:
+            self.before = pl_module.net[2].weight.detach().clone()
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                               batch_idx: int) -> None:
+            if batch_idx % 2 == 0:  # SGD stepped: its own step count is batch_idx // 2
+                delta = pl_module.net[2].weight.detach() - self.before
+                self.sgd[batch_idx] = delta.double().norm().item()
+
+    logger = TensorBoardLogger(str(tmp_path), name="critic")
+    norms = Norms()
+    tr = trainer(tmp_path, logger=logger, max_epochs=1,
+                 callbacks=[StepSizeMonitor(2, granularity="tensor"), norms])
+    tr.fit(CriticEveryOtherBatch(), regression_loader())  # 8 batches
+    tags = read_scalars(logger.log_dir)
+    assert sorted(tags["optim/update_norm/Adam/global"]) == [0, 2, 4, 6]
+    # SGD's own steps 0, 2 happen at batches 0 and 4: plotted there, on self.log's axis.
+    sgd = tags["optim/update_norm/SGD/net.2.weight"]
+    assert sorted(sgd) == [0, 4]
+    for batch_idx, value in sgd.items():
+        assert value == pytest.approx(norms.sgd[batch_idx], rel=1e-5)
+
+
+def test_a_group_added_mid_run_to_an_optimizer_without_a_rule(tmp_path: Path) -> None:
+    class GrowsAGroup(Regressor):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if batch_idx == 2:
+                extra = torch.nn.Parameter(torch.zeros(3))
+                self.extra = extra
+                self.optimizers().optimizer.add_param_group({"params": [extra]})
+            loss = super().training_step(batch, batch_idx)
+            return loss + (self.extra.sum() ** 2 if hasattr(self, "extra") else 0)
+
+    logger = TensorBoardLogger(str(tmp_path), name="grow")
+    tr = trainer(tmp_path, logger=logger, max_steps=6, callbacks=[StepSizeMonitor(1)])
+    with pytest.warns(UserWarning, match="no exact update rule for Rprop"):
+        tr.fit(GrowsAGroup(lambda m: torch.optim.Rprop(m.parameters(), lr=0.01)),
+               regression_loader())
+    tags = read_scalars(logger.log_dir)
+    assert sorted(tags["optim/update_norm/Rprop/pg0"]) == [0, 1, 2, 3, 4, 5]
+    assert not (Path(logger.log_dir) / "events.jsonl").exists()  # no fault
 
 
 def test_resume_continues_each_optimizers_step_count(tmp_path: Path) -> None:

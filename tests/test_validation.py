@@ -22,6 +22,7 @@ GUARD_BAD = [
     ("amp_patience", 0), ("watch_grad_norm", "False"), ("watch_grad_norm", 0),
     ("log_events", None), ("jsonl", "yes"), ("on_spike", "explode"), ("on_nonfinite", None),
     ("escalate", "rollback"), ("events_dir", 123), ("name", 5),
+    ("alerts", "https://hooks.example.invalid/x"), ("alerts", 5),
 ]
 
 
@@ -61,3 +62,8 @@ def test_check_int_and_check_bool_refuse_lookalikes(value: Any) -> None:
     else:
         with pytest.raises(ValueError, match=r"^flag=.* is invalid: must be True or False$"):
             check_bool("flag", value)
+
+
+def test_guard_alert_entries_are_named_by_position() -> None:
+    with pytest.raises(ValueError, match=r"^alerts\[1\]=5 is invalid: must be an AlertSink"):
+        DivergenceGuard(alerts=[print, 5])
