@@ -265,7 +265,7 @@ def test_attach_bad_arguments_name_themselves(kwargs: dict[str, Any], match: str
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
     with pytest.raises(ValueError, match="^" + match):
         attach(opt, lambda metrics, step: None, **kwargs)
-    with pytest.raises(ValueError, match="^optimizer=None is invalid"):
+    with pytest.raises(ValueError, match=r"^optimizer=None is invalid"):
         attach(None, lambda metrics, step: None)  # type: ignore[arg-type]
 
 
