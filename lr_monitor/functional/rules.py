@@ -718,21 +718,26 @@ def _adam_like(group: dict[str, Any], params: list[Tensor], states: list[dict[st
         bc2 = 1 - beta2**step
         m = _v(st["exp_avg"], dt)
         v = _v(st["max_exp_avg_sq"] if amsgrad else st["exp_avg_sq"], dt)
-        v_sqrt = v.sqrt()
         if tensor_path:
             # denom = √v/(√bc2·(−lr/bc1)) + ε/(−lr/bc1); θ += m/denom (all scalars float32).
+            v_sqrt = v.sqrt()
             step_size_neg = (lr / bc1).neg()
             denom = v_sqrt / (bc2.sqrt() * step_size_neg) + eps / step_size_neg
             adaptive = m / denom
             eff = (-bc1) / denom
-            vhat_sqrt = v_sqrt / bc2.sqrt()
+            eps_dominated = v_sqrt / bc2.sqrt() < eps
         else:
+            # In place on two buffers (this pass runs over the whole model), with the same
+            # kernels and operand order as torch's step, so the rounding is the same.
             step_size = lr / bc1
-            vhat_sqrt = v_sqrt / bc2**0.5
-            denom = vhat_sqrt + eps
-            adaptive = m / denom * (-step_size)
-            # lr up to torch's rounding of lr/bc1, so that −eff·(m/bc1) is the step.
-            eff = (_s(step_size, dt) * _s(bc1, dt)) / denom
+            denom = v.sqrt().div_(_s(bc2**0.5, dt))  # √v̂
+            eps_dominated = denom < eps
+            denom.add_(eps)
+            adaptive = torch.div(m, denom).mul_(_s(-step_size, dt))
+            # lr up to torch's rounding of lr/bc1, so that −eff·(m/bc1) is the step. A
+            # Python float over a tensor is reciprocal-then-multiply in torch.
+            c = _s(step_size, dt) * _s(bc1, dt)
+            eff = c / denom if isinstance(c, Tensor) else denom.reciprocal_().mul_(c)
         direction = m / bc1
         theta = _v(p, dt)
         update = _decoupled(adaptive, theta, 1 - lr * wd) if decoupled and wd_on else adaptive
@@ -741,7 +746,7 @@ def _adam_like(group: dict[str, Any], params: list[Tensor], states: list[dict[st
             grad = _v(p.grad, dt) - _s(wd, dt) * (theta - update)  # type: ignore[arg-type]
         yield ParamStep(
             param=p, grad=grad, update=update, eff_lr=eff, direction=direction,
-            first_moment=m, second_moment=v, eps_dominated=vhat_sqrt < eps,
+            first_moment=m, second_moment=v, eps_dominated=eps_dominated,
         )
 
 

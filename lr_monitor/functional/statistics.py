@@ -279,7 +279,7 @@ def _count_nonfinite(values: np.ndarray, tensors: list[list[Tensor]]) -> None:
     """Second, small transfer: exact non-finite element counts of the flagged rows."""
     counts = []
     for row in tensors:
-        c = [(~torch.isfinite(t)).sum() for t in row]
+        c = [torch.count_nonzero(~torch.isfinite(t)) for t in row]
         counts.append(torch.stack(c).sum() if c else torch.zeros((), dtype=torch.int64))
     if counts:
         host = torch.stack([c.to("cpu") for c in counts]).tolist()
@@ -544,20 +544,18 @@ def _chunk_sums(flat: list[ParamStep], history: UpdateHistory | None,
     # Per-tensor work that foreach cannot express: min/max in one pass, eps and lost
     # counts, histograms, cosines.
     extremes = []
-    counts = []  # eps_dominated, eps_numel, lost, lost_numel
+    masks: dict[str, list[Tensor]] = {"eps_dominated": [], "lost": []}
+    numels: dict[str, list[float]] = {"eps_numel": [], "lost_numel": []}
     cos = []
     hists = torch.zeros(len(flat), _NBINS, dtype=torch.float64, device=dev)
     zero = torch.zeros((), dtype=torch.float64, device=dev)
     for i, s in enumerate(flat):
         n = updates[i].numel()
         extremes.append(torch.stack(torch.aminmax(effs[i])).to(torch.float64))
-        eps_mask, lost_mask = s.eps_dominated, s.update_lost
-        counts.append(torch.stack([
-            _local(eps_mask).sum().double() if eps_mask is not None else zero,
-            zero + (n if eps_mask is not None else 0),
-            _local(lost_mask).sum().double() if lost_mask is not None else zero,
-            zero + (n if lost_mask is not None else 0),
-        ]))
+        for count_key, numel_key, mask in (("eps_dominated", "eps_numel", s.eps_dominated),
+                                           ("lost", "lost_numel", s.update_lost)):
+            masks[count_key].append(zero if mask is None else torch.count_nonzero(_local(mask)))
+            numels[numel_key].append(0.0 if mask is None else float(n))
         # log10 in float32 (bins are 0.02 decades wide), clamped in place so 0 and inf
         # land in the end bins; NaN is left out (it is counted by `nonfinite`). Large
         # tensors are histogrammed on the fixed random subsample of HIST_SAMPLES elements
@@ -584,8 +582,10 @@ def _chunk_sums(flat: list[ParamStep], history: UpdateHistory | None,
                 p_ = prev.double()
                 cos.append(w * torch.stack([c.dot(p_), p_.dot(p_), c.dot(c)]))
     cols["eff_min"], cols["eff_max"] = torch.stack(extremes).unbind(1)
-    (cols["eps_dominated"], cols["eps_numel"], cols["lost"],
-     cols["lost_numel"]) = torch.stack(counts).unbind(1)
+    for key, counts in masks.items():
+        cols[key] = torch.stack(counts).double()
+    for key, values in numels.items():
+        cols[key] = torch.tensor(values, dtype=torch.float64)
     if cos:
         cols["cos_dot"], cols["cos_prev_sq"], cols["cos_cur_sq"] = torch.stack(cos).unbind(1)
     finite = torch.stack([cols["grad_sq"].to(dev), cols["param_sq"].to(dev)]).isfinite()
