@@ -55,6 +55,36 @@ class Regressor(pl.LightningModule):
         return self._make(self)
 
 
+class TwoOptimizers(Regressor):
+    """Manual optimization: two optimizers on one backward pass, each stepping per batch.
+
+    Override :meth:`second_steps` to step the second one on some batches only.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(lambda m: None)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        a, b = self.optimizers()
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        a.zero_grad(); b.zero_grad()  # noqa: E702
+        self.manual_backward(loss)
+        a.step()
+        if self.second_steps(batch_idx):
+            b.step()
+        self.log("train/loss", loss)
+
+    def second_steps(self, batch_idx: int) -> bool:
+        """Whether the second optimizer steps on this batch."""
+        return True
+
+    def configure_optimizers(self) -> Any:
+        return [torch.optim.Adam(self.net[0].parameters(), lr=1e-2),
+                torch.optim.SGD(self.net[2].parameters(), lr=1e-2)]
+
+
 class DigitsMLP(pl.LightningModule):
     """MLP 64-hidden-hidden-10 on digits."""
 

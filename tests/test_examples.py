@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -39,29 +38,11 @@ def test_manual_optimization_one_backward_two_steps_is_not_a_fault(tmp_path: Pat
     import pytorch_lightning as pl
 
     from lr_monitor import DivergenceGuard
-    from tests.lightning_models import Regressor, regression_loader, trainer
-
-    class TwoOpt(Regressor):
-        def __init__(self) -> None:
-            super().__init__(lambda m: None)
-            self.automatic_optimization = False
-
-        def training_step(self, batch: Any, batch_idx: int) -> None:
-            a, b = self.optimizers()
-            x, y = batch
-            a.zero_grad()
-            b.zero_grad()
-            self.manual_backward(torch.nn.functional.mse_loss(self.net(x), y))
-            a.step()
-            b.step()
-
-        def configure_optimizers(self) -> Any:
-            return (torch.optim.Adam(self.net[0].parameters(), lr=1e-2),
-                    torch.optim.SGD(self.net[2].parameters(), lr=1e-2))
+    from tests.lightning_models import TwoOptimizers, regression_loader, trainer
 
     guard = DivergenceGuard(jsonl=False)
     tr = trainer(tmp_path, max_steps=40, callbacks=[guard])
     pl.seed_everything(0, verbose=False)
-    tr.fit(TwoOpt(), regression_loader())
+    tr.fit(TwoOptimizers(), regression_loader())
     assert guard.events == []
     assert len(guard.streams) == 2

@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lr_monitor import StepSizeMonitor, attach
 from lr_monitor.functional import effective_lr, last_update, optimizer_steps
-from tests.lightning_models import Regressor, regression_loader, trainer
+from tests.lightning_models import Regressor, TwoOptimizers, regression_loader, trainer
 
 OPTIMIZERS = {
     "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
@@ -98,29 +98,8 @@ def test_tensorboard_values_equal_functional(tmp_path: Path, opt_name: str) -> N
     assert f"optim/log10_eff_lr/{name}/pg0" in acc.Tags()["histograms"]
 
 
-class TwoOptimizersEachStep(Regressor):
-    """Manual optimization: two optimizers, each stepping once per batch."""
-
-    def __init__(self) -> None:
-        super().__init__(lambda m: None)
-        self.automatic_optimization = False
-
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        a, b = self.optimizers()
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        a.zero_grad(); b.zero_grad()  # noqa: E702
-        self.manual_backward(loss)
-        a.step(); b.step()  # noqa: E702
-        self.log("train/loss", loss)
-
-    def configure_optimizers(self) -> Any:
-        return [torch.optim.Adam(self.net[0].parameters(), lr=1e-2),
-                torch.optim.SGD(self.net[2].parameters(), lr=1e-2)]
-
-
 def test_two_optimizers_and_named_groups(tmp_path: Path) -> None:
-    class TwoOpt(TwoOptimizersEachStep):
+    class TwoOpt(TwoOptimizers):
         def configure_optimizers(self) -> Any:
             first, second = self.net[0], self.net[2]
             return [
@@ -315,7 +294,7 @@ def test_manual_optimization_records_every_optimizer_on_self_logs_axis(tmp_path:
     """Each opt.step() advances global_step; each optimizer still records every 2nd step."""
     logger = TensorBoardLogger(str(tmp_path), name="manual")
     tr = trainer(tmp_path, logger=logger, max_steps=12, callbacks=[StepSizeMonitor(2)])
-    tr.fit(TwoOptimizersEachStep(), regression_loader())
+    tr.fit(TwoOptimizers(), regression_loader())
     assert tr.global_step == 12  # 6 batches, 2 optimizer steps each
     tags = read_scalars(logger.log_dir)
     assert sorted(tags["train/loss"]) == [0, 1, 2, 3, 4, 5]
@@ -323,19 +302,11 @@ def test_manual_optimization_records_every_optimizer_on_self_logs_axis(tmp_path:
     assert sorted(tags["optim/update_norm/SGD/global"]) == [0, 2, 4]
 
 
-class CriticEveryOtherBatch(TwoOptimizersEachStep):
+class CriticEveryOtherBatch(TwoOptimizers):
     """GAN-critic pattern: the second optimizer steps on even batches only."""
 
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        a, b = self.optimizers()
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        a.zero_grad(); b.zero_grad()  # noqa: E702
-        self.manual_backward(loss)
-        a.step()
-        if batch_idx % 2 == 0:
-            b.step()
-        self.log("train/loss", loss)
+    def second_steps(self, batch_idx: int) -> bool:
+        return batch_idx % 2 == 0
 
 
 def test_an_optimizer_that_steps_every_other_batch_is_plotted_at_its_batches(
@@ -390,13 +361,13 @@ def test_a_group_added_mid_run_to_an_optimizer_without_a_rule(tmp_path: Path) ->
 def test_resume_continues_each_optimizers_step_count(tmp_path: Path) -> None:
     mon = StepSizeMonitor(2)
     tr = trainer(tmp_path, max_steps=6, callbacks=[mon])
-    tr.fit(TwoOptimizersEachStep(), regression_loader())
+    tr.fit(TwoOptimizers(), regression_loader())
     ckpt = tmp_path / "c.ckpt"
     tr.save_checkpoint(ckpt)
     logger = TensorBoardLogger(str(tmp_path), name="resumed")
     tr2 = trainer(tmp_path, logger=logger, max_steps=12, max_epochs=3,
                   callbacks=[StepSizeMonitor(2)])
-    tr2.fit(TwoOptimizersEachStep(), regression_loader(), ckpt_path=str(ckpt))
+    tr2.fit(TwoOptimizers(), regression_loader(), ckpt_path=str(ckpt))
     tags = read_scalars(logger.log_dir)
     assert sorted(tags["optim/update_norm/SGD/global"]) == [4]  # steps 3, 4, 5 of each
 
