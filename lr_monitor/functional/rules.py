@@ -104,6 +104,7 @@ __all__ = [
     "ParamStep",
     "Rule",
     "UnsupportedOptimizerError",
+    "compute_dtype",
     "find_rule",
     "group_steps",
     "is_low_precision",
@@ -488,8 +489,16 @@ class _Py:
         return self._cmp(o, torch.lt)
 
 
-def _cdt(p: Tensor) -> torch.dtype:
-    """Dtype a rule computes in: float64 for float64 parameters, float32 otherwise."""
+def compute_dtype(p: Tensor) -> torch.dtype:
+    """Dtype the rules and statistics compute in: float64 or float32, never lower.
+
+    float64 for float64 (and complex128) tensors, float32 for every other dtype (bf16 and
+    fp16 are upcast).
+
+    Example:
+        >>> compute_dtype(torch.zeros(1, dtype=torch.bfloat16))
+        torch.float32
+    """
     return torch.float64 if p.dtype.to_real() == torch.float64 else torch.float32
 
 
@@ -712,7 +721,7 @@ def _adam_like(group: dict[str, Any], params: list[Tensor], states: list[dict[st
     grad_overwritten = (not decoupled and group.get("differentiable", False)
                         and _wd_overwrites_grad(group))
     for p, st in zip(params, states, strict=True):
-        dt = _cdt(p)
+        dt = compute_dtype(p)
         step = _step_of(st, tensor_path=tensor_path)
         bc1 = 1 - beta1**step
         bc2 = 1 - beta2**step
@@ -774,7 +783,7 @@ def _adagrad(group: dict[str, Any], params: list[Tensor],
     if _impl_path(group, params, style="adagrad") == "fused":
         lr = _py(lr)  # the fused kernel computes clr in double
     for p, st in zip(params, states, strict=True):
-        dt = _cdt(p)
+        dt = compute_dtype(p)
         step = _step_of(st, tensor_path=False)  # _get_value on every path
         clr = lr / (1 + (step - 1) * lr_decay)
         s = _v(st["sum"], dt)
@@ -801,7 +810,7 @@ def _rmsprop(group: dict[str, Any], params: list[Tensor],
     centered = bool(group["centered"])
     maximize = bool(group.get("maximize", False))
     for p, st in zip(params, states, strict=True):
-        dt = _cdt(p)
+        dt = compute_dtype(p)
         lr = _s(lr0, dt)  # applied by value (value=-lr, alpha=-lr)
         v = _v(st["square_avg"], dt)
         g = _v(p.grad, dt)  # type: ignore[arg-type]
@@ -835,7 +844,7 @@ def _adamax(group: dict[str, Any], params: list[Tensor],
     if not capturable and _impl_path(group, params, style="foreach") == "foreach":
         lr = _py(lr)  # foreach reads a tensor lr with _get_value
     for p, st in zip(params, states, strict=True):
-        dt = _cdt(p)
+        dt = compute_dtype(p)
         step = _step_of(st, tensor_path=capturable)
         m, u = _v(st["exp_avg"], dt), _v(st["exp_inf"], dt)
         bc = 1 - beta1**step
@@ -872,7 +881,7 @@ def _nadam(group: dict[str, Any], params: list[Tensor],
     if not capturable and _impl_path(group, params, style="foreach") == "foreach":
         lr = _py(lr)  # foreach reads a tensor lr with _get_value for its step sizes
     for p, st in zip(params, states, strict=True):
-        dt = _cdt(p)
+        dt = compute_dtype(p)
         step = _step_of(st, tensor_path=capturable)
         bc2 = 1 - beta2**step
         mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * psi)))
@@ -921,7 +930,7 @@ def _radam(group: dict[str, Any], params: list[Tensor],
     capturable = bool(group.get("capturable", False))  # differentiable reads the step
     foreach = not capturable and _impl_path(group, params, style="foreach") == "foreach"
     for p, st in zip(params, states, strict=True):
-        dt = _cdt(p)
+        dt = compute_dtype(p)
         step = _step_of(st, tensor_path=capturable)
         bc1 = 1 - beta1**step
         bc2 = 1 - beta2**step
@@ -966,7 +975,7 @@ def _adadelta(group: dict[str, Any], params: list[Tensor],
     wd_on = _is_nonzero(wd)
     maximize = bool(group.get("maximize", False))
     for p, st in zip(params, states, strict=True):
-        dt = _cdt(p)
+        dt = compute_dtype(p)
         lr = _s(lr0, dt)  # applied by value (alpha=-lr)
         wd_d = _s(wd, dt)
         v, u = _v(st["square_avg"], dt), _v(st["acc_delta"], dt)
@@ -1012,7 +1021,7 @@ def _adafactor(group: dict[str, Any], params: list[Tensor],
     wd = _hp(group["weight_decay"])
     maximize = bool(group.get("maximize", False))
     for p, st in zip(params, states, strict=True):
-        dt = _cdt(p)
+        dt = compute_dtype(p)
         step = _step_of(st, tensor_path=False)  # torch: step_t.item()
         inv_sqrt = 1 / (step**0.5)
         eps1 = torch.finfo(p.dtype).eps if eps1_cfg is None else float(eps1_cfg)
@@ -1080,7 +1089,7 @@ def _sgd(group: dict[str, Any], params: list[Tensor],
     # single-tensor path with a weight decay tensor requiring grad: p.grad = g + wd·θ.
     wd_in_grad = path == "single" and _wd_overwrites_grad(group)
     for p, st in zip(params, states, strict=True):
-        dt = _cdt(p)
+        dt = compute_dtype(p)
         lr, wd = _s(lr0, dt), _s(wd0, dt)  # torch applies both by value (alpha=...)
         mu: Any = momentum
         if path == "fused" and is_low_precision(p):
@@ -1123,7 +1132,7 @@ def _sparse_adam(group: dict[str, Any], params: list[Tensor],
     beta1, beta2 = (_hp(b) for b in group["betas"])
     eps = float(group["eps"])
     for p, st in zip(params, states, strict=True):
-        dt = _cdt(p)
+        dt = compute_dtype(p)
         step = _step_of(st, tensor_path=False)  # a Python int in SparseAdam's state
         g = p.grad
         assert g is not None

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lr_monitor.functional.rules import ParamStep
+from lr_monitor.functional.rules import ParamStep, compute_dtype
 
 __all__ = [
     "BINS_PER_DECADE",
@@ -80,7 +80,6 @@ __all__ = [
     "quantile_from_histogram",
     "rounded_away",
     "sample_index",
-    "stat_dtype",
     "step_sums",
     "summarize",
     "tensor_norms",
@@ -98,17 +97,6 @@ FIELDS = (
     "cos_dot", "cos_prev_sq", "cos_cur_sq", "lost", "lost_numel", "eff_min", "eff_max",
 )
 _F = {name: i for i, name in enumerate(FIELDS)}
-
-
-def stat_dtype(t: Tensor) -> torch.dtype:
-    """The dtype statistics of ``t`` are computed in: float32, or float64 for float64."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _up(t: Tensor) -> Tensor:
-    """``t`` in at least float32 (bf16/fp16 are upcast; a copy only for those)."""
-    return t if t.dtype in (torch.float32, torch.float64) or t.dtype == torch.bool \
-        else t.to(torch.float32)
 
 
 def rounded_away(param: Tensor, update: Tensor) -> Tensor:
@@ -176,7 +164,7 @@ class UpdateHistory:
         Both samples are copies in float32 (float64 for float64 updates); each value stands for
         ``update.numel() / len(sample)`` elements of the tensor.
         """
-        cur = self.sample(update.detach()).to(stat_dtype(update), copy=True)
+        cur = self.sample(update.detach()).to(compute_dtype(update), copy=True)
         prev = self._prev.get(id(param))
         if prev is not None and prev.shape != cur.shape:
             prev = None
@@ -528,10 +516,11 @@ def _chunk_sums(flat: list[ParamStep], history: UpdateHistory | None,
     if with_second:
         # Mean of the denominator at gradient scale: √v for a second moment, the state
         # itself where it already is a root (Adamax's exp_inf).
-        roots = [_up(_local(flat[i].second_moment))  # type: ignore[arg-type]
-                 for i in with_second]
-        roots = [r if flat[i].second_moment_is_root else r.sqrt()
-                 for i, r in zip(with_second, roots, strict=True)]
+        roots = []
+        for i in with_second:
+            r = _local(flat[i].second_moment)  # type: ignore[arg-type]
+            r = r.to(compute_dtype(r))
+            roots.append(r if flat[i].second_moment_is_root else r.sqrt())
         col = torch.zeros(len(flat), dtype=torch.float64, device=dev)
         col[with_second] = torch.stack(
             torch._foreach_norm(roots, ord=1)).to(dev, torch.float64)

@@ -35,7 +35,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from lr_monitor.functional.rules import ParamStep, find_rule, group_steps
+from lr_monitor.functional.rules import ParamStep, compute_dtype, find_rule, group_steps
 
 __all__ = [
     "ParamSnapshot",
@@ -225,7 +225,7 @@ def applied_update(after: Tensor, before: Tensor) -> Tensor:
         >>> applied_update(a, torch.ones(2, dtype=torch.bfloat16))
         tensor([0.0000, 0.0078])
     """
-    dtype = torch.float64 if after.dtype.to_real() == torch.float64 else torch.float32
+    dtype = compute_dtype(after)
     return _real(after).to(dtype) - _real(before.detach().to(after.device)).to(dtype)
 
 
