@@ -16,8 +16,8 @@ from sklearn.datasets import load_diabetes
 from torch.utils.tensorboard import SummaryWriter
 
 import lr_monitor
-from lr_monitor.detectors import ExplosionDetector, NonFiniteDetector, SpikeDetector
-from lr_monitor.interventions import LRCut, RollbackBuffer, skip_step
+from lr_monitor.guard.detectors import ExplosionDetector, NonFiniteDetector, SpikeDetector
+from lr_monitor.guard.interventions import LRCut, RollbackBuffer, skip_step
 
 
 def main(argv: list[str] | None = None) -> list[str]:

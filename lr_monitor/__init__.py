@@ -16,14 +16,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from lr_monitor import _moved
 from lr_monitor.events import Detection, GuardEvent
 
 if TYPE_CHECKING:
-    from lr_monitor.guard import DivergenceGuard
-    from lr_monitor.monitor import StepSizeMonitor
-    from lr_monitor.recorder import MonitorHandle, StepRecorder, attach
+    from lr_monitor.callbacks.guard import DivergenceGuard
+    from lr_monitor.callbacks.monitor import StepSizeMonitor
+    from lr_monitor.recording import MonitorHandle, StepRecorder, attach
 
 __version__ = "0.1.0"
+
+_moved.install()
 
 __all__ = [
     "Detection",
@@ -37,11 +40,11 @@ __all__ = [
 ]
 
 _LAZY = {
-    "DivergenceGuard": "lr_monitor.guard",
-    "StepSizeMonitor": "lr_monitor.monitor",
-    "MonitorHandle": "lr_monitor.recorder",
-    "StepRecorder": "lr_monitor.recorder",
-    "attach": "lr_monitor.recorder",
+    "DivergenceGuard": "lr_monitor.callbacks.guard",
+    "StepSizeMonitor": "lr_monitor.callbacks.monitor",
+    "MonitorHandle": "lr_monitor.recording",
+    "StepRecorder": "lr_monitor.recording",
+    "attach": "lr_monitor.recording",
 }
 
 

@@ -1,6 +1,6 @@
 """The records that flow from detectors through the guard to the alert sinks.
 
-A detector (:mod:`lr_monitor.detectors`) returns a :class:`Detection` when a signal
+A detector (:mod:`lr_monitor.guard.detectors`) returns a :class:`Detection` when a signal
 crosses its threshold. The guard (:class:`lr_monitor.DivergenceGuard`) decides what
 to do about it and turns it into a :class:`GuardEvent`, which carries the actions
 taken and the learning rates before and after. Alert sinks (:mod:`lr_monitor.alerts`)

@@ -380,8 +380,8 @@ def test_module_entry_point(logdir: Path) -> None:
 
 def test_demo_summary_plain_and_rich(logdir: Path, monkeypatch: pytest.MonkeyPatch,
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from lr_monitor.demo import DemoResult, DemoRun, print_summary
-    from lr_monitor.reporting import build_report, load_run
+    from lr_monitor.cli.demo import DemoResult, DemoRun, print_summary
+    from lr_monitor.cli.report import build_report, load_run
 
     runs = []
     for name, lr, events in (("healthy", 2.0**-10, ()), ("too-high", 1.0, BAD_EVENTS)):

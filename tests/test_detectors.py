@@ -11,7 +11,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from lr_monitor.detectors import (
+from lr_monitor.events import Detection
+from lr_monitor.guard.detectors import (
     Detector,
     DivergenceDetector,
     NonFiniteDetector,
@@ -19,7 +20,6 @@ from lr_monitor.detectors import (
     SpikeDetector,
     UpdateRatioDetector,
 )
-from lr_monitor.events import Detection
 
 SEEDS = [0, 1, 2, 3, 4]
 
@@ -530,7 +530,7 @@ def test_bad_arguments_raise_value_error_naming_them(cls, kwargs, needle):
 
 
 def test_divergence_progress_rule_ignores_wobbles_near_a_tiny_best() -> None:
-    from lr_monitor.detectors import DivergenceDetector
+    from lr_monitor.guard.detectors import DivergenceDetector
 
     plain = DivergenceDetector(warmup=5, patience=5)
     guarded = DivergenceDetector(warmup=5, patience=5, progress=0.25)
@@ -546,7 +546,7 @@ def test_divergence_progress_rule_ignores_wobbles_near_a_tiny_best() -> None:
 def test_divergence_progress_is_validated_and_saved() -> None:
     import pytest
 
-    from lr_monitor.detectors import DivergenceDetector
+    from lr_monitor.guard.detectors import DivergenceDetector
 
     with pytest.raises(ValueError, match="progress=0"):
         DivergenceDetector(progress=0)

@@ -18,7 +18,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from lr_monitor import DivergenceGuard, StepSizeMonitor
 from lr_monitor.alerts import read_events
 from lr_monitor.faults import FAULT_ACTION, FAULT_KIND, FaultBarrier
-from lr_monitor.recorder import StepRecorder
+from lr_monitor.recording import StepRecorder
 from tests.lightning_models import Regressor, regression_loader, trainer
 from tests.test_monitor import read_scalars
 
@@ -71,7 +71,7 @@ def test_a_failing_stage_is_reported_once_and_training_goes_on(
 
 def test_a_failing_parameter_is_left_out_and_the_rest_is_recorded(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lr_monitor.recorder as recorder
+    import lr_monitor.recording.recorder as recorder
 
     real = recorder.iter_group_steps
 

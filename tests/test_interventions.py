@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as S
 
-from lr_monitor.interventions import LRCut, RollbackBuffer, scale_lr, skip_step
+from lr_monitor.guard.interventions import LRCut, RollbackBuffer, scale_lr, skip_step
 
 LRS = (0.1, 0.01)  # two param groups with different learning rates
 F = 0.5
@@ -588,7 +588,7 @@ def test_rollback_bad_arguments(kwargs: dict[str, Any], needle: str):
 def test_cut_can_ignore_the_cooldown_but_not_max_cuts() -> None:
     import torch
 
-    from lr_monitor.interventions import LRCut
+    from lr_monitor.guard.interventions import LRCut
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     policy = LRCut(factor=0.5, cooldown=100, max_cuts=2)

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lr_monitor import DivergenceGuard
-from lr_monitor.validation import check_bool, check_int, check_real
+from lr_monitor._validation import check_bool, check_int, check_real
 
 GUARD_BAD = [
     ("lr_factor", 2.0), ("lr_factor", 0), ("lr_factor", 1.0), ("lr_factor", math.nan),

@@ -3,11 +3,11 @@
 * ``lr-monitor demo [--out DIR] [--epochs N] [--quick] [--seed N]`` trains a small MLP on
   scikit-learn's digits twice (a sensible and a too-high learning rate) with
   :class:`~lr_monitor.StepSizeMonitor` and :class:`~lr_monitor.DivergenceGuard` attached
-  and prints what the guard caught (see :mod:`lr_monitor.demo`).
+  and prints what the guard caught (see :mod:`lr_monitor.cli.demo`).
 * ``lr-monitor report LOGDIR [--json] [--prefix P]`` summarises every run below
-  ``LOGDIR`` (see :mod:`lr_monitor.reporting`).
+  ``LOGDIR`` (see :mod:`lr_monitor.cli.report`).
 * ``lr-monitor plot LOGDIR [-o FILE] [--per-run] [--prefix P]`` draws the runs to PNG
-  (see :mod:`lr_monitor.plotting`).
+  (see :mod:`lr_monitor.cli.plot`).
 
 Exit codes: 0 on success, 2 for a usage error or a file that cannot be read or
 written (one line on stderr naming the file, no traceback), 130 on Ctrl-C.
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         ('plot', 'logs', 'x.png', False)
     """
     from lr_monitor import __version__
-    from lr_monitor.demo import DEFAULT_EPOCHS, DEFAULT_OUT
+    from lr_monitor.cli.demo import DEFAULT_EPOCHS, DEFAULT_OUT
 
     parser = argparse.ArgumentParser(
         prog=_PROG,
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from lr_monitor.reporting import build_report, load_runs, render_reports, reports_to_json
+    from lr_monitor.cli.report import build_report, load_runs, render_reports, reports_to_json
 
     runs = load_runs(args.logdir)
     reports = [build_report(run, prefix=args.prefix) for run in runs]
@@ -135,10 +135,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from lr_monitor.reporting import load_runs
+    from lr_monitor.cli.report import load_runs
 
     try:
-        from lr_monitor.plotting import plot_runs
+        from lr_monitor.cli.plot import plot_runs
     except ImportError as exc:  # matplotlib is an optional dependency
         raise _CliError(f"plot needs matplotlib ({exc}); pip install 'lr-monitor[cli]'") from exc
     output = Path(args.output)
@@ -159,7 +159,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     try:
-        from lr_monitor.demo import print_summary, run_demo
+        from lr_monitor.cli.demo import print_summary, run_demo
 
         result = run_demo(args.out, epochs=args.epochs, quick=args.quick, seed=args.seed,
                           progress_bar=not args.no_progress)
@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit code: :data:`EXIT_OK`, :data:`EXIT_ERROR` or :data:`EXIT_INTERRUPTED`
         (``--help`` and ``--version`` return 0).
     """
-    from lr_monitor.reporting import ReportError
+    from lr_monitor.cli.report import ReportError
 
     parser = build_parser()
     try:

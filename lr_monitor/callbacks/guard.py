@@ -4,7 +4,7 @@ The guard watches, at every optimizer step, the training loss (from ``on_before_
 averaged over gradient-accumulation micro-batches) and the global gradient norm (in
 ``on_before_optimizer_step``: after unscaling and accumulation, before clipping), and —
 when a :class:`~lr_monitor.StepSizeMonitor` is attached — the recorded ``update_cosine``
-and ``update_ratio``. Framework-free detectors (:mod:`lr_monitor.detectors`) turn these
+and ``update_ratio``. Framework-free detectors (:mod:`lr_monitor.guard.detectors`) turn these
 into :class:`~lr_monitor.Detection` s; a small policy maps each kind to an action, and the
 action is carried out *before* the optimizer applies the step:
 
@@ -52,7 +52,7 @@ from typing import Any, cast
 
 import torch
 
-from lr_monitor._compat import is_tensorboard_logger, pl, rank_zero_warn, run_dir
+from lr_monitor._validation import check_bool, check_choice, check_int, check_real, invalid
 from lr_monitor.alerts import (
     AlertSink,
     TensorBoardSink,
@@ -61,7 +61,10 @@ from lr_monitor.alerts import (
     dispatch,
     make_default_sinks,
 )
-from lr_monitor.detectors import (
+from lr_monitor.callbacks._compat import is_tensorboard_logger, pl, rank_zero_warn, run_dir
+from lr_monitor.events import Detection, GuardEvent
+from lr_monitor.faults import FaultBarrier
+from lr_monitor.guard.detectors import (
     Detector,
     DivergenceDetector,
     ExplosionDetector,
@@ -70,11 +73,8 @@ from lr_monitor.detectors import (
     SpikeDetector,
     UpdateRatioDetector,
 )
-from lr_monitor.events import Detection, GuardEvent
-from lr_monitor.faults import FaultBarrier
-from lr_monitor.interventions import LRCut, RollbackBuffer, skip_step
-from lr_monitor.recorder import optimizer_names
-from lr_monitor.validation import check_bool, check_choice, check_int, check_real, invalid
+from lr_monitor.guard.interventions import LRCut, RollbackBuffer, skip_step
+from lr_monitor.tags import group_names, lr_key, optimizer_names
 
 __all__ = ["ACTIONS", "DEFAULT_POLICY", "DivergenceGuard"]
 
@@ -464,8 +464,8 @@ class DivergenceGuard(pl.Callback):
         opts = self._optimizers(trainer)
         out = {}
         for opt, oname in zip(opts, optimizer_names(opts), strict=True):
-            for i, g in enumerate(opt.param_groups):
-                out[f"{oname}/{g.get('name', f'pg{i}')}"] = float(g["lr"])
+            for gname, g in zip(group_names(opt.param_groups), opt.param_groups, strict=True):
+                out[lr_key(oname, gname)] = float(g["lr"])
         return out
 
     def _act(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
@@ -587,7 +587,7 @@ class DivergenceGuard(pl.Callback):
                                 "guard/events": float(len(self.events))}, step=step)
 
     def _watch_monitor(self, trainer: pl.Trainer, step: int) -> None:
-        from lr_monitor.monitor import StepSizeMonitor
+        from lr_monitor.callbacks.monitor import StepSizeMonitor
 
         for cb in trainer.callbacks:  # type: ignore[attr-defined]
             if not isinstance(cb, StepSizeMonitor):

@@ -31,7 +31,7 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lr_monitor._validation import check_bool, check_choice, check_int, invalid
 from lr_monitor.faults import FaultBarrier
 from lr_monitor.functional import ParamSnapshot, find_rule
 from lr_monitor.functional.rules import (
@@ -58,25 +59,17 @@ from lr_monitor.functional.statistics import (
     tensor_norms,
 )
 from lr_monitor.functional.step import applied_update, with_applied_update
-from lr_monitor.validation import check_bool, check_choice, check_int, invalid
+from lr_monitor.tags import group_names
 
 __all__ = [
     "GRANULARITIES",
-    "STATISTICS",
     "MonitorHandle",
     "ScalarWriter",
     "StepRecorder",
     "attach",
     "check_recorder_args",
-    "optimizer_names",
 ]
 
-#: Every statistic the recorder can emit (tag stems); see ``docs/metrics.md``.
-STATISTICS = (
-    "lr", "eff_lr/p05", "eff_lr/p50", "eff_lr/p95", "eff_lr/min", "eff_lr/max",
-    "eps_dominated_frac", "grad_norm", "param_norm", "update_norm", "update_ratio",
-    "exp_avg_norm", "exp_avg_sq_sqrt_mean", "update_lost_frac", "update_cosine", "nonfinite",
-)
 GRANULARITIES = ("group", "tensor")
 
 
@@ -85,35 +78,6 @@ class ScalarWriter(Protocol):
 
     def add_scalar(self, tag: str, scalar_value: float, global_step: int | None = ...) -> Any:
         """Write one scalar."""
-
-
-def optimizer_names(optimizers: Iterable[torch.optim.Optimizer]) -> list[str]:
-    """Names like Lightning's ``LearningRateMonitor``: ``Adam``, ``Adam-1``, ``SGD``.
-
-    Example:
-        >>> p = torch.nn.Parameter(torch.zeros(1))
-        >>> optimizer_names([torch.optim.Adam([p]), torch.optim.SGD([p]), torch.optim.Adam([p])])
-        ['Adam', 'SGD', 'Adam-1']
-    """
-    seen: dict[str, int] = {}
-    out = []
-    for opt in optimizers:
-        base = type(opt).__name__
-        n = seen.get(base, 0)
-        seen[base] = n + 1
-        out.append(base if n == 0 else f"{base}-{n}")
-    return out
-
-
-def group_names(optimizer: torch.optim.Optimizer) -> list[str]:
-    """``group["name"]`` where set, else ``pg<i>``; duplicates get a ``-<k>`` suffix."""
-    names: list[str] = []
-    for i, g in enumerate(optimizer.param_groups):
-        name = str(g.get("name", f"pg{i}"))
-        if name == "global" or name in names:
-            name = f"{name}-{i}"
-        names.append(name)
-    return names
 
 
 class StepRecorder:
@@ -387,7 +351,7 @@ class StepRecorder:
             self.reduce(sums)
         host = sums.to_host()
         rows = summarize(host)
-        names = group_names(self.optimizer)
+        names = group_names(self.optimizer.param_groups)
         lr_values = [float(x) for x in host.extra[: len(lrs)]]
         metrics: dict[str, float] = {}
         pre = self.prefix

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from lr_monitor.cli.report import build_report, format_value, load_run
 from lr_monitor.events import GuardEvent
-from lr_monitor.reporting import build_report, format_value, load_run
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -77,7 +77,7 @@ class DemoRun:
         log_dir: The TensorBoard logger's directory (holds ``events.jsonl`` too).
         events: The guard's events (``DivergenceGuard.events``).
         stop_reason: Why the guard stopped training, if it did.
-        report: :func:`lr_monitor.reporting.build_report` of ``log_dir``.
+        report: :func:`lr_monitor.cli.report.build_report` of ``log_dir``.
     """
 
     name: str
@@ -273,7 +273,7 @@ def run_demo(
     png: Path | None = None
     if plot:
         try:
-            from lr_monitor.plotting import plot_runs
+            from lr_monitor.cli.plot import plot_runs
         except ImportError:  # pragma: no cover - matplotlib is optional
             png = None
         else:

@@ -31,8 +31,9 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from lr_monitor._compat import is_tensorboard_logger, pl, rank_zero_warn, run_dir
+from lr_monitor._validation import check_bool, check_int
 from lr_monitor.alerts import AlertSink, close_sinks, dispatch, make_default_sinks
+from lr_monitor.callbacks._compat import is_tensorboard_logger, pl, rank_zero_warn, run_dir
 from lr_monitor.events import GuardEvent
 from lr_monitor.faults import FaultBarrier
 from lr_monitor.functional.statistics import (
@@ -41,14 +42,8 @@ from lr_monitor.functional.statistics import (
     HostStepSums,
     grad_values,
 )
-from lr_monitor.recorder import (
-    STATISTICS,
-    StepRecorder,
-    check_recorder_args,
-    group_names,
-    optimizer_names,
-)
-from lr_monitor.validation import check_bool, check_int
+from lr_monitor.recording import StepRecorder, check_recorder_args
+from lr_monitor.tags import STATISTICS, group_names, optimizer_names
 
 __all__ = ["StepSizeMonitor"]
 
@@ -284,7 +279,7 @@ class StepSizeMonitor(pl.Callback):
         if not writers:
             return
         name = rec.name
-        gnames = group_names(rec.optimizer)
+        gnames = group_names(rec.optimizer.param_groups)
         for gname, counts in zip(gnames, host.hist, strict=False):
             nz = np.nonzero(counts)[0]
             if nz.size == 0:
@@ -308,7 +303,7 @@ class StepSizeMonitor(pl.Callback):
         writers = self._tb_writers(trainer)
         if not writers or not trainer.is_global_zero:
             return
-        for gname, g in zip(group_names(rec.optimizer), rec.optimizer.param_groups,
+        for gname, g in zip(group_names(rec.optimizer.param_groups), rec.optimizer.param_groups,
                             strict=True):
             grads = [grad_values(p.grad).detach().reshape(-1).float() for p in g["params"]
                      if p.grad is not None]

@@ -15,11 +15,11 @@ column and the y axis within a row, so runs compare at a glance:
 Guard events are marked on every row; non-finite points are left out of log-scale rows.
 matplotlib is imported lazily and drawn through its object-oriented Agg canvas, so the
 process-wide pyplot backend is never touched. This module only reads
-:class:`~lr_monitor.reporting.RunData`; it does not import Lightning.
+:class:`~lr_monitor.cli.report.RunData`; it does not import Lightning.
 
 Example:
     >>> import tempfile, os
-    >>> from lr_monitor.reporting import RunData, Series
+    >>> from lr_monitor.cli.report import RunData, Series
     >>> s = Series(np.arange(3), np.array([2.3, 1.9, 1.2]))
     >>> run = RunData("demo", Path("demo"), (), scalars={"train/loss": s})
     >>> with tempfile.TemporaryDirectory() as d:
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lr_monitor.reporting import RunData, Series
+from lr_monitor.cli.report import RunData, Series
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -90,7 +90,7 @@ def plot_runs(
     """Draw runs and save PNGs.
 
     Args:
-        runs: The runs (from :func:`lr_monitor.reporting.load_runs`).
+        runs: The runs (from :func:`lr_monitor.cli.report.load_runs`).
         output: The PNG to write. With ``per_run`` it is the name pattern instead: each
             run goes to :func:`per_run_path` ``(output, run.name)``.
         per_run: One PNG per run instead of one PNG with a column per run.

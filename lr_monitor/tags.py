@@ -1,0 +1,204 @@
+"""Every name lr-monitor writes: tags, statistics, file names, optimizer and group names.
+
+The one place to look up what a tag means and where it comes from. Writers
+(:mod:`lr_monitor.recording`, :mod:`lr_monitor.callbacks`) build names with these functions
+and readers (:mod:`lr_monitor.cli`) parse them with these functions; no other module spells
+a tag. Every tag is documented in ``docs/metrics.md``.
+
+Scalar tags of the step statistics::
+
+    <prefix>/<stat>/<optimizer>/<row>        e.g. optim/eff_lr/p50/Adam/pg0
+
+``<prefix>`` is :data:`DEFAULT_PREFIX` unless the user chose another, ``<stat>`` one of
+:data:`STATISTICS`, ``<optimizer>`` from :func:`optimizer_names`, ``<row>`` a param-group
+name from :func:`group_names`, :data:`GLOBAL` (all groups of the optimizer) or a parameter
+name (``granularity="tensor"``).
+
+Example:
+    >>> stat_tag("optim", "eff_lr/p50", "Adam", "pg0")
+    'optim/eff_lr/p50/Adam/pg0'
+    >>> parse_stat_tag("optim/eff_lr/p50/Adam-1/global")
+    ('eff_lr/p50', 'Adam-1', 'global')
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "EVENTS_FILENAME",
+    "GLOBAL",
+    "GRAD_HISTOGRAM",
+    "GUARD_EVENTS",
+    "GUARD_LR_SCALE",
+    "LR_HISTOGRAM",
+    "STATISTICS",
+    "TENSORBOARD_FILE_MARK",
+    "USER_METRICS",
+    "group_names",
+    "histogram_tag",
+    "is_tensorboard_file",
+    "lr_key",
+    "optimizer_names",
+    "parse_stat_tag",
+    "stat_tag",
+]
+
+#: The first component of every statistics tag unless the user chooses another.
+DEFAULT_PREFIX = "optim"
+
+#: The row of all param groups of one optimizer together.
+GLOBAL = "global"
+
+#: Every statistic of a recorded step, as the part of the tag between the prefix and
+#: ``<optimizer>/<row>``, in the order ``docs/metrics.md`` explains them.
+STATISTICS = (
+    "lr",
+    "eff_lr/p05",
+    "eff_lr/p50",
+    "eff_lr/p95",
+    "eff_lr/min",
+    "eff_lr/max",
+    "eps_dominated_frac",
+    "grad_norm",
+    "param_norm",
+    "update_norm",
+    "update_ratio",
+    "exp_avg_norm",
+    "exp_avg_sq_sqrt_mean",
+    "update_lost_frac",
+    "update_cosine",
+    "nonfinite",
+)
+
+#: TensorBoard histogram of log10 of the effective learning rate, per group.
+LR_HISTOGRAM = "log10_eff_lr"
+#: TensorBoard histogram of the gradient values, per group (``grad_histograms=True``).
+GRAD_HISTOGRAM = "grad"
+
+#: The guard's cumulative learning-rate multiplier (1.0: never cut).
+GUARD_LR_SCALE = "guard/lr_scale"
+#: The number of guard events so far.
+GUARD_EVENTS = "guard/events"
+
+#: The run's record of guard decisions and faults, one JSON object per line.
+EVENTS_FILENAME = "events.jsonl"
+
+#: Part of every TensorBoard event file's name (``events.out.tfevents.<time>.<host>...``).
+TENSORBOARD_FILE_MARK = "tfevents"
+
+#: Scalars a LightningModule typically logs itself, summarised by ``lr-monitor report``
+#: when present (the names of Lightning's examples; not written by lr-monitor).
+USER_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
+
+_STAT_PATTERN = "|".join(re.escape(s) for s in sorted(STATISTICS, key=len, reverse=True))
+
+
+def stat_tag(prefix: str, stat: str, optimizer: str, row: str) -> str:
+    """The scalar tag of one statistic of one row.
+
+    Args:
+        prefix: The tag prefix (e.g. :data:`DEFAULT_PREFIX`).
+        stat: One of :data:`STATISTICS`.
+        optimizer: The optimizer's name (:func:`optimizer_names`).
+        row: A group name, :data:`GLOBAL` or a parameter name.
+
+    Example:
+        >>> stat_tag("optim", "update_ratio", "SGD", "global")
+        'optim/update_ratio/SGD/global'
+    """
+    return f"{prefix}/{stat}/{optimizer}/{row}"
+
+
+def histogram_tag(prefix: str, kind: str, optimizer: str, group: str) -> str:
+    """The tag of a TensorBoard histogram (:data:`LR_HISTOGRAM` or :data:`GRAD_HISTOGRAM`).
+
+    Example:
+        >>> histogram_tag("optim", LR_HISTOGRAM, "Adam", "pg0")
+        'optim/log10_eff_lr/Adam/pg0'
+    """
+    return f"{prefix}/{kind}/{optimizer}/{group}"
+
+
+def parse_stat_tag(tag: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str, str] | None:
+    """Split a statistics tag into ``(stat, optimizer, row)``; the inverse of :func:`stat_tag`.
+
+    Args:
+        tag: A scalar tag such as ``"optim/eff_lr/p50/Adam/global"``.
+        prefix: The tag prefix (``""`` for none).
+
+    Returns:
+        The parts, or ``None`` when ``tag`` is not a statistics tag.
+
+    Example:
+        >>> parse_stat_tag("optim/lr/SGD/encoder")
+        ('lr', 'SGD', 'encoder')
+        >>> parse_stat_tag("train/loss") is None
+        True
+    """
+    head = f"{re.escape(prefix)}/" if prefix else ""
+    match = re.fullmatch(rf"{head}({_STAT_PATTERN})/([^/]+)/(.+)", tag)
+    return None if match is None else (match[1], match[2], match[3])
+
+
+def is_tensorboard_file(name: str) -> bool:
+    """Whether a file name is a TensorBoard event file's.
+
+    Example:
+        >>> is_tensorboard_file("events.out.tfevents.1700000000.host.1.0")
+        True
+    """
+    return TENSORBOARD_FILE_MARK in name
+
+
+def optimizer_names(optimizers: Iterable[Any]) -> list[str]:
+    """Names like Lightning's ``LearningRateMonitor``: ``Adam``, ``Adam-1``, ``SGD``.
+
+    Example:
+        >>> import torch
+        >>> p = torch.nn.Parameter(torch.zeros(1))
+        >>> optimizer_names([torch.optim.Adam([p]), torch.optim.SGD([p]), torch.optim.Adam([p])])
+        ['Adam', 'SGD', 'Adam-1']
+    """
+    seen: dict[str, int] = {}
+    out = []
+    for opt in optimizers:
+        base = type(opt).__name__
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.append(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def group_names(param_groups: Iterable[Mapping[str, Any]]) -> list[str]:
+    """``group["name"]`` where set, else ``pg<i>``; a clash gets a ``-<i>`` suffix.
+
+    A group named :data:`GLOBAL` is renamed too, so the all-groups row stays unique.
+
+    Args:
+        param_groups: An optimizer's ``param_groups``.
+
+    Example:
+        >>> group_names([{"name": "enc"}, {}, {"name": "enc"}, {"name": "global"}])
+        ['enc', 'pg1', 'enc-2', 'global-3']
+    """
+    names: list[str] = []
+    for i, g in enumerate(param_groups):
+        name = str(g.get("name", f"pg{i}"))
+        if name == GLOBAL or name in names:
+            name = f"{name}-{i}"
+        names.append(name)
+    return names
+
+
+def lr_key(optimizer: str, group: str) -> str:
+    """The key of one group's learning rate in a guard event (``lr_before``/``lr_after``).
+
+    Example:
+        >>> lr_key("Adam", "pg0")
+        'Adam/pg0'
+    """
+    return f"{optimizer}/{group}"
