@@ -21,10 +21,23 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["check_bool", "check_choice", "check_int", "check_real", "invalid"]
+__all__ = [
+    "check_bool",
+    "check_callable",
+    "check_choice",
+    "check_int",
+    "check_path",
+    "check_real",
+    "check_regex",
+    "check_str",
+    "invalid",
+]
 
 
 def invalid(arg: str, value: Any, allowed: str) -> ValueError:
@@ -50,7 +63,8 @@ def _fmt(x: float) -> str:
 
 
 def check_real(arg: str, value: Any, *, low: float = -math.inf, high: float = math.inf,
-               low_closed: bool = False, high_closed: bool = False) -> float:
+               low_closed: bool = False, high_closed: bool = False,
+               allow_none: bool = False) -> Any:
     """``float(value)`` if it is a finite real number in the given interval.
 
     Args:
@@ -60,10 +74,13 @@ def check_real(arg: str, value: Any, *, low: float = -math.inf, high: float = ma
         high: Upper end of the interval.
         low_closed: Whether ``low`` itself is allowed.
         high_closed: Whether ``high`` itself is allowed.
+        allow_none: Whether ``None`` is allowed (and returned as is).
 
     Raises:
         ValueError: for a non-number, ``bool``, NaN, infinity or a value outside.
     """
+    if value is None and allow_none:
+        return None
     if low == -math.inf and high == math.inf:
         allowed = "a finite number"
     elif high == math.inf:
@@ -73,6 +90,8 @@ def check_real(arg: str, value: Any, *, low: float = -math.inf, high: float = ma
     else:
         allowed = (f"a number in {'[' if low_closed else '('}{_fmt(low)}, {_fmt(high)}"
                    f"{']' if high_closed else ')'}")
+    if allow_none:
+        allowed += " or None"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise invalid(arg, value, allowed)
     x = float(value)
@@ -103,3 +122,64 @@ def check_choice(arg: str, value: Any, allowed: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise invalid(arg, value, f"one of {tuple(allowed)}")
     return value
+
+
+def check_str(arg: str, value: Any, *, allow_none: bool = False,
+              allow_empty: bool = False) -> Any:
+    """``value`` if it is a string (non-empty unless ``allow_empty``), or an allowed ``None``.
+
+    Raises:
+        ValueError: otherwise.
+    """
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str) or (not value and not allow_empty):
+        what = "a string" if allow_empty else "a non-empty string"
+        raise invalid(arg, value, what + (" or None" if allow_none else ""))
+    return value
+
+
+def check_path(arg: str, value: Any, *, allow_none: bool = False) -> Path | None:
+    """``Path(value)`` for a non-empty ``str`` or ``os.PathLike``, or an allowed ``None``.
+
+    Raises:
+        ValueError: otherwise.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (str, os.PathLike)) and os.fspath(value) not in ("", b""):
+        return Path(os.fspath(value))  # type: ignore[arg-type]
+    raise invalid(arg, value, "a path (str or os.PathLike)" + (" or None" if allow_none else ""))
+
+
+def check_callable(arg: str, value: Any, what: str = "a callable") -> Callable[..., Any]:
+    """``value`` if it is callable.
+
+    Raises:
+        ValueError: otherwise.
+    """
+    if not callable(value):
+        raise invalid(arg, value, what)
+    return value  # type: ignore[no-any-return]
+
+
+def check_regex(arg: str, value: Any) -> re.Pattern[str] | None:
+    """The compiled regular expression ``value``, or ``None`` for ``None``.
+
+    Example:
+        >>> check_regex("include", "(")
+        Traceback (most recent call last):
+        ...
+        ValueError: include='(' is invalid: must be a valid regular expression (missing ), unterminated subpattern at position 0)
+
+    Raises:
+        ValueError: for a non-string or a pattern that does not compile.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise invalid(arg, value, "None or a regular expression (a string)")
+    try:
+        return re.compile(value)
+    except re.error as e:
+        raise invalid(arg, value, f"a valid regular expression ({e})") from e

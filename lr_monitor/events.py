@@ -23,9 +23,79 @@ from __future__ import annotations
 import math
 import time as _time
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any
 
-__all__ = ["DETECTION_KINDS", "Detection", "GuardEvent"]
+__all__ = ["DETECTION_KINDS", "Action", "Detection", "GuardEvent"]
+
+
+class Action(str, Enum):
+    """What the guard does about a detection, from the least to the most severe.
+
+    One vocabulary for the policy (``on_spike="skip"``), the events (:attr:`GuardEvent.actions`,
+    ``events.jsonl``), the report and the plots. The members are ordered by severity:
+    when several detectors fire at one step the most severe action wins. ``value`` is what
+    the event log records; :meth:`parse` also accepts the member name in lower case
+    (``"cut"`` for :attr:`CUT`, as the policy arguments are written).
+
+    * ``LOG`` — record the detection, change nothing. An event whose only action is to
+      record has empty ``actions``.
+    * ``SKIP`` — drop this step's gradients: parameters and moments stay bit-identical.
+    * ``CUT`` — multiply every learning rate by the guard's factor (survives schedulers).
+    * ``ROLLBACK`` — restore an in-memory snapshot, skip this step, then cut.
+    * ``STOP`` — end training (``trainer.should_stop``).
+    * ``DISABLE`` — not a policy choice: a component of lr-monitor raised and that part of
+      it was switched off (:mod:`lr_monitor.faults`).
+
+    Example:
+        >>> Action.parse("cut"), Action.parse("cut_lr").value
+        (<Action.CUT: 'cut_lr'>, 'cut_lr')
+        >>> max(Action.SKIP, Action.ROLLBACK, key=Action.severity)
+        <Action.ROLLBACK: 'rollback'>
+    """
+
+    LOG = "log"
+    SKIP = "skip"
+    CUT = "cut_lr"
+    ROLLBACK = "rollback"
+    STOP = "stop"
+    DISABLE = "disable"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def severity(self) -> int:
+        """Rank by severity (``LOG`` lowest); ``DISABLE`` ranks with ``LOG``."""
+        return 0 if self is Action.DISABLE else _ORDER.index(self)
+
+    @property
+    def label(self) -> str:
+        """The name users write in the policy arguments: ``"cut"`` for :attr:`CUT`."""
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, text: object) -> Action:
+        """The action named ``text``: a member, its value or its lower-case name.
+
+        Raises:
+            ValueError: for anything else.
+        """
+        if isinstance(text, cls):
+            return text
+        if isinstance(text, str):
+            for a in cls:
+                if text in (a.value, a.label):
+                    return a
+        raise ValueError(f"{text!r} is not an action: one of "
+                         f"{', '.join(repr(a.label) for a in cls)}")
+
+    @classmethod
+    def policy_choices(cls) -> tuple[str, ...]:
+        """The names a policy argument accepts, by severity: log, skip, cut, rollback, stop."""
+        return tuple(a.label for a in _ORDER)
+
+
+_ORDER = (Action.LOG, Action.SKIP, Action.CUT, Action.ROLLBACK, Action.STOP)
 
 #: Every value of :attr:`Detection.kind`, one per detector.
 DETECTION_KINDS = ("nonfinite", "spike", "divergence", "oscillation", "update_ratio")
@@ -76,8 +146,9 @@ class GuardEvent:
         value: Its value at ``step``.
         threshold: The threshold it crossed.
         message: One-line explanation.
-        actions: What the guard did, in order: any of ``"log"``, ``"skip"``,
-            ``"rollback"``, ``"cut_lr"``, ``"stop"``; empty when the policy only records.
+        actions: What the guard did, in order, as :class:`Action` values (``"skip"``,
+            ``"rollback"``, ``"cut_lr"``, ``"stop"``, ``"disable"``); empty when the
+            detection was only recorded.
         lr_before: Learning rate per ``"<optimizer>/<group>"`` before the actions.
         lr_after: Learning rate per ``"<optimizer>/<group>"`` after the actions.
         lr_scale: The guard's cumulative LR multiplier after the actions (1.0 = no cut).
