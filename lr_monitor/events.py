@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import math
 import time as _time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
+
+from lr_monitor._validation import invalid
 
 __all__ = ["DETECTION_KINDS", "Action", "Detection", "GuardEvent"]
 
@@ -96,6 +99,7 @@ class Action(str, Enum):
 
 
 _ORDER = (Action.LOG, Action.SKIP, Action.CUT, Action.ROLLBACK, Action.STOP)
+_ACTION_BY_VALUE = {a.value: a for a in Action}
 
 #: Every value of :attr:`Detection.kind`, one per detector.
 DETECTION_KINDS = ("nonfinite", "spike", "divergence", "oscillation", "update_ratio")
@@ -131,8 +135,58 @@ def _json_float(x: float) -> float | str:
     return x if math.isfinite(x) else str(x)
 
 
-def _from_json_float(x: float | str | None) -> float:
-    return float("nan") if x is None else float(x)
+def _actions(value: object) -> tuple[Action | str, ...]:
+    """``value`` as a tuple: :class:`Action` members where the value is one, else the string.
+
+    Strings that name no action (written by another version) are kept, never guessed.
+    """
+    items = None
+    if not isinstance(value, (str, bytes, Mapping)) and isinstance(value, Iterable):
+        items = tuple(value)
+    if items is None or not all(isinstance(a, str) for a in items):
+        raise invalid("actions", value if items is None else list(items),
+                      "a sequence of action names (strings)")
+    return tuple(a if isinstance(a, Action) else _ACTION_BY_VALUE.get(a, a) for a in items)
+
+
+# Readers of a stored event (GuardEvent.from_dict): each raises ValueError naming the key.
+
+
+def _read_int(key: str, x: object) -> int:
+    if isinstance(x, float) and math.isfinite(x) and x.is_integer():
+        return int(x)
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise invalid(key, x, "an integer")
+    return x
+
+
+def _read_float(key: str, x: object, *, null: bool = False) -> float:
+    """A stored real number: a JSON number or ``"nan"``/``"inf"``/``"-inf"``.
+
+    With ``null``, JSON null also stands for nan (as for ``value`` and learning rates).
+    """
+    if x is None and null:
+        return math.nan
+    if isinstance(x, (int, float, str)) and not isinstance(x, bool):
+        try:
+            return float(x)
+        except (ValueError, OverflowError):
+            pass
+    raise invalid(key, x, 'a number, "nan", "inf" or "-inf"' + (" or null" if null else ""))
+
+
+def _read_str(key: str, x: object, *, allow_none: bool = False) -> Any:
+    if x is None and allow_none:
+        return None
+    if not isinstance(x, str):
+        raise invalid(key, x, "a string" + (" or null" if allow_none else ""))
+    return x
+
+
+def _read_lrs(key: str, x: object) -> dict[str, float]:
+    if not isinstance(x, dict) or not all(isinstance(k, str) for k in x):
+        raise invalid(key, x, "an object of learning rates by group")
+    return {k: _read_float(f"{key}[{k!r}]", v, null=True) for k, v in x.items()}
 
 
 @dataclass(frozen=True)
@@ -141,20 +195,33 @@ class GuardEvent:
 
     Args:
         step: Optimizer step of the detection.
-        kind: Detector kind (see :data:`DETECTION_KINDS`).
+        kind: Detector kind (see :data:`DETECTION_KINDS`), or ``"fault"``
+            (:mod:`lr_monitor.faults`).
         signal: The monitored quantity.
         value: Its value at ``step``.
         threshold: The threshold it crossed.
         message: One-line explanation.
-        actions: What the guard did, in order, as :class:`Action` values (``"skip"``,
-            ``"rollback"``, ``"cut_lr"``, ``"stop"``, ``"disable"``); empty when the
-            detection was only recorded.
+        actions: What the guard did, in order: :class:`Action` members (``"skip"``,
+            ``"rollback"``, ``"cut_lr"``, ``"stop"``, ``"disable"``; they compare equal to
+            these strings). Empty when the detection was only recorded. Strings that name
+            no :class:`Action` (from a file written by another version) are kept as they are.
         lr_before: Learning rate per ``"<optimizer>/<group>"`` before the actions.
         lr_after: Learning rate per ``"<optimizer>/<group>"`` after the actions.
         lr_scale: The guard's cumulative LR multiplier after the actions (1.0 = no cut).
         epoch: Trainer epoch, when known.
         time: Unix time of the decision.
         run: Run name/version (e.g. ``"lightning_logs/version_3"``), when known.
+
+    Raises:
+        ValueError: If ``actions`` is not a sequence of strings.
+
+    Example:
+        >>> e = GuardEvent(step=3, kind="spike", signal="loss", value=9.0, threshold=3.0,
+        ...                actions=["skip", "cut_lr"], time=0.0)
+        >>> e.actions == (Action.SKIP, Action.CUT), e.acted
+        (True, True)
+        >>> GuardEvent(step=3, kind="spike", signal="loss", value=9.0, threshold=3.0).acted
+        False
     """
 
     step: int
@@ -163,13 +230,25 @@ class GuardEvent:
     value: float
     threshold: float
     message: str = ""
-    actions: tuple[str, ...] = ()
+    actions: tuple[Action | str, ...] = ()
     lr_before: dict[str, float] = field(default_factory=dict)
     lr_after: dict[str, float] = field(default_factory=dict)
     lr_scale: float = 1.0
     epoch: int | None = None
     time: float = field(default_factory=_time.time)
     run: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "actions", _actions(self.actions))
+
+    @property
+    def acted(self) -> bool:
+        """Whether the guard did something: any action other than :attr:`Action.LOG`.
+
+        ``False`` for a record-only event: empty ``actions``, or ``("log",)`` as guards
+        before 0.1 wrote it.
+        """
+        return any(a != Action.LOG for a in self.actions)
 
     @classmethod
     def from_detection(cls, detection: Detection, **kwargs: Any) -> GuardEvent:
@@ -185,9 +264,9 @@ class GuardEvent:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (non-finite floats become strings)."""
+        """A JSON-serialisable dict (non-finite floats become strings, actions their values)."""
         d = asdict(self)
-        d["actions"] = list(self.actions)
+        d["actions"] = [str(a) for a in self.actions]
         d["value"] = _json_float(self.value)
         d["threshold"] = _json_float(self.threshold)
         d["lr_before"] = {k: _json_float(v) for k, v in self.lr_before.items()}
@@ -196,26 +275,50 @@ class GuardEvent:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GuardEvent:
-        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
+        """Inverse of :meth:`to_dict`; unknown keys are ignored, optional ones default.
+
+        Args:
+            d: A dict as :meth:`to_dict` returns it (e.g. one line of ``events.jsonl``).
+
+        Returns:
+            The event.
+
+        Raises:
+            KeyError: If ``step``, ``kind`` or ``signal`` is missing.
+            ValueError: If a known key has a value no event can have, naming the key.
+
+        Example:
+            >>> GuardEvent.from_dict({"step": 1e400, "kind": "spike", "signal": "loss"})
+            Traceback (most recent call last):
+            ...
+            ValueError: step=inf is invalid: must be an integer
+        """
+        epoch = d.get("epoch")
         return cls(
-            step=int(d["step"]),
-            kind=str(d["kind"]),
-            signal=str(d["signal"]),
-            value=_from_json_float(d.get("value")),
-            threshold=_from_json_float(d.get("threshold")),
-            message=str(d.get("message", "")),
-            actions=tuple(d.get("actions", ())),
-            lr_before={k: _from_json_float(v) for k, v in d.get("lr_before", {}).items()},
-            lr_after={k: _from_json_float(v) for k, v in d.get("lr_after", {}).items()},
-            lr_scale=float(d.get("lr_scale", 1.0)),
-            epoch=None if d.get("epoch") is None else int(d["epoch"]),
-            time=float(d.get("time", 0.0)),
-            run=d.get("run"),
+            step=_read_int("step", d["step"]),
+            kind=_read_str("kind", d["kind"]),
+            signal=_read_str("signal", d["signal"]),
+            value=_read_float("value", d.get("value"), null=True),
+            threshold=_read_float("threshold", d.get("threshold"), null=True),
+            message=_read_str("message", d.get("message", ""), allow_none=True) or "",
+            actions=_actions(d.get("actions", ())),
+            lr_before=_read_lrs("lr_before", d.get("lr_before", {})),
+            lr_after=_read_lrs("lr_after", d.get("lr_after", {})),
+            lr_scale=_read_float("lr_scale", d.get("lr_scale", 1.0)),
+            epoch=None if epoch is None else _read_int("epoch", epoch),
+            time=_read_float("time", d.get("time", 0.0)),
+            run=_read_str("run", d.get("run"), allow_none=True),
         )
 
     def summary(self) -> str:
-        """One readable line, e.g. for a log record or a chat message."""
-        acts = ", ".join(self.actions) if self.actions else "recorded only"
+        """One readable line, e.g. for a log record or a chat message.
+
+        Example:
+            >>> GuardEvent(step=4, kind="update_ratio", signal="update_ratio", value=0.31,
+            ...            threshold=0.1, time=0.0).summary()
+            'step 4: update_ratio on update_ratio = 0.31 (threshold 0.1) -> recorded only'
+        """
+        acts = ", ".join(str(a) for a in self.actions) if self.acted else "recorded only"
         lr = ""
         if self.lr_before and self.lr_after and self.lr_before != self.lr_after:
             k = next(iter(self.lr_before))

@@ -23,8 +23,8 @@ Example:
     True
     >>> barrier.call("statistics", lambda: 2, subject="SGD")  # other subjects still run
     2
-    >>> seen[0].kind, seen[0].signal, seen[0].actions
-    ('fault', 'StepSizeMonitor/statistics', ('disable',))
+    >>> seen[0].kind, seen[0].signal, [str(a) for a in seen[0].actions]
+    ('fault', 'StepSizeMonitor/statistics', ['disable'])
     >>> print(seen[0].message)  # doctest: +NORMALIZE_WHITESPACE
     StepSizeMonitor: statistics of Adam raised ZeroDivisionError:
     integer division or modulo by zero; disabled for Adam
@@ -39,14 +39,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from lr_monitor.events import GuardEvent
+from lr_monitor.events import Action, GuardEvent
 
 __all__ = ["FAULT_ACTION", "FAULT_KIND", "Fault", "FaultBarrier"]
 
 #: :attr:`GuardEvent.kind` of a fault record.
 FAULT_KIND = "fault"
 #: The action a fault record carries: the failing stage was disabled for its subject.
-FAULT_ACTION = "disable"
+FAULT_ACTION = Action.DISABLE
 
 _log = logging.getLogger("lr_monitor")
 T = TypeVar("T")

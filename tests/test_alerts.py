@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from lr_monitor import alerts
+from lr_monitor import eventlog
 from lr_monitor.alerts import (
     RANK_ENV_VARS,
     WEBHOOK_URL_ENV,
@@ -38,6 +38,7 @@ from lr_monitor.alerts import (
     make_default_sinks,
     read_events,
 )
+from lr_monitor.alerts import webhook as webhook_module
 from lr_monitor.events import GuardEvent
 
 pytestmark = pytest.mark.timeout(60)
@@ -503,7 +504,7 @@ def test_read_corrupt_middle_line_names_file_and_line(
 
 def test_jsonl_rotation(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
-    line_len = len(alerts._encode(ev(step=0)))
+    line_len = len(eventlog.encode_event(ev(step=0)))
     max_bytes = 3 * line_len + 1
     with JsonlSink(path, max_bytes=max_bytes, backup_count=2) as sink:
         for step in range(10):
@@ -572,6 +573,75 @@ def test_webhook_rejects_bad_url_without_showing_it(url: str) -> None:
 def test_webhook_rejects_bad_options(kw: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         WebhookSink("http://127.0.0.1:9/x", **kw)
+
+
+def test_webhook_rejects_nan_interval_and_endless_timeout() -> None:
+    for kw, start in [({"min_interval": math.nan}, "min_interval=nan is invalid: must be "),
+                      ({"timeout": 1e300}, "timeout=1e+300 is invalid: must be a number in (0, "),
+                      ({"backoff": math.inf}, "backoff=inf is invalid"),
+                      ({"max_retries": 1.5}, "max_retries=1.5 is invalid: must be an int >= 0"),
+                      ({"clock": 5}, "clock=5 is invalid")]:
+        with pytest.raises(ValueError) as info:
+            WebhookSink("http://127.0.0.1:9/x", **kw)
+        assert str(info.value).startswith(start), str(info.value)
+    sink = WebhookSink("http://127.0.0.1:9/x", min_interval=math.inf)  # once per key per run
+    assert sink.min_interval == math.inf
+    sink.close()
+
+
+@pytest.mark.parametrize("url", [123, b"https://hooks.example.com/SECRETtoken1", ["x"]],
+                         ids=["int", "bytes", "list"])
+def test_webhook_rejects_non_string_url_naming_it_without_showing_it(url: Any) -> None:
+    with pytest.raises(ValueError) as info:
+        WebhookSink(url)
+    text = str(info.value)
+    assert text.startswith("url='<webhook url hidden>' is invalid: must be an http"), text
+    assert "SECRETtoken1" not in text and "123" not in text
+
+
+def test_webhook_bad_url_from_env_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(WEBHOOK_URL_ENV, "ftp://example.invalid/SECRETtoken1")
+    with pytest.raises(ValueError) as info:
+        WebhookSink()
+    assert str(info.value).startswith(f"{WEBHOOK_URL_ENV}='<webhook url hidden>' is invalid")
+    assert "SECRETtoken1" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("make", "start"),
+    [(lambda p: JsonlSink(p, backup_count=1.5), "backup_count=1.5 is invalid: must be an int"),
+     (lambda p: JsonlSink(p, max_bytes=math.nan), "max_bytes=nan is invalid: must be an int"),
+     (lambda p: JsonlSink(p, max_bytes=1e6), "max_bytes=1000000.0 is invalid"),
+     (lambda p: JsonlSink(None), "path=None is invalid: must be a path"),
+     (lambda p: JsonlSink(p, rank_zero="yes"), "rank_zero='yes' is invalid: must be True"),
+     (lambda p: JsonlSink(p, is_rank_zero=True), "is_rank_zero=True is invalid: must be None"),
+     (lambda p: LoggingSink(5), "logger=5 is invalid: must be a logger name"),
+     (lambda p: LoggingSink(action_level="WARNING"), "action_level='WARNING' is invalid"),
+     (lambda p: TensorBoardSink(object()), "writer=<object object"),
+     (lambda p: TensorBoardSink(FakeWriter(), tag=""), "tag='' is invalid"),
+     (lambda p: CallableSink(print, name=3), "name=3 is invalid"),
+     (lambda p: make_default_sinks(p, jsonl="yes"), "jsonl='yes' is invalid"),
+     (lambda p: make_default_sinks(p, max_bytes=-5, jsonl=False), "max_bytes=-5 is invalid"),
+     (lambda p: make_default_sinks(p, filename=None), "filename=None is invalid")],
+    ids=["backup_count", "max_bytes-nan", "max_bytes-float", "path", "rank_zero",
+         "is_rank_zero", "logger", "level", "writer", "tag", "name", "default-jsonl",
+         "default-max_bytes", "default-filename"],
+)
+def test_sink_arguments_fail_naming_the_argument(tmp_path: Path, make: Callable[[Path], Any],
+                                                 start: str) -> None:
+    with pytest.raises(ValueError) as info:
+        make(tmp_path / "events.jsonl")
+    assert str(info.value).startswith(start), str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_as_sink_names_the_argument() -> None:
+    with pytest.raises(TypeError, match=r"^sink=1 is invalid: must be an AlertSink or a callable"):
+        as_sink(1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^alerts\[2\]='x' is invalid"):
+        as_sink("x", "alerts[2]")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^fn=42 is invalid: must be a callable"):
+        CallableSink(42)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- webhook: delivery
@@ -830,7 +900,7 @@ def test_scrub_removes_every_form_of_the_url(message: str) -> None:
 
     text = message.format(url=url, path=SECRET_PATH, quoted=urllib.parse.quote(url, safe=""),
                           token=SECRET_TOKENS[0])
-    scrubbed = alerts._scrub(text, alerts._secret_fragments(url))
+    scrubbed = webhook_module._scrub(text, webhook_module._secret_fragments(url))
     assert_no_secret(scrubbed, "scrubbed message", url)
     assert "AbCdEf123456" not in scrubbed
     assert "<webhook url hidden>" in scrubbed or "hooks.example.com" not in text

@@ -1,0 +1,57 @@
+"""Which process may send: the rank of this process according to its environment.
+
+Alert sinks send on rank zero only (:class:`~lr_monitor.alerts.AlertSink`). Launchers tell a
+process its rank through environment variables; this module reads them in the order
+Lightning's ``rank_zero_only`` does, so the sinks agree with Lightning without importing it.
+
+Example:
+    >>> env_rank({"LOCAL_RANK": "2"}), env_rank({"RANK": "x", "SLURM_PROCID": "3"})
+    (2, 3)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+__all__ = ["RANK_ENV_VARS", "env_rank", "is_env_rank_zero"]
+
+#: Environment variables holding the process rank, in the order they are consulted
+#: (the same order as Lightning's ``rank_zero_only``).
+RANK_ENV_VARS = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def env_rank(environ: Mapping[str, str] | None = None) -> int:
+    """The global rank of this process according to the environment.
+
+    The first of :data:`RANK_ENV_VARS` that is set to an integer wins; ``0`` when none is.
+
+    Args:
+        environ: The environment to read; ``None`` reads :data:`os.environ`.
+
+    Returns:
+        The rank (``0`` on a single-process run).
+
+    Example:
+        >>> env_rank({}), env_rank({"RANK": "0", "LOCAL_RANK": "1"})
+        (0, 0)
+    """
+    env = os.environ if environ is None else environ
+    for name in RANK_ENV_VARS:
+        value = env.get(name)
+        if value is None or not value.strip():
+            continue
+        try:
+            return int(value)
+        except ValueError:
+            continue
+    return 0
+
+
+def is_env_rank_zero() -> bool:
+    """Whether :func:`env_rank` is ``0``.
+
+    Returns:
+        ``True`` on rank zero and on single-process runs.
+    """
+    return env_rank() == 0

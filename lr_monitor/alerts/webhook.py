@@ -1,0 +1,580 @@
+"""Webhook alerts: a threaded HTTP client that never blocks training and never leaks its URL.
+
+:class:`WebhookSink` posts each event to a Slack incoming webhook (or any endpoint taking
+JSON). :meth:`~WebhookSink.send` only rate-limits and enqueues; a daemon thread does the
+HTTP work with bounded retries. The URL is a secret: it is hidden from ``repr``, scrubbed
+from every reported error (in all its encoded forms and by its path tokens), not followed
+through redirects, and never pickled. Sinks still open when the interpreter exits get a
+bounded chance to flush.
+
+Example:
+    >>> sink = WebhookSink("https://hooks.slack.com/services/T000/B000/XXXXXXXXXXXX")
+    >>> "XXXXXXXXXXXX" in repr(sink) + repr(sink.__getstate__())
+    False
+    >>> sink.close()
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import http.client
+import json
+import os
+import queue
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+from lr_monitor._validation import check_callable, check_choice, check_int, check_real, invalid
+from lr_monitor.alerts.sink import AlertSink, _log, event_line
+from lr_monitor.eventlog import _json_default
+from lr_monitor.events import GuardEvent
+
+__all__ = ["MAX_TIMEOUT", "WEBHOOK_URL_ENV", "WebhookFormat", "WebhookSink"]
+
+#: Environment variable :class:`WebhookSink` reads its URL from when none is passed.
+WEBHOOK_URL_ENV = "LR_MONITOR_WEBHOOK_URL"
+#: Longest ``timeout`` of one HTTP attempt, in seconds (teardown waits up to this long).
+MAX_TIMEOUT = 600.0
+#: Longest wait between two attempts, in seconds (also the cap on ``Retry-After``).
+_MAX_DELAY = 30.0
+
+#: ``format`` values of :class:`WebhookSink`.
+WebhookFormat = Literal["slack", "json"]
+
+_HIDDEN = "<webhook url hidden>"
+
+
+def _check_interval(arg: str, value: Any) -> float:
+    """Seconds ``>= 0``; ``inf`` is allowed (one message per key for the whole run)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)  # NaN fails the comparison
+    raise invalid(arg, value, "a number of seconds >= 0 (inf: once per kind and signal)")
+
+
+class _Secret:
+    """Holds a secret; never shows it and never pickles it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str | None) -> None:
+        self._value = value
+
+    def reveal(self) -> str | None:
+        return self._value
+
+    def __repr__(self) -> str:
+        return repr(_HIDDEN)
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Secret, (None,))
+
+
+def _secret_fragments(url: str) -> list[str]:
+    """Every substring of ``url`` that could identify it, longest first."""
+    parts = urllib.parse.urlsplit(url)
+    frags = {url, url.split("://", 1)[-1], parts.path, parts.query, parts.fragment}
+    if parts.query:
+        frags.add(f"{parts.path}?{parts.query}")
+    if parts.password:
+        frags.add(parts.password)
+    if parts.username:
+        frags.add(parts.username)
+    tokens = [t for t in parts.path.split("/") if t]
+    tokens += [v for _, v in urllib.parse.parse_qsl(parts.query)]
+    for tok in tokens:
+        # Tokens carry the secret; plain words ("services", "api") do not.
+        if len(tok) >= 16 or (len(tok) >= 6 and any(c.isdigit() or c.isupper() for c in tok)):
+            frags.add(tok)
+    more = {urllib.parse.unquote(f) for f in frags} | {urllib.parse.quote(f) for f in frags}
+    return sorted((f for f in frags | more if len(f) >= 4 and f != "/"), key=len, reverse=True)
+
+
+def _scrub(text: str, fragments: Iterable[str]) -> str:
+    for frag in fragments:
+        if frag in text:
+            text = text.replace(frag, _HIDDEN)
+    return text
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is reported as a failure: the body must go to the configured URL only."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_LIVE_WEBHOOKS: weakref.WeakSet[WebhookSink] = weakref.WeakSet()
+_AT_EXIT_BUDGET = 5.0
+_STOP = object()
+
+
+@atexit.register
+def _flush_webhooks_at_exit() -> None:
+    """Give queued alerts a bounded chance to go out when the interpreter exits."""
+    deadline = time.monotonic() + _AT_EXIT_BUDGET
+    for sink in list(_LIVE_WEBHOOKS):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        with contextlib.suppress(Exception):
+            sink.flush(remaining)
+
+
+class WebhookSink(AlertSink):
+    """POST each event to a webhook (Slack incoming webhook by default) from a thread.
+
+    :meth:`send` only applies the rate limit and enqueues with ``put_nowait``; a
+    background daemon thread does the HTTP POST with ``timeout``, retrying on 5xx,
+    429, connection errors and timeouts (not on other 4xx) up to ``max_retries``
+    times with exponential backoff (``backoff * 2**attempt`` seconds). A full queue
+    drops the event (counted in :attr:`dropped`); training never waits.
+
+    Rate limit: at most one message per ``(kind, signal)`` per ``min_interval``
+    seconds; the events in between are counted in :attr:`suppressed` and the next
+    message for that key ends with ``(+N similar suppressed)``. At most
+    ``max_per_run`` messages are sent per sink; the last one says so.
+
+    Failures are reported once per failure streak on the ``lr_monitor.alerts`` logger,
+    with the reason but never the URL. Every event also stays in the JSONL record
+    (:class:`~lr_monitor.alerts.JsonlSink`), which does not depend on this sink.
+
+    The URL is a secret: it is hidden from ``repr``, never logged, and never pickled.
+    A pickled copy (e.g. sent to ``ddp_spawn`` workers) reads the URL again from
+    :data:`WEBHOOK_URL_ENV` if that is where it came from; otherwise the copy is
+    disabled and says so on its first event.
+
+    Payload: ``format="slack"`` posts ``{"text": line}`` (``&``, ``<``, ``>`` escaped
+    as Slack requires); ``format="json"`` posts :meth:`GuardEvent.to_dict` plus
+    ``"text"``.
+
+    Args:
+        url: The webhook URL (``http://`` or ``https://``); ``None`` reads
+            :data:`WEBHOOK_URL_ENV`.
+        format: ``"slack"`` or ``"json"``.
+        timeout: Socket timeout in seconds of each HTTP attempt, at most
+            :data:`MAX_TIMEOUT`.
+        max_retries: Retries after the first attempt (so at most ``1 + max_retries``
+            requests per message).
+        backoff: First retry delay in seconds, doubled on each retry (at most 30 s).
+        queue_size: Messages waiting for the thread; more are dropped.
+        min_interval: Seconds between two messages with the same ``(kind, signal)``.
+        max_per_run: Most messages this sink sends; ``None`` for no cap.
+        rank_zero: See :class:`~lr_monitor.alerts.AlertSink`.
+        is_rank_zero: See :class:`~lr_monitor.alerts.AlertSink`.
+        clock: Monotonic clock used by the rate limit (injectable for tests).
+
+    Raises:
+        ValueError: If there is no URL (naming both ``url`` and
+            :data:`WEBHOOK_URL_ENV`), the URL is not an http(s) URL (the message names
+            where it came from but never shows it), or an option is out of range:
+            ``timeout`` must be in ``(0, MAX_TIMEOUT]``, ``min_interval`` a number ``>= 0``
+            (``inf``: one message per ``(kind, signal)`` per run), counts ints.
+
+    Example:
+        >>> sink = WebhookSink("https://hooks.slack.com/services/T000/B000/XXXXXXXXXXXX")
+        >>> repr(sink)[:50]
+        "WebhookSink(url='<webhook url hidden>', format='sl"
+        >>> "XXXXXXXXXXXX" in repr(sink.__getstate__())
+        False
+        >>> sink.close()
+        >>> WebhookSink(123)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: url='<webhook url hidden>' is invalid: must be an http:// or https:// URL...
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        format: WebhookFormat = "slack",
+        timeout: float = 5.0,
+        max_retries: int = 3,
+        backoff: float = 0.5,
+        queue_size: int = 100,
+        min_interval: float = 60.0,
+        max_per_run: int | None = 50,
+        rank_zero: bool = True,
+        is_rank_zero: Callable[[], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(rank_zero=rank_zero, is_rank_zero=is_rank_zero)
+        self.format: WebhookFormat = check_choice(  # type: ignore[assignment]
+            "format", format, ("slack", "json"))
+        self.timeout: float = check_real("timeout", timeout, low=0.0, high=MAX_TIMEOUT,
+                                         high_closed=True)
+        self.max_retries: int = check_int("max_retries", max_retries, 0)
+        self.backoff: float = check_real("backoff", backoff, low=0.0, low_closed=True)
+        self.queue_size: int = check_int("queue_size", queue_size, 1)
+        self.min_interval: float = _check_interval("min_interval", min_interval)
+        self.max_per_run: int | None = check_int("max_per_run", max_per_run, 1, allow_none=True)
+        self.clock: Callable[[], float] = check_callable("clock", clock, "a clock () -> seconds")
+        from_env = url is None
+        if url is None:
+            url = os.environ.get(WEBHOOK_URL_ENV) or None
+            if url is None:
+                raise invalid("url", None, "an http:// or https:// URL, or None with the "
+                              f"environment variable {WEBHOOK_URL_ENV} set")
+        self._check_url(url, WEBHOOK_URL_ENV if from_env else "url")
+        self._url = _Secret(url)
+        self._url_from_env = from_env
+        self._delivered = self._failed = self._dropped = self._suppressed = 0
+        self._accepted = 0
+        self._last_sent: dict[tuple[str, str], float] = {}
+        self._pending_suppressed: dict[tuple[str, str], int] = {}
+        self._init_runtime()
+
+    @staticmethod
+    def _check_url(url: object, arg: str = "url") -> None:
+        """Raise ``ValueError`` naming ``arg`` (never showing the URL) unless it is usable."""
+        hidden = _Secret(None)
+        if not isinstance(url, str):
+            raise invalid(arg, hidden, "an http:// or https:// URL (a string) or None, not "
+                          f"{type(url).__name__} (the value is not shown: it may be a secret)")
+        try:
+            parts = urllib.parse.urlsplit(url)
+            ok = parts.hostname is not None and parts.scheme in ("http", "https")
+        except ValueError:  # e.g. a malformed IPv6 host
+            ok = False
+        if not ok:
+            raise invalid(arg, hidden, "an http:// or https:// URL with a host "
+                          "(the URL itself is not shown: it is a secret)")
+        if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+            raise invalid(arg, hidden, "a URL without whitespace or control characters "
+                          "(the URL itself is not shown: it is a secret)")
+
+    def _init_runtime(self) -> None:
+        """State that is rebuilt rather than pickled."""
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.queue_size)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._closed = False
+        self._failing = False  # inside a failure streak
+        self._streak_failed = 0
+        self._dropping = False  # inside a queue-full streak
+        self._opener = urllib.request.build_opener(_NoRedirect())
+
+    # -- counters
+
+    @property
+    def delivered(self) -> int:
+        """Messages the server accepted (2xx)."""
+        return self._delivered
+
+    @property
+    def failed(self) -> int:
+        """Messages given up on after the retries (or on a non-retryable error)."""
+        return self._failed
+
+    @property
+    def dropped(self) -> int:
+        """Events not sent because the queue was full or the sink was closed/disabled."""
+        return self._dropped
+
+    @property
+    def suppressed(self) -> int:
+        """Events not sent because of ``min_interval`` or ``max_per_run``."""
+        return self._suppressed
+
+    @property
+    def pending(self) -> int:
+        """Messages enqueued or in flight."""
+        return self._queue.unfinished_tasks
+
+    # -- AlertSink
+
+    def send(self, event: GuardEvent) -> None:
+        """Rate-limit and enqueue ``event``; never blocks and never does I/O.
+
+        Args:
+            event: The event.
+        """
+        if not self.active():
+            return
+        key = (event.kind, event.signal)
+        with self._lock:
+            if self._closed or self._url.reveal() is None:
+                self._dropped += 1
+                reason = ("it was closed" if self._closed else
+                          "its URL was not pickled with it; set " + WEBHOOK_URL_ENV)
+                self._warn_once(("unusable", self._closed),
+                                "WebhookSink got an event but %s; the event stays in the "
+                                "event file only", reason)
+                return
+            now = self.clock()
+            last = self._last_sent.get(key)
+            if last is not None and now - last < self.min_interval:
+                self._suppressed += 1
+                self._pending_suppressed[key] = self._pending_suppressed.get(key, 0) + 1
+                return
+            if self.max_per_run is not None and self._accepted >= self.max_per_run:
+                self._suppressed += 1
+                return
+            n_similar = self._pending_suppressed.pop(key, 0)
+            last_of_run = self.max_per_run is not None and self._accepted + 1 == self.max_per_run
+            self._ensure_thread()
+            try:
+                self._queue.put_nowait((event, n_similar, last_of_run))
+            except queue.Full:
+                self._dropped += 1
+                if n_similar:
+                    self._pending_suppressed[key] = n_similar
+                if not self._dropping:
+                    self._dropping = True
+                    _log.warning("WebhookSink queue is full (%d messages): dropping alerts "
+                                 "until it drains; they stay in the event file",
+                                 self.queue_size)
+                return
+            self._dropping = False
+            self._accepted += 1
+            self._last_sent[key] = now
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every enqueued message is delivered or given up on.
+
+        Args:
+            timeout: Longest wait in seconds; ``None`` waits until done (each message
+                is bounded by its timeout and retries).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cond = self._queue.all_tasks_done
+        with cond:
+            while self._queue.unfinished_tasks:
+                if deadline is None:
+                    cond.wait()
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                cond.wait(remaining)
+
+    def close(self) -> None:
+        """Stop the thread; messages still queued are discarded and counted as dropped.
+
+        Call :meth:`flush` first to give them a chance. Waits at most ``timeout``
+        seconds for a request in flight.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+        _LIVE_WEBHOOKS.discard(self)
+        self._stop.set()
+        discarded = 0
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+            discarded += 1
+            self._queue.task_done()
+        if thread is not None:
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(_STOP)
+            thread.join(self.timeout + 1.0)
+        if discarded:
+            with self._lock:
+                self._dropped += discarded
+            _log.warning("WebhookSink closed with %d alert(s) not yet sent; they stay in the "
+                         "event file", discarded)
+
+    # -- worker
+
+    def _ensure_thread(self) -> None:
+        """Start the worker on first use (and again in a forked child). Holds the lock."""
+        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+            return
+        if self._pid != os.getpid():  # forked: the parent's thread and queue are not ours
+            self._queue = queue.Queue(maxsize=self.queue_size)
+            self._pid = os.getpid()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="lr_monitor-webhook",
+                                        daemon=True)
+        self._thread.start()
+        _LIVE_WEBHOOKS.add(self)
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            item = q.get()
+            try:
+                if item is _STOP:
+                    return
+                if self._stop.is_set():
+                    with self._lock:
+                        self._dropped += 1
+                    continue
+                self._deliver(*item)
+            except Exception as exc:  # never let the thread die
+                with self._lock:
+                    self._failed += 1
+                self._report_failure(None, f"internal error: {type(exc).__name__}: {exc}", 0)
+            finally:
+                q.task_done()
+
+    def text(self, event: GuardEvent, n_similar: int = 0, last_of_run: bool = False) -> str:
+        """The message line for ``event`` (before Slack escaping).
+
+        Args:
+            event: The event.
+            n_similar: Events with the same ``(kind, signal)`` suppressed since the last
+                message.
+            last_of_run: Whether this is the last message ``max_per_run`` allows.
+
+        Returns:
+            ``"lr_monitor guard: " + event_line(event)`` plus the notes.
+        """
+        text = f"lr_monitor guard: {event_line(event)}"
+        if n_similar:
+            text += f" (+{n_similar} similar suppressed)"
+        if last_of_run:
+            text += (f" (alert limit of {self.max_per_run} messages reached: later events "
+                     "are only in the event log)")
+        return text
+
+    def payload(self, event: GuardEvent, n_similar: int = 0, last_of_run: bool = False) -> bytes:
+        """The JSON body posted for ``event``.
+
+        Args:
+            event: The event.
+            n_similar: See :meth:`text`.
+            last_of_run: See :meth:`text`.
+
+        Returns:
+            UTF-8 JSON: ``{"text": ...}`` for Slack, ``to_dict() | {"text": ...}`` for json.
+        """
+        text = self.text(event, n_similar, last_of_run)
+        if self.format == "slack":
+            text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            body: dict[str, Any] = {"text": text}
+        else:
+            body = {**event.to_dict(), "text": text}
+        return json.dumps(body, default=_json_default).encode("utf-8")
+
+    def _deliver(self, event: GuardEvent, n_similar: int, last_of_run: bool) -> None:
+        body = self.payload(event, n_similar, last_of_run)
+        attempt = 0
+        while True:
+            ok, retry_after, reason = self._post(body)
+            if ok:
+                with self._lock:
+                    self._delivered += 1
+                    recovered, self._failing = self._failing, False
+                    streak, self._streak_failed = self._streak_failed, 0
+                if recovered:
+                    _log.info("WebhookSink delivers again (%d alert(s) were not delivered)",
+                              streak)
+                return
+            if retry_after is None or attempt >= self.max_retries or self._stop.is_set():
+                with self._lock:
+                    self._failed += 1
+                self._report_failure(event, reason, attempt + 1)
+                return
+            delay = max(retry_after, min(_MAX_DELAY, self.backoff * 2.0 ** min(attempt, 32)))
+            if self._stop.wait(delay):
+                with self._lock:
+                    self._failed += 1
+                return
+            attempt += 1
+
+    def _report_failure(self, event: GuardEvent | None, reason: str, attempts: int) -> None:
+        with self._lock:
+            first, self._failing = not self._failing, True
+            self._streak_failed += 1
+        if event is None:
+            what = "an alert"
+        else:
+            what = f"the alert for step {event.step} ({event.kind} on {event.signal})"
+        msg = "WebhookSink could not deliver %s after %d attempt(s): %s"
+        url = self._url.reveal()
+        reason = _scrub(reason, _secret_fragments(url)) if url else reason
+        args: tuple[object, ...] = (what, attempts, reason)
+        if first:
+            _log.warning(msg + "; further failures are not reported until a delivery "
+                         "succeeds; every event stays in the event file", *args)
+        else:
+            _log.debug(msg, *args)
+
+    def _post(self, body: bytes) -> tuple[bool, float | None, str]:
+        """One attempt. Returns (ok, retry delay or None if not retryable, reason)."""
+        url = self._url.reveal()
+        assert url is not None
+        request = urllib.request.Request(
+            url, data=body, method="POST",
+            headers={"Content-Type": "application/json; charset=utf-8",
+                     "User-Agent": "lr-monitor-webhook"},
+        )
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                response.read(65536)
+                status = response.status
+            if 200 <= status < 300:
+                return True, None, ""
+            return False, None, f"HTTP {status}"
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+            detail = ""
+            with contextlib.suppress(Exception):
+                detail = exc.read(200).decode("utf-8", "replace").strip()
+            exc.close()
+            reason = f"HTTP {status} {exc.reason}" + (f" ({detail})" if detail else "")
+            if status == 429:
+                return False, self._retry_after(exc.headers), reason
+            return False, (0.0 if status >= 500 else None), reason
+        except http.client.InvalidURL as exc:
+            return False, None, f"invalid URL: {exc}"
+        except urllib.error.URLError as exc:
+            return False, 0.0, f"connection error: {exc.reason}"
+        except TimeoutError:
+            return False, 0.0, f"timed out after {self.timeout:g} s"
+        except (ConnectionError, http.client.HTTPException, OSError) as exc:
+            return False, 0.0, f"{type(exc).__name__}: {exc}"
+        except ValueError as exc:
+            return False, None, f"{type(exc).__name__}: {exc}"
+
+    @staticmethod
+    def _retry_after(headers: Any) -> float:
+        with contextlib.suppress(Exception):
+            return min(_MAX_DELAY, max(0.0, float(headers.get("Retry-After") or 0)))
+        return 0.0
+
+    # -- secrecy
+
+    def __getstate__(self) -> dict[str, Any]:
+        keep = ("format", "timeout", "max_retries", "backoff", "queue_size", "min_interval",
+                "max_per_run", "clock", "rank_zero", "is_rank_zero", "_url_from_env",
+                "_delivered", "_failed", "_dropped", "_suppressed", "_accepted")
+        state = {k: self.__dict__[k] for k in keep if k in self.__dict__}
+        state["_url"] = _Secret(None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._last_sent = {}
+        self._pending_suppressed = {}
+        url = (os.environ.get(WEBHOOK_URL_ENV) or None) if self._url_from_env else None
+        if url is not None:
+            try:
+                self._check_url(url)
+            except ValueError:
+                url = None
+        self._url = _Secret(url)
+        self._init_runtime()
+
+    def __repr__(self) -> str:
+        return (f"WebhookSink(url={_HIDDEN!r}, format={self.format!r}, timeout={self.timeout}, "
+                f"max_retries={self.max_retries}, min_interval={self.min_interval}, "
+                f"max_per_run={self.max_per_run})")
+
