@@ -167,10 +167,10 @@ def check_regex(arg: str, value: Any) -> re.Pattern[str] | None:
     """The compiled regular expression ``value``, or ``None`` for ``None``.
 
     Example:
-        >>> check_regex("include", "(")
+        >>> check_regex("include", "(")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: include='(' is invalid: must be a valid regular expression (missing ), unterminated subpattern at position 0)
+        ValueError: include='(' is invalid: must be a valid regular expression (missing ), ...)
 
     Raises:
         ValueError: for a non-string or a pattern that does not compile.

@@ -37,13 +37,18 @@ __all__ = [
     "LR_HISTOGRAM",
     "STATISTICS",
     "TENSORBOARD_FILE_MARK",
+    "TRAIN_ACC",
+    "TRAIN_LOSS",
     "USER_METRICS",
+    "VAL_ACC",
+    "VAL_LOSS",
     "group_names",
     "histogram_tag",
     "is_tensorboard_file",
     "lr_key",
     "optimizer_names",
     "parse_stat_tag",
+    "stat_pattern",
     "stat_tag",
 ]
 
@@ -90,9 +95,14 @@ EVENTS_FILENAME = "events.jsonl"
 #: Part of every TensorBoard event file's name (``events.out.tfevents.<time>.<host>...``).
 TENSORBOARD_FILE_MARK = "tfevents"
 
-#: Scalars a LightningModule typically logs itself, summarised by ``lr-monitor report``
-#: when present (the names of Lightning's examples; not written by lr-monitor).
-USER_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
+#: Scalars a LightningModule typically logs itself (the names of Lightning's examples; not
+#: written by lr-monitor): ``lr-monitor report`` summarises them and ``plot`` draws the
+#: losses when present.
+TRAIN_LOSS = "train/loss"
+TRAIN_ACC = "train/acc"
+VAL_LOSS = "val/loss"
+VAL_ACC = "val/acc"
+USER_METRICS = (TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC)
 
 _STAT_PATTERN = "|".join(re.escape(s) for s in sorted(STATISTICS, key=len, reverse=True))
 
@@ -111,6 +121,20 @@ def stat_tag(prefix: str, stat: str, optimizer: str, row: str) -> str:
         'optim/update_ratio/SGD/global'
     """
     return f"{prefix}/{stat}/{optimizer}/{row}"
+
+
+def stat_pattern(prefix: str, stat: str) -> str:
+    """A regular expression matching every row of one statistic (TensorBoard's Custom Scalars).
+
+    Example:
+        >>> import re
+        >>> pattern = stat_pattern("optim", "eff_lr/p50")
+        >>> bool(re.match(pattern, "optim/eff_lr/p50/Adam/pg0"))
+        True
+        >>> bool(re.match(pattern, "optim/eff_lr/p50x/Adam/pg0"))
+        False
+    """
+    return "^" + stat_tag(re.escape(prefix), re.escape(stat), "[^/]+", ".+") + "$"
 
 
 def histogram_tag(prefix: str, kind: str, optimizer: str, group: str) -> str:

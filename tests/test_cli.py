@@ -456,3 +456,48 @@ def test_demo_is_deterministic(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert reports[0].keys() == reports[1].keys()
     for run in reports[0]:
         assert _comparable(reports[0][run]) == _comparable(reports[1][run])
+
+
+# ------------------------------------------------------------------- record-only events
+
+
+def test_record_only_events_are_reported_and_plotted_as_recorded(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lr_monitor.cli.plot import ACTION_COLORS, RECORDED, _event_color, _event_label
+    from lr_monitor.events import Action
+
+    def event(step: int, kind: str, actions: tuple[str, ...]) -> GuardEvent:
+        return GuardEvent(step=step, kind=kind, signal=kind, value=0.25, threshold=0.125,
+                          actions=actions, lr_before={"Adam/pg0": 1.0},
+                          lr_after={"Adam/pg0": 1.0}, time=float(step))
+
+    # The guard now records with no action; files of older versions hold ("log",).
+    events = (event(2, "update_ratio", ()), event(4, "update_ratio", ("log",)),
+              event(6, "fault", ("disable",)))
+    write_run(tmp_path / "run", steps=8, lr=1.0, events=events)
+    guard = report_json(capsys, tmp_path)["runs"][0]["guard"]
+    assert guard["actions"] == {"cut_lr": [], "skip": [], "rollback": [], "stop": [],
+                                "log": [4], "disable": [6]}
+    assert guard["recorded_only"] == [2, 4]
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "recorded only" in out and "2 (steps 2, 4)" in out
+    assert "action disable" in out and "action log" not in out
+    assert _event_color(()) == _event_color(("log",)) == (RECORDED, ACTION_COLORS[Action.LOG])
+    assert _event_label(()) == _event_label(("log",)) == RECORDED
+    assert _event_color(("skip", "cut_lr")) == ("cut_lr", ACTION_COLORS[Action.CUT])
+    assert main(["plot", str(tmp_path), "-o", str(tmp_path / "p.png")]) == 0
+    assert png_size(tmp_path / "p.png")[0] > 500
+
+
+def test_report_names_come_from_tags_and_actions() -> None:
+    from lr_monitor import tags
+    from lr_monitor.cli import report
+    from lr_monitor.events import Action
+
+    assert report.MONITOR_STATS == tags.STATISTICS and "update_lost_frac" in report.MONITOR_STATS
+    assert report.parse_monitor_tag("optim/update_lost_frac/Adam/global") == (
+        "update_lost_frac", "Adam", "global")
+    assert report.EVENTS_JSONL == tags.EVENTS_FILENAME
+    assert set(report.GUARD_ACTIONS) == {a.value for a in Action} - {"log", "disable"}
+    assert set(report.ACTION_LABELS) == set(report.GUARD_ACTIONS)

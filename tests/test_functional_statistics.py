@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,14 +14,17 @@ from hypothesis import strategies as st
 from lr_monitor.functional import last_update, optimizer_steps
 from lr_monitor.functional.statistics import (
     BINS_PER_DECADE,
+    FIELD_COMBINE,
     FIELDS,
     HIST_SAMPLES,
-    UpdateHistory,
+    Combine,
+    HostStepSums,
     quantile_from_histogram,
     sample_index,
     step_sums,
     summarize,
 )
+from lr_monitor.recording.history import UpdateHistory
 
 
 def _setup(opt_name: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -303,3 +307,118 @@ def test_low_precision_statistics_are_computed_in_float32(dtype: torch.dtype) ->
     for q, key in ((0.05, "p05"), (0.5, "p50"), (0.95, "p95")):
         exact = float(np.quantile(log_eff, q))
         assert abs(math.log10(row[f"eff_lr/{key}"]) - exact) <= 1 / BINS_PER_DECADE, key
+
+
+# ------------------------------------------------------------------ combine rules
+
+
+def test_every_field_declares_its_combine_rule() -> None:
+    assert tuple(FIELD_COMBINE) == FIELDS
+    assert {f for f, r in FIELD_COMBINE.items() if r is not Combine.SUM} == {"eff_min", "eff_max"}
+    assert FIELD_COMBINE["eff_min"] is Combine.MIN and FIELD_COMBINE["eff_max"] is Combine.MAX
+
+
+def test_host_combine_applies_each_fields_rule() -> None:
+    rng = np.random.default_rng(0)
+    values, hist = rng.normal(size=(5, len(FIELDS))), rng.integers(0, 9, size=(5, 7)).astype(float)
+    host = HostStepSums(values, hist, np.array([0.5]))
+    out = host.combine([0, 2, 3])
+    for j, name in enumerate(FIELDS):
+        col = values[[0, 2, 3], j]
+        expected = {Combine.SUM: col.sum(), Combine.MIN: col.min(), Combine.MAX: col.max()}
+        assert out.values[0, j] == pytest.approx(expected[FIELD_COMBINE[name]], rel=1e-15), name
+    np.testing.assert_array_equal(out.hist[0], hist[[0, 2, 3]].sum(0))
+    assert out.extra.tolist() == [0.5]
+    empty = host.combine([])
+    assert empty.values.shape == (1, len(FIELDS)) and empty.hist.shape == (1, 7)
+    assert [empty.values[0, j] for j in range(len(FIELDS))] == [
+        FIELD_COMBINE[name].identity for name in FIELDS]
+
+
+def test_group_rows_combine_their_tensor_rows_by_the_same_rules() -> None:
+    """The device accumulation (tensors -> group) and the host combine agree field by field."""
+    model, opt = _setup("adam")
+    history = UpdateHistory(samples_per_tensor=50)
+    for seed in range(2):
+        _train_step(model, opt, seed)
+        host = step_sums(optimizer_steps(opt), history=history, tensor_rows=lambda p: True,
+                         chunk_numel=500).to_host()
+    n_groups = len(opt.param_groups)
+    sizes = [len(g["params"]) for g in opt.param_groups]
+    start = n_groups
+    for gi, size in enumerate(sizes):
+        rows = host.combine(range(start, start + size))
+        np.testing.assert_allclose(rows.values[0], host.values[gi], rtol=1e-12)
+        for name in ("eff_min", "eff_max"):
+            assert rows.values[0, FIELDS.index(name)] == host.values[gi, FIELDS.index(name)]
+        np.testing.assert_array_equal(rows.hist[0], host.hist[gi])
+        start += size
+
+
+def test_step_sums_takes_any_store_with_swap() -> None:
+    """The statistics need only ``swap``: here a store that says the last update was -Δ."""
+
+    class Mirror:
+        def swap(self, param: torch.Tensor, update: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
+            cur = update.detach().reshape(-1).float().clone()
+            return -cur, cur
+
+    model, opt = _setup("sgd")
+    _train_step(model, opt, 0)
+    rows = summarize(step_sums(optimizer_steps(opt), history=Mirror()).to_host())
+    assert [r["update_cosine"] for r in rows] == pytest.approx([-1.0, -1.0], abs=1e-12)
+
+
+def _shard_steps(rank: int | None) -> list[list[object]]:
+    """Adam on two groups; ``rank`` 0/1 holds the low/high half of every tensor (FSDP-like).
+
+    Adam is elementwise, so a shard's step is exactly that part of the whole step.
+    """
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(3000, generator=g) * torch.logspace(-6, 0, 3000),
+             torch.randn(800, generator=g) * torch.logspace(0, -6, 800)]
+    if rank is not None:
+        grads = [x.chunk(2)[rank].clone() for x in grads]
+    params = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+    opt = torch.optim.Adam([{"params": [params[0]]}, {"params": [params[1]], "lr": 1e-2}],
+                           eps=1e-5)
+    for _ in range(2):
+        for p, x in zip(params, grads, strict=True):
+            p.grad = x.clone()
+        opt.step()
+    return optimizer_steps(opt)  # type: ignore[return-value]
+
+
+def _sharded_worker(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        sums = step_sums(_shard_steps(rank))  # type: ignore[arg-type]
+        sums.all_reduce()
+        host = sums.to_host()
+        np.save(Path(out) / f"values{rank}.npy", host.values)
+        np.save(Path(out) / f"hist{rank}.npy", host.hist)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_all_reduce_of_shards_equals_the_unsharded_sums(tmp_path: Path) -> None:
+    """Two gloo ranks, each with half of every tensor: sums add up, min and max are exact."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+             join=True)
+    whole = step_sums(_shard_steps(None)).to_host()  # type: ignore[arg-type]
+    for rank in (0, 1):
+        values = np.load(tmp_path / f"values{rank}.npy")
+        np.testing.assert_allclose(values, whole.values, rtol=1e-5)  # float32 norms per shard
+        for name in ("numel", "eps_dominated", "eps_numel", "second_numel"):  # counts: exact
+            j = FIELDS.index(name)
+            assert values[:, j].tolist() == whole.values[:, j].tolist()
+        for name in ("eff_min", "eff_max"):  # the halves differ: a sum would be wrong here
+            j = FIELDS.index(name)
+            assert values[0, j] == whole.values[0, j] and values[1, j] == whole.values[1, j]
+        np.testing.assert_array_equal(np.load(tmp_path / f"hist{rank}.npy"), whole.hist)

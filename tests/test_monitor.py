@@ -519,3 +519,144 @@ def test_differentiable_optimizer_is_recorded() -> None:
     handle.detach()
     p.sum().backward()  # the graph through the steps is intact
     assert base.grad is not None and len(seen) == 3
+
+
+# ------------------------------------------------------------------ records and listeners
+
+
+def test_listeners_get_every_record_before_it_is_logged(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from lr_monitor.recording import StepRecord
+    from lr_monitor.tags import parse_stat_tag
+
+    order: list[tuple[str, str, int]] = []
+    real_log = StepSizeMonitor._log
+
+    def log(trainer: Any, metrics: dict[str, float], step: int) -> None:
+        parsed = parse_stat_tag(next(iter(metrics)))
+        assert parsed is not None
+        order.append(("log", parsed[1], step))
+        real_log(trainer, metrics, step)
+
+    monkeypatch.setattr(StepSizeMonitor, "_log", staticmethod(log))
+    records: list[StepRecord] = []
+
+    def listener(record: StepRecord) -> None:
+        records.append(record)
+        order.append(("record", record.optimizer, record.index))
+
+    logger = TensorBoardLogger(str(tmp_path), name="listen")
+    mon = StepSizeMonitor(2, log_global=False)
+    mon.subscribe(listener)  # before the recorders exist
+    mon.subscribe(listener)  # once only
+    tr = trainer(tmp_path, logger=logger, max_steps=12, callbacks=[mon])
+    tr.fit(TwoOptimizers(), regression_loader())
+    assert [(r.optimizer, r.index) for r in records] == [
+        (o, i) for i in (0, 2, 4) for o in ("Adam", "SGD")]
+    # each record reaches the listener before the monitor logs it
+    assert [e[0] for e in order] == ["record", "log"] * 6
+    assert [e[1] for e in order[::2]] == [e[1] for e in order[1::2]]
+    tags = read_scalars(logger.log_dir)
+    for r in records:
+        assert r.groups == ("pg0",) and r.value("update_norm") is not None
+        # the global row is always in the record, logged only with log_global=True
+        assert r.value("update_norm") == pytest.approx(r.value("update_norm", "pg0"))
+        assert f"optim/update_norm/{r.optimizer}/global" not in tags
+        logged = tags[f"optim/update_norm/{r.optimizer}/pg0"][r.index]
+        assert logged == pytest.approx(r.value("update_norm", "pg0"), rel=1e-6)
+    mon.unsubscribe(listener)
+    mon.unsubscribe(listener)  # not subscribed: nothing happens
+    with pytest.raises(ValueError, match=r"^listener=5 is invalid"):
+        mon.subscribe(5)  # type: ignore[arg-type]
+
+
+def test_a_failing_listener_is_reported_once_and_logging_goes_on(tmp_path: Path) -> None:
+    from lr_monitor.eventlog import read_events
+
+    def broken(record: Any) -> None:
+        raise RuntimeError("listener bug")
+
+    logger = TensorBoardLogger(str(tmp_path), name="broken")
+    mon = StepSizeMonitor(1)
+    mon.subscribe(broken)
+    tr = trainer(tmp_path, logger=logger, max_steps=4, callbacks=[mon])
+    tr.fit(Regressor(OPTIMIZERS["adam"]), regression_loader())
+    faults = read_events(Path(logger.log_dir) / "events.jsonl")
+    assert [e.signal for e in faults] == ["StepSizeMonitor/listener"]
+    assert "RuntimeError: listener bug" in faults[0].message
+    assert sorted(read_scalars(logger.log_dir)["optim/update_norm/Adam/global"]) == [0, 1, 2, 3]
+
+
+def test_recorder_publishes_records_and_attach_writes_what_the_config_logs() -> None:
+    from lr_monitor.recording import RecorderConfig, StepRecord, StepRecorder
+
+    p = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    opt = torch.optim.SGD([{"params": [p], "name": "w"}], lr=0.5)
+    written: list[tuple[int, dict[str, float]]] = []
+    records: list[StepRecord] = []
+    handle = attach(opt, lambda metrics, step: written.append((step, metrics)),
+                    every_n_steps=2, log_global=False, listeners=[records.append])
+    rec = handle.recorder
+    assert rec.config == RecorderConfig(log_global=False)
+    assert handle.latest == {} and rec.last_record is None
+    for _ in range(3):
+        p.grad = torch.tensor([1.0, 0.0])
+        opt.step()
+    assert [r.index for r in records] == [0, 2] and rec.last_record is records[-1]
+    assert [step for step, _ in written] == [0, 2]
+    assert handle.latest == written[-1][1] == rec.config.metrics(records[-1])
+    assert "optim/update_norm/SGD/w" in handle.latest
+    assert not any(tag.endswith("/global") for tag in handle.latest)
+    assert records[-1].value("update_norm") == pytest.approx(0.5)  # global row, not logged
+    assert records[-1].value("lr") == 0.5  # one group: the global lr is the group's
+    handle.unsubscribe(records.append)
+    p.grad = torch.tensor([1.0, 0.0])
+    opt.step()
+    opt.step()
+    assert len(records) == 2 and [s for s, _ in written] == [0, 2, 4]
+    handle.detach()
+
+    standalone = StepRecorder(opt, "SGD", should_record=lambda index: True)
+    with pytest.raises(ValueError, match=r"^listener=None is invalid"):
+        standalone.subscribe(None)  # type: ignore[arg-type]
+
+
+def test_a_failing_recorder_listener_is_disabled_alone() -> None:
+    from lr_monitor.faults import FaultBarrier
+    from lr_monitor.recording import StepRecord, StepRecorder
+
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.Adam([p], lr=0.1)
+    reported: list[Any] = []
+    seen: list[StepRecord] = []
+    calls = {"broken": 0}
+
+    def broken(record: StepRecord) -> None:
+        calls["broken"] += 1
+        raise RuntimeError("boom")
+
+    rec = StepRecorder(opt, "Adam", should_record=lambda index: True,
+                       listeners=[broken, seen.append],
+                       faults=FaultBarrier("X", report=reported.append))
+    rec.attach()
+    for _ in range(3):
+        p.grad = torch.ones(2)
+        opt.step()
+    rec.detach()
+    assert calls["broken"] == 1 and len(seen) == 3 and not rec.disabled
+    assert [e.signal for e in reported] == ["X/listener"]
+
+
+def test_recorder_config_validates_under_the_users_names() -> None:
+    from lr_monitor.recording import RecorderConfig
+
+    config = RecorderConfig(granularity="tensor", include="weight", exclude=r"^head\.")
+    assert config.tensor_row("net.0.weight") and not config.tensor_row("net.0.bias")
+    assert not config.tensor_row("head.weight") and not config.tensor_row(None)
+    assert not RecorderConfig().tensor_row("net.0.weight")  # group granularity
+    assert RecorderConfig(**config.as_kwargs()) == config
+    for kwargs, match in (({"prefix": "/x"}, "prefix='/x'"), ({"exclude": ")"}, "exclude='\\)'"),
+                          ({"cosine_samples": True}, "cosine_samples=True"),
+                          ({"granularity": "layer"}, "granularity='layer'")):
+        with pytest.raises(ValueError, match="^" + match + " is invalid: must be"):
+            RecorderConfig(**kwargs)

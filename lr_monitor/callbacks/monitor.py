@@ -5,8 +5,13 @@ all groups together (``global``), the learning rate, the effective per-element l
 rate (quantiles, min, max), the share of elements where ε dominates, gradient,
 parameter, update and moment norms, the update/parameter ratio, the cosine between
 successive recorded updates and non-finite counts. Tags are
-``<prefix>/<stat>/<optimizer>/<group>``, e.g. ``optim/eff_lr/p50/Adam/pg0``; every tag
-is listed in ``docs/metrics.md``.
+``<prefix>/<stat>/<optimizer>/<group>``, e.g. ``optim/eff_lr/p50/Adam/pg0``
+(:mod:`lr_monitor.tags`); every tag is listed in ``docs/metrics.md``.
+
+The measuring is done by one :class:`~lr_monitor.recording.StepRecorder` per optimizer;
+this callback only wires the recorders to the trainer and writes what they publish (a
+:class:`~lr_monitor.recording.StepRecord` per recorded step). Other components read the
+same records through :meth:`StepSizeMonitor.subscribe` (the guard does), never the tags.
 
 How it works: gradient norms are measured in ``on_before_optimizer_step`` (after AMP
 unscaling and accumulation, before clipping); the step itself is reconstructed in a
@@ -28,7 +33,6 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-import numpy as np
 import torch
 
 from lr_monitor._validation import check_bool, check_int
@@ -36,14 +40,21 @@ from lr_monitor.alerts import AlertSink, close_sinks, dispatch, make_default_sin
 from lr_monitor.callbacks._compat import is_tensorboard_logger, pl, rank_zero_warn, run_dir
 from lr_monitor.events import GuardEvent
 from lr_monitor.faults import FaultBarrier
-from lr_monitor.functional.statistics import (
-    BINS_PER_DECADE,
-    LOG10_MIN,
-    HostStepSums,
-    grad_values,
+from lr_monitor.functional.statistics import grad_values, histogram_buckets
+from lr_monitor.recording import RecorderConfig, RecordListener, StepRecord, StepRecorder
+from lr_monitor.recording.record import Listeners
+from lr_monitor.tags import (
+    DEFAULT_PREFIX,
+    GLOBAL,
+    GRAD_HISTOGRAM,
+    LR_HISTOGRAM,
+    STATISTICS,
+    group_names,
+    histogram_tag,
+    optimizer_names,
+    stat_pattern,
+    stat_tag,
 )
-from lr_monitor.recording import StepRecorder, check_recorder_args
-from lr_monitor.tags import STATISTICS, group_names, optimizer_names
 
 __all__ = ["StepSizeMonitor"]
 
@@ -51,16 +62,16 @@ __all__ = ["StepSizeMonitor"]
 class StepSizeMonitor(pl.Callback):
     """Record effective step sizes, gradient statistics and moments to the logger.
 
+    Listeners added with :meth:`subscribe` receive every record of every optimizer on every
+    rank, before it is logged; logging is done by rank zero only.
+
     Args:
         logging_interval: Record every n-th optimizer step (the first step is recorded).
             ``None``: the trainer's ``log_every_n_steps``.
-        prefix: First component of every tag.
-        granularity: ``"group"``: one series per param group plus ``global``.
-            ``"tensor"``: also one per parameter tensor (filtered by ``include`` and
-            ``exclude``); can be thousands of series on a large model.
-        include: Regex on parameter names; with ``granularity="tensor"`` only matches
-            get a series.
-        exclude: Regex on parameter names that get no per-tensor series.
+        prefix: See :class:`~lr_monitor.recording.RecorderConfig`.
+        granularity: See :class:`~lr_monitor.recording.RecorderConfig`.
+        include: See :class:`~lr_monitor.recording.RecorderConfig`.
+        exclude: See :class:`~lr_monitor.recording.RecorderConfig`.
         histogram_every_n_steps: TensorBoard only: write the histogram of log10
             effective lr per group every n-th step (rounded to recorded steps: it is
             built from the recorded statistics, at no extra cost). ``None``: every
@@ -69,10 +80,10 @@ class StepSizeMonitor(pl.Callback):
             the histogram steps (copies the gradients to the host: off by default).
         custom_scalars: TensorBoard only: write a Custom Scalars layout with one chart
             per statistic and every group on it.
-        update_cosine: Keep a subsample of the last recorded update per tensor (at most
-            ``cosine_samples`` values) to log ``update_cosine``.
-        cosine_samples: Subsample size per tensor for ``update_cosine``.
-        log_global: Also log the ``global`` series (all groups of an optimizer).
+        update_cosine: See :class:`~lr_monitor.recording.RecorderConfig`.
+        cosine_samples: See :class:`~lr_monitor.recording.RecorderConfig`.
+        log_global: See :class:`~lr_monitor.recording.RecorderConfig` (the ``global``
+            row is computed and published to listeners either way).
 
     Raises:
         ValueError: for an argument outside its allowed values (the message names it).
@@ -82,7 +93,7 @@ class StepSizeMonitor(pl.Callback):
         self,
         logging_interval: int | None = None,
         *,
-        prefix: str = "optim",
+        prefix: str = DEFAULT_PREFIX,
         granularity: str = "group",
         include: str | None = None,
         exclude: str | None = None,
@@ -94,24 +105,18 @@ class StepSizeMonitor(pl.Callback):
         log_global: bool = True,
     ) -> None:
         check_int("logging_interval", logging_interval, 1, allow_none=True)
-        check_recorder_args(prefix=prefix, granularity=granularity, include=include,
-                            exclude=exclude, update_cosine=update_cosine,
-                            cosine_samples=cosine_samples, log_global=log_global)
+        self.config = RecorderConfig(prefix=prefix, granularity=granularity, include=include,
+                                     exclude=exclude, update_cosine=update_cosine,
+                                     cosine_samples=cosine_samples, log_global=log_global)
         check_int("histogram_every_n_steps", histogram_every_n_steps, 0, allow_none=True)
         check_bool("grad_histograms", grad_histograms)
         check_bool("custom_scalars", custom_scalars)
         self.logging_interval = logging_interval
-        self.prefix = prefix
-        self.granularity = granularity
-        self.include = include
-        self.exclude = exclude
         self.histogram_every_n_steps = histogram_every_n_steps
         self.grad_histograms = grad_histograms
         self.custom_scalars = custom_scalars
-        self.update_cosine = update_cosine
-        self.cosine_samples = cosine_samples
-        self.log_global = log_global
         self.recorders: list[StepRecorder] = []
+        self._listeners = Listeners()
         self._trainer: pl.Trainer | None = None
         self._interval = 1
         self._warned_histograms = False
@@ -128,9 +133,47 @@ class StepSizeMonitor(pl.Callback):
                                    step=self._current_step)
 
     @property
+    def prefix(self) -> str:
+        """The first component of every tag (``config.prefix``)."""
+        return self.config.prefix
+
+    @property
     def state_key(self) -> str:
         """Key in the checkpoint's ``callbacks`` dict; monitors with other prefixes coexist."""
-        return self._generate_state_key(prefix=self.prefix, granularity=self.granularity)
+        return self._generate_state_key(prefix=self.config.prefix,
+                                        granularity=self.config.granularity)
+
+    # -- listeners -----------------------------------------------------------------------
+    def subscribe(self, listener: RecordListener) -> None:
+        """Call ``listener(record)`` with every :class:`~lr_monitor.recording.StepRecord`.
+
+        On every rank, for every optimizer, before the record is logged; also for the
+        recorders attached after this call (subscribe in ``setup``, the recorders are
+        attached in ``on_train_start``). While anything is subscribed, every rank records
+        (DDP replicas compute the same statistics); otherwise only rank zero does. A
+        listener that raises is reported once (``events.jsonl``) and not called again for
+        that optimizer. Subscribing twice has no effect.
+
+        Args:
+            listener: A callable taking a record.
+
+        Raises:
+            ValueError: if ``listener`` is not callable.
+
+        Example:
+            >>> monitor = StepSizeMonitor()
+            >>> ratios = []
+            >>> monitor.subscribe(lambda record: ratios.append(record.value("update_ratio")))
+        """
+        self._listeners.subscribe(listener)
+
+    def unsubscribe(self, listener: RecordListener) -> None:
+        """Stop calling ``listener`` (nothing happens if it was not subscribed).
+
+        Args:
+            listener: A listener given to :meth:`subscribe`.
+        """
+        self._listeners.unsubscribe(listener)
 
     # -- lifecycle -----------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -150,20 +193,19 @@ class StepSizeMonitor(pl.Callback):
         param_names: dict[torch.Tensor, str] = {
             p: n for n, p in pl_module.named_parameters()}
         sharded = any(callable(getattr(p, "to_local", None)) for p in param_names)
-        # Replicated parameters (single device, DDP): rank zero alone measures and logs.
-        # Sharded parameters (FSDP2/DTensor): every rank measures its shard and the sums
-        # are reduced before the statistics are finished.
+        # Replicated parameters (single device, DDP): rank zero alone measures and logs,
+        # unless a listener (the guard) needs the records on every rank. Sharded
+        # parameters (FSDP2/DTensor): every rank measures its shard and the sums are
+        # reduced before the statistics are finished.
         active = trainer.is_global_zero or sharded
         for opt, name in zip(optimizers, names, strict=True):
             rec = StepRecorder(
                 opt, name,
-                should_record=lambda index: active and self._due(index),
-                on_record=self._make_on_record(name),
+                should_record=lambda index: (active or bool(self._listeners))
+                and self._due(index),
+                listeners=[self._on_record],
                 reduce=(lambda sums: sums.all_reduce()) if sharded else None,
-                prefix=self.prefix, granularity=self.granularity, param_names=param_names,
-                include=self.include, exclude=self.exclude,
-                update_cosine=self.update_cosine, cosine_samples=self.cosine_samples,
-                log_global=self.log_global, faults=self.faults,
+                param_names=param_names, faults=self.faults, **self.config.as_kwargs(),
             )
             # Each optimizer counts its own steps: with several optimizers in manual
             # optimization every opt.step() advances trainer.global_step, so recording
@@ -237,20 +279,19 @@ class StepSizeMonitor(pl.Callback):
                                  subject=r.name)
 
     # -- output --------------------------------------------------------------------------
-    def _make_on_record(self, name: str) -> Any:
-        def on_record(metrics: dict[str, float], host: HostStepSums) -> None:
-            trainer = self._trainer
-            rec = next((r for r in self.recorders if r.name == name), None)
-            if trainer is None or not trainer.is_global_zero or rec is None:
-                return
-            step = self._batches
-            self._recorded_steps += 1
-            self.faults.call("log", self._log, trainer, metrics, step, subject=name)
-            if self._histogram_due(step):
-                self.faults.call("histograms", self._write_lr_histograms, trainer, rec, host,
-                                 step, subject=name)
-
-        return on_record
+    def _on_record(self, record: StepRecord) -> None:
+        """Hand the record to the listeners, then log it (rank zero)."""
+        self._listeners.publish(record, self.faults, record.optimizer)
+        trainer = self._trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        step = self._batches
+        self._recorded_steps += 1
+        self.faults.call("log", self._log, trainer, self.config.metrics(record), step,
+                         subject=record.optimizer)
+        if self._histogram_due(step):
+            self.faults.call("histograms", self._write_lr_histograms, trainer, record, step,
+                             subject=record.optimizer)
 
     @staticmethod
     def _log(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
@@ -273,29 +314,22 @@ class StepSizeMonitor(pl.Callback):
                            f"{type(trainer.loggers[0]).__name__} only scalars are logged.")
         return writers
 
-    def _write_lr_histograms(self, trainer: pl.Trainer, rec: StepRecorder,
-                             host: HostStepSums, step: int) -> None:
+    def _write_lr_histograms(self, trainer: pl.Trainer, record: StepRecord, step: int) -> None:
         writers = self._tb_writers(trainer)
-        if not writers:
+        if not writers or record.host is None:
             return
-        name = rec.name
-        gnames = group_names(rec.optimizer.param_groups)
-        for gname, counts in zip(gnames, host.hist, strict=False):
-            nz = np.nonzero(counts)[0]
-            if nz.size == 0:
+        for group, hist in zip(record.groups, record.host.hist, strict=False):
+            limits, counts, centers = histogram_buckets(hist)
+            if not counts.size:
                 continue
-            lo, hi = max(int(nz[0]) - 1, 0), min(int(nz[-1]) + 2, counts.size)
-            c = counts[lo:hi]
-            edges = LOG10_MIN + (np.arange(lo, hi) + 1) / BINS_PER_DECADE
-            centers = edges - 0.5 / BINS_PER_DECADE
-            total = float(c.sum())
+            occupied = centers[counts > 0]
             for w in writers:
                 w.add_histogram_raw(
-                    tag=f"{self.prefix}/log10_eff_lr/{name}/{gname}",
-                    min=float(centers[c > 0][0]), max=float(centers[c > 0][-1]),
-                    num=total, sum=float((c * centers).sum()),
-                    sum_squares=float((c * centers**2).sum()),
-                    bucket_limits=edges.tolist(), bucket_counts=c.tolist(),
+                    tag=histogram_tag(self.config.prefix, LR_HISTOGRAM, record.optimizer, group),
+                    min=float(occupied[0]), max=float(occupied[-1]), num=float(counts.sum()),
+                    sum=float((counts * centers).sum()),
+                    sum_squares=float((counts * centers**2).sum()),
+                    bucket_limits=limits.tolist(), bucket_counts=counts.tolist(),
                     global_step=step,
                 )
 
@@ -312,9 +346,9 @@ class StepSizeMonitor(pl.Callback):
             flat = torch.cat(grads).cpu()
             flat = flat[torch.isfinite(flat)]
             if flat.numel():
+                tag = histogram_tag(self.config.prefix, GRAD_HISTOGRAM, rec.name, gname)
                 for w in writers:
-                    w.add_histogram(f"{self.prefix}/grad/{rec.name}/{gname}", flat,
-                                    self._batches)
+                    w.add_histogram(tag, flat, self._batches)
 
     def _write_layout(self, trainer: pl.Trainer) -> None:
         if not self.custom_scalars or self._layout_written or not trainer.is_global_zero:
@@ -323,13 +357,15 @@ class StepSizeMonitor(pl.Callback):
                    if is_tensorboard_logger(lg)]
         if not writers:
             return
+        prefix = self.config.prefix
+        # One chart per statistic (of the eff_lr quantiles only the median), every row on it.
         charts = {
-            stat: ["Multiline", [rf"^{self.prefix}/{stat}/.*"]]
-            for stat in STATISTICS if not (stat.startswith("eff_lr/") and stat != "eff_lr/p50")
+            stat: ["Multiline", [stat_pattern(prefix, stat)]]
+            for stat in STATISTICS if not (stat.startswith("eff_lr/") and stat != _BAND[0])
         }
         for r in self.recorders:
             charts[f"eff_lr band {r.name} (p05-p95)"] = ["Margin", [
-                f"{self.prefix}/eff_lr/{q}/{r.name}/global" for q in ("p50", "p05", "p95")]]
+                stat_tag(prefix, stat, r.name, GLOBAL) for stat in _BAND]]
         layout = {"lr-monitor": charts}
         for w in writers:
             w.add_custom_scalars(layout)
@@ -356,3 +392,9 @@ class StepSizeMonitor(pl.Callback):
                                    state_dict.get("step_counts", {}).items()}
         if "batches" in state_dict:
             self._loaded_batches = int(state_dict["batches"])
+
+
+#: The effective-lr band of the Custom Scalars layout: value, lower and upper line.
+_BAND = ("eff_lr/p50", "eff_lr/p05", "eff_lr/p95")
+
+

@@ -39,22 +39,36 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lr_monitor.cli.report import RunData, Series
+from lr_monitor.events import Action
+from lr_monitor.tags import (
+    DEFAULT_PREFIX,
+    GLOBAL,
+    GUARD_LR_SCALE,
+    TRAIN_LOSS,
+    VAL_LOSS,
+    stat_tag,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["ACTION_COLORS", "per_run_path", "plot_runs"]
+__all__ = ["ACTION_COLORS", "RECORDED", "per_run_path", "plot_runs"]
 
-#: Colour of the event marker for the strongest action of an event.
-ACTION_COLORS: dict[str, str] = {
-    "stop": "#d62728",
-    "rollback": "#9467bd",
-    "cut_lr": "#ff7f0e",
-    "skip": "#7f7f7f",
-    "log": "#bcbd22",
-    "": "#bcbd22",
+#: Colour of the event marker for the strongest action of an event; an event that took
+#: no action (recorded only; ``log`` in files of older versions) is drawn in
+#: ``ACTION_COLORS[Action.LOG]``, dotted.
+ACTION_COLORS: dict[Action, str] = {
+    Action.STOP: "#d62728",
+    Action.ROLLBACK: "#9467bd",
+    Action.CUT: "#ff7f0e",
+    Action.SKIP: "#7f7f7f",
+    Action.LOG: "#bcbd22",
 }
-_ACTION_ORDER = ("stop", "rollback", "cut_lr", "skip", "log")
+#: The label of an event that took no action.
+RECORDED = "recorded"
+# Strongest first: the actions that change something, by severity.
+_ACTION_ORDER = tuple(sorted((a for a in ACTION_COLORS if a is not Action.LOG),
+                             key=Action.severity, reverse=True))
 _MAX_LABELLED_EVENTS = 12
 _MIN_LABEL_GAP = 0.03  # event labels closer than this fraction of the step range overlap
 _ROWS = ("loss", "learning rate", "effective lr (eff_lr)", "update ratio", "grad norm")
@@ -84,7 +98,7 @@ def plot_runs(
     output: str | os.PathLike[str],
     *,
     per_run: bool = False,
-    prefix: str = "optim",
+    prefix: str = DEFAULT_PREFIX,
     dpi: int = 110,
 ) -> list[Path]:
     """Draw runs and save PNGs.
@@ -159,22 +173,23 @@ def _no_data(ax: Axes, what: str) -> None:
 
 
 def _event_color(actions: Sequence[str]) -> tuple[str, str]:
+    """The label and colour of an event: its strongest action, or :data:`RECORDED`."""
     for action in _ACTION_ORDER:
         if action in actions:
-            return action, ACTION_COLORS[action]
-    return "recorded", ACTION_COLORS[""]
+            return action.value, ACTION_COLORS[action]
+    return RECORDED, ACTION_COLORS[Action.LOG]
 
 
-def _global(run: RunData, stat: str, prefix: str) -> dict[str, Series]:
-    """``{optimizer: series}`` of a statistic's ``global`` series."""
-    return {opt: s for (opt, g), s in run.monitor_tags(stat, prefix).items() if g == "global"}
+def _event_label(actions: Sequence[str]) -> str:
+    """``rollback+cut_lr``; :data:`RECORDED` for an event that took no action."""
+    return "+".join(a for a in actions if a != Action.LOG) or RECORDED
 
 
 def _plot_loss(run: RunData, ax: Axes) -> bool:
     drawn = False
     for tag, style in (
-        ("train/loss", {"lw": 1.0, "color": "C0"}),
-        ("val/loss", {"marker": "o", "ms": 3, "lw": 1.0, "color": "C2"}),
+        (TRAIN_LOSS, {"lw": 1.0, "color": "C0"}),
+        (VAL_LOSS, {"marker": "o", "ms": 3, "lw": 1.0, "color": "C2"}),
     ):
         series = run.scalars.get(tag)
         if series is not None and len(_positive(series)[0]):
@@ -183,7 +198,7 @@ def _plot_loss(run: RunData, ax: Axes) -> bool:
     if drawn:
         ax.set_yscale("log")
     else:
-        _no_data(ax, "train/loss")
+        _no_data(ax, TRAIN_LOSS)
     return drawn
 
 
@@ -199,12 +214,12 @@ def _plot_lr(run: RunData, ax: Axes, lrs: dict[tuple[str, str], Series],
                     drawstyle="steps-post")
     if lrs:
         ax.set_yscale("log")
-    scale = run.scalars.get("guard/lr_scale")
+    scale = run.scalars.get(GUARD_LR_SCALE)
     if scale is None or not len(_positive(scale)[0]):
         if lrs:
             ax.legend(fontsize=7, loc="best")
         else:
-            _no_data(ax, f"{prefix}/lr/* or guard/lr_scale")
+            _no_data(ax, f"{stat_tag(prefix, 'lr', '*', '*')} or {GUARD_LR_SCALE}")
         return None
     twin = ax.twinx()
     twin.plot(*_positive(scale), color="0.2", ls="--", lw=1.0, drawstyle="steps-post",
@@ -228,9 +243,9 @@ def _plot_lr(run: RunData, ax: Axes, lrs: dict[tuple[str, str], Series],
 
 def _plot_eff_lr(run: RunData, ax: Axes, lrs: dict[tuple[str, str], Series],
                  prefix: str) -> None:
-    p50s = _global(run, "eff_lr/p50", prefix)
-    p05s = _global(run, "eff_lr/p05", prefix)
-    p95s = _global(run, "eff_lr/p95", prefix)
+    p50s = run.global_tags("eff_lr/p50", prefix)
+    p05s = run.global_tags("eff_lr/p05", prefix)
+    p95s = run.global_tags("eff_lr/p95", prefix)
     for i, (opt, p50) in enumerate(sorted(p50s.items())):
         color = f"C{i % 10}"
         lo, hi = p05s.get(opt), p95s.get(opt)
@@ -246,11 +261,11 @@ def _plot_eff_lr(run: RunData, ax: Axes, lrs: dict[tuple[str, str], Series],
         ax.set_yscale("log")
         ax.legend(fontsize=7, loc="best")
     else:
-        _no_data(ax, f"{prefix}/eff_lr/*/*/global")
+        _no_data(ax, stat_tag(prefix, "eff_lr/*", "*", GLOBAL))
 
 
 def _plot_stat(run: RunData, ax: Axes, stat: str, prefix: str) -> None:
-    found = _global(run, stat, prefix)
+    found = run.global_tags(stat, prefix)
     for i, (opt, series) in enumerate(sorted(found.items())):
         ax.plot(*_positive(series), color=f"C{i % 10}", lw=1.0, label=opt)
     if found:
@@ -258,14 +273,16 @@ def _plot_stat(run: RunData, ax: Axes, stat: str, prefix: str) -> None:
         if len(found) > 1:
             ax.legend(fontsize=7, loc="upper right")
     else:
-        _no_data(ax, f"{prefix}/{stat}/*/global")
+        _no_data(ax, stat_tag(prefix, stat, "*", GLOBAL))
 
 
 def _mark_events(run: RunData, axes: list[Axes]) -> set[str]:
     """Vertical lines at the guard's events on every row, labels on the top row.
 
     Labels are placed by importance (stop, rollback, cut_lr, skip, recorded) and left out
-    where they would overlap one already placed; the legend still names every colour.
+    where they would overlap one already placed; the legend still names every colour. An
+    event that took no action (empty ``actions``, or ``log`` in files of older versions)
+    is a dotted line labelled ``recorded``.
     """
     ax_loss = axes[0]
     steps = [int(s.steps.max()) for s in run.scalars.values() if len(s)]
@@ -274,14 +291,14 @@ def _mark_events(run: RunData, axes: list[Axes]) -> set[str]:
     seen: set[str] = set()
     for event in run.events:
         action, color = _event_color(event.actions)
-        acted = action != "log" and action != "recorded"
+        acted = action != RECORDED
         for ax in axes:
             ax.axvline(event.step, color=color, lw=1.0 if acted else 0.8, alpha=0.75,
                        ls="-" if acted else ":", zorder=0.5,
                        label=f"guard: {action}" if ax is ax_loss and action not in seen
                        else None)
         seen.add(action)
-    rank = {a: i for i, a in enumerate((*_ACTION_ORDER, "recorded"))}
+    rank = {a: i for i, a in enumerate((*(a.value for a in _ACTION_ORDER), RECORDED))}
     by_importance = sorted(run.events, key=lambda e: (rank[_event_color(e.actions)[0]], e.step))
     placed: list[int] = []
     for event in by_importance:
@@ -291,7 +308,7 @@ def _mark_events(run: RunData, axes: list[Axes]) -> set[str]:
             continue
         placed.append(event.step)
         _, color = _event_color(event.actions)
-        ax_loss.annotate("+".join(event.actions) or "recorded", xy=(event.step, 1.0),
+        ax_loss.annotate(_event_label(event.actions), xy=(event.step, 1.0),
                          xycoords=("data", "axes fraction"), xytext=(3, -3),
                          textcoords="offset points", rotation=90, va="top", ha="left",
                          fontsize=7, color=color,
@@ -304,7 +321,7 @@ def _plot_run(run: RunData, axes: list[Axes], *, prefix: str) -> tuple[Axes, flo
     ax_loss, ax_lr, ax_eff, ax_ratio, ax_grad = axes
     n_events = len(run.events)
     title = f"{run.name}\n{n_events} guard event{'s' if n_events != 1 else ''}"
-    loss = run.scalars.get("train/loss")
+    loss = run.scalars.get(TRAIN_LOSS)
     if loss is not None and len(loss):
         title += f", final train loss {loss.last()[1]:.3g}"
     ax_loss.set_title(title, fontsize=10, loc="left")

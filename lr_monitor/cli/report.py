@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,10 +43,23 @@ from typing import IO, Any
 
 import numpy as np
 
-from lr_monitor.alerts import EventFileError, read_events
-from lr_monitor.events import GuardEvent
+from lr_monitor.eventlog import EventFileError, read_events
+from lr_monitor.events import Action, GuardEvent
+from lr_monitor.tags import (
+    DEFAULT_PREFIX,
+    EVENTS_FILENAME,
+    GLOBAL,
+    GUARD_EVENTS,
+    GUARD_LR_SCALE,
+    STATISTICS,
+    TRAIN_LOSS,
+    USER_METRICS,
+    is_tensorboard_file,
+    parse_stat_tag,
+)
 
 __all__ = [
+    "ACTION_LABELS",
     "EVENTS_JSONL",
     "GUARD_ACTIONS",
     "METRIC_TAGS",
@@ -65,36 +77,32 @@ __all__ = [
     "reports_to_json",
 ]
 
-#: Name of the guard's event log inside a run directory.
-EVENTS_JSONL = "events.jsonl"
+#: Name of the guard's event log in a run directory (:data:`lr_monitor.tags.EVENTS_FILENAME`).
+EVENTS_JSONL = EVENTS_FILENAME
 
-#: Actions the report always lists (with their steps), in this order.
-GUARD_ACTIONS = ("cut_lr", "skip", "rollback", "stop")
+#: The guard's actions the report always lists (with their steps), from the least to the
+#: most severe: the values of :meth:`lr_monitor.events.Action.policy_choices` that change
+#: something (``skip``, ``cut_lr``, ``rollback``, ``stop``).
+GUARD_ACTIONS = tuple(a.value for a in map(Action.parse, Action.policy_choices())
+                      if a is not Action.LOG)
 
-#: Scalars logged by the LightningModule that the report summarises when present.
-METRIC_TAGS = ("train/loss", "train/acc", "val/loss", "val/acc")
+#: How the table names each of :data:`GUARD_ACTIONS`.
+ACTION_LABELS: dict[str, str] = {
+    Action.SKIP.value: "skipped steps",
+    Action.CUT.value: "LR cuts",
+    Action.ROLLBACK.value: "rollbacks",
+    Action.STOP.value: "stops",
+}
 
-#: Every statistic :class:`lr_monitor.StepSizeMonitor` logs, as the part of the tag between
-#: the prefix and ``<optimizer>/<group>``.
-MONITOR_STATS = (
-    "lr",
-    "eff_lr/p05",
-    "eff_lr/p50",
-    "eff_lr/p95",
-    "eff_lr/min",
-    "eff_lr/max",
-    "eps_dominated_frac",
-    "grad_norm",
-    "param_norm",
-    "update_norm",
-    "update_ratio",
-    "exp_avg_norm",
-    "exp_avg_sq_sqrt_mean",
-    "update_cosine",
-    "nonfinite",
-)
+#: Scalars logged by the LightningModule that the report summarises when present
+#: (:data:`lr_monitor.tags.USER_METRICS`).
+METRIC_TAGS = USER_METRICS
 
-_STAT_PATTERN = "|".join(re.escape(s) for s in sorted(MONITOR_STATS, key=len, reverse=True))
+#: Every statistic :class:`lr_monitor.StepSizeMonitor` logs (:data:`lr_monitor.tags.STATISTICS`).
+MONITOR_STATS = STATISTICS
+
+#: Kept for existing callers: :func:`lr_monitor.tags.parse_stat_tag`.
+parse_monitor_tag = parse_stat_tag
 
 
 class ReportError(Exception):
@@ -171,7 +179,7 @@ class RunData:
     events_path: Path | None = None
 
     def monitor_tags(
-        self, stat: str, prefix: str = "optim", *, groups: bool = False
+        self, stat: str, prefix: str = DEFAULT_PREFIX, *, groups: bool = False
     ) -> dict[tuple[str, str], Series]:
         """The series of one monitor statistic, keyed by ``(optimizer, group)``.
 
@@ -189,36 +197,32 @@ class RunData:
         """
         found: dict[tuple[str, str], Series] = {}
         for tag, series in self.scalars.items():
-            parsed = parse_monitor_tag(tag, prefix)
+            parsed = parse_stat_tag(tag, prefix)
             if parsed is not None and parsed[0] == stat:
                 found[(parsed[1], parsed[2])] = series
         if groups:
-            has_groups = {opt for opt, group in found if group != "global"}
-            found = {k: v for k, v in found.items() if k[1] != "global" or k[0] not in has_groups}
+            has_groups = {opt for opt, group in found if group != GLOBAL}
+            found = {k: v for k, v in found.items() if k[1] != GLOBAL or k[0] not in has_groups}
         return found
 
+    def global_tags(self, stat: str, prefix: str = DEFAULT_PREFIX) -> dict[str, Series]:
+        """The :data:`~lr_monitor.tags.GLOBAL` series of one statistic, keyed by optimizer.
 
-def parse_monitor_tag(tag: str, prefix: str = "optim") -> tuple[str, str, str] | None:
-    """Split a :class:`~lr_monitor.StepSizeMonitor` tag into ``(stat, optimizer, group)``.
+        Args:
+            stat: One of :data:`MONITOR_STATS`.
+            prefix: The monitor's tag prefix.
 
-    Args:
-        tag: A scalar tag such as ``"optim/eff_lr/p50/Adam/global"``.
-        prefix: The monitor's tag prefix (``""`` for none).
+        Returns:
+            ``{optimizer: series}``.
 
-    Returns:
-        The parts, or ``None`` when ``tag`` is not a monitor tag.
-
-    Example:
-        >>> parse_monitor_tag("optim/eff_lr/p50/Adam-1/global")
-        ('eff_lr/p50', 'Adam-1', 'global')
-        >>> parse_monitor_tag("optim/lr/SGD/encoder")
-        ('lr', 'SGD', 'encoder')
-        >>> parse_monitor_tag("train/loss") is None
-        True
-    """
-    head = f"{re.escape(prefix)}/" if prefix else ""
-    match = re.fullmatch(rf"{head}({_STAT_PATTERN})/([^/]+)/(.+)", tag)
-    return None if match is None else (match[1], match[2], match[3])
+        Example:
+            >>> s = Series(np.array([0]), np.array([0.5]))
+            >>> run = RunData("r", Path("r"), (), scalars={"optim/update_ratio/SGD/global": s})
+            >>> list(run.global_tags("update_ratio"))
+            ['SGD']
+        """
+        return {opt: s for (opt, row), s in self.monitor_tags(stat, prefix).items()
+                if row == GLOBAL}
 
 
 def find_event_files(logdir: str | os.PathLike[str]) -> list[Path]:
@@ -228,12 +232,13 @@ def find_event_files(logdir: str | os.PathLike[str]) -> list[Path]:
         logdir: The directory to search.
 
     Returns:
-        Paths of files whose name contains ``tfevents``, sorted by path.
+        Paths of TensorBoard event files (:func:`lr_monitor.tags.is_tensorboard_file`),
+        sorted by path.
     """
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(logdir):
         dirnames.sort()
-        found.extend(Path(dirpath, f) for f in filenames if "tfevents" in f)
+        found.extend(Path(dirpath, f) for f in filenames if is_tensorboard_file(f))
     return sorted(found)
 
 
@@ -255,7 +260,7 @@ def load_runs(logdir: str | os.PathLike[str]) -> list[RunData]:
     if not root.exists():
         raise ReportError(root, f"{root}: no such file or directory")
     if root.is_file():
-        if "tfevents" not in root.name:
+        if not is_tensorboard_file(root.name):
             raise ReportError(root, f"{root}: not a TensorBoard event file or a directory")
         return [load_run(root.parent, name=root.parent.name or str(root.parent), files=[root])]
     files = find_event_files(root)
@@ -285,7 +290,7 @@ def load_run(
     Args:
         run_dir: The run directory.
         name: Display name (default: the directory's name).
-        files: The event files to read (default: every ``*tfevents*`` file directly in
+        files: The event files to read (default: every TensorBoard event file directly in
             ``run_dir``). When given, only these are read.
 
     Returns:
@@ -298,7 +303,7 @@ def load_run(
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     path = Path(run_dir)
-    in_dir = sorted(p for p in path.iterdir() if p.is_file() and "tfevents" in p.name)
+    in_dir = sorted(p for p in path.iterdir() if p.is_file() and is_tensorboard_file(p.name))
     event_files = in_dir if files is None else sorted(Path(f) for f in files)
     for f in event_files:
         _check_event_file(f)
@@ -376,7 +381,7 @@ def _series_summary(series: Series) -> dict[str, Any]:
     }
 
 
-def build_report(run: RunData, *, prefix: str = "optim") -> dict[str, Any]:
+def build_report(run: RunData, *, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     """Reduce a run to a JSON-serialisable dict.
 
     Keys: ``run``, ``path``, ``event_files``, ``events_file``, ``last_step`` (the
@@ -384,11 +389,13 @@ def build_report(run: RunData, *, prefix: str = "optim") -> dict[str, Any]:
     i-th optimizer step, counting from 0, at step i, so this is the number of optimizer
     steps), ``metrics`` (last/step/min/max/points of each of
     :data:`METRIC_TAGS` present), ``guard`` (event count, steps of each action in
-    :data:`GUARD_ACTIONS` plus any other action seen, counts per detection kind, final LR
-    scale), ``events`` (the guard's events as dicts), ``step_size`` (per optimizer: median
-    of ``eff_lr/p50`` global, max of ``update_ratio`` global and its step, number of
-    steps with non-finite values, first/last ``lr`` per group) and ``alerts`` (number of
-    guard events). Floats may be ``nan``/``inf``; :func:`reports_to_json` encodes them.
+    :data:`GUARD_ACTIONS` plus any other action seen, e.g. ``log`` in files of older
+    versions, the steps of the record-only events (``recorded_only``: no action, or only
+    ``log``), counts per detection kind, final LR scale), ``events`` (the guard's events
+    as dicts), ``step_size`` (per optimizer: median of ``eff_lr/p50`` global, max of
+    ``update_ratio`` global and its step, number of steps with non-finite values,
+    first/last ``lr`` per group) and ``alerts`` (number of guard events). Floats may be
+    ``nan``/``inf``; :func:`reports_to_json` encodes them.
 
     Args:
         run: The run.
@@ -401,14 +408,17 @@ def build_report(run: RunData, *, prefix: str = "optim") -> dict[str, Any]:
     metrics = {tag: _series_summary(run.scalars[tag]) for tag in METRIC_TAGS if tag in run.scalars}
 
     actions: dict[str, list[int]] = {a: [] for a in GUARD_ACTIONS}
+    recorded_only: list[int] = []
     kinds: dict[str, int] = {}
     for event in run.events:
         for action in event.actions:
-            actions.setdefault(action, []).append(event.step)
+            actions.setdefault(str(action), []).append(event.step)
+        if all(a == Action.LOG for a in event.actions):
+            recorded_only.append(event.step)
         kinds[event.kind] = kinds.get(event.kind, 0) + 1
-    logged = run.scalars.get("guard/events")
+    logged = run.scalars.get(GUARD_EVENTS)
     logged_count = int(logged.last()[1]) if logged is not None and len(logged) else None
-    lr_scale = run.scalars.get("guard/lr_scale")
+    lr_scale = run.scalars.get(GUARD_LR_SCALE)
     if lr_scale is not None and len(lr_scale):
         final_scale: float | None = lr_scale.last()[1]
     elif run.events:
@@ -419,6 +429,7 @@ def build_report(run: RunData, *, prefix: str = "optim") -> dict[str, Any]:
         "events": len(run.events),
         "logged_events": logged_count,
         "actions": actions,
+        "recorded_only": recorded_only,
         "kinds": kinds,
         "final_lr_scale": final_scale,
     }
@@ -437,20 +448,19 @@ def build_report(run: RunData, *, prefix: str = "optim") -> dict[str, Any]:
             },
         )
 
-    for (opt, group), series in run.monitor_tags("eff_lr/p50", prefix).items():
+    for opt, series in run.global_tags("eff_lr/p50", prefix).items():
         finite = series.finite()
-        if group == "global" and len(finite):
+        if len(finite):
             entry(opt)["eff_lr_p50_median"] = float(np.median(finite.values))
-    for (opt, group), series in run.monitor_tags("update_ratio", prefix).items():
+    for opt, series in run.global_tags("update_ratio", prefix).items():
         finite = series.finite()
-        if group == "global" and len(finite):
+        if len(finite):
             i = int(np.argmax(finite.values))
             entry(opt)["update_ratio_max"] = float(finite.values[i])
             entry(opt)["update_ratio_max_step"] = int(finite.steps[i])
-    for (opt, group), series in run.monitor_tags("nonfinite", prefix).items():
-        if group == "global":
-            values = np.nan_to_num(series.values, nan=1.0)
-            entry(opt)["nonfinite_steps"] = int(np.count_nonzero(values))
+    for opt, series in run.global_tags("nonfinite", prefix).items():
+        values = np.nan_to_num(series.values, nan=1.0)
+        entry(opt)["nonfinite_steps"] = int(np.count_nonzero(values))
     for (opt, group), series in run.monitor_tags("lr", prefix, groups=True).items():
         if len(series):
             entry(opt)["lr"][group] = {
@@ -550,24 +560,20 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = [("path", str(report["path"]))]
     rows.append(("steps", "-" if report["steps"] is None
                  else f"{report['steps']} (last logged step {report['last_step']})"))
-    for tag, label in (
-        ("train/loss", "final train loss"),
-        ("train/acc", "final train acc"),
-        ("val/loss", "final val loss"),
-        ("val/acc", "final val acc"),
-    ):
+    for tag in METRIC_TAGS:  # "train/loss" -> "final train loss"
         m = report["metrics"].get(tag)
         if m is not None:
-            extra = f" (max {format_value(m['max'])})" if tag == "train/loss" else ""
-            rows.append((label, f"{format_value(m['last'])} at step {m['step']}{extra}"))
+            extra = f" (max {format_value(m['max'])})" if tag == TRAIN_LOSS else ""
+            rows.append((f"final {tag.replace('/', ' ')}",
+                         f"{format_value(m['last'])} at step {m['step']}{extra}"))
     guard = report["guard"]
     for action in GUARD_ACTIONS:
-        label = {"cut_lr": "LR cuts", "skip": "skipped steps", "rollback": "rollbacks",
-                 "stop": "stops"}[action]
-        rows.append((label, _steps_text(guard["actions"].get(action, []))))
+        rows.append((ACTION_LABELS[action], _steps_text(guard["actions"].get(action, []))))
     for action, steps in guard["actions"].items():
-        if action not in GUARD_ACTIONS and steps:
+        if action not in GUARD_ACTIONS and action != Action.LOG and steps:
             rows.append((f"action {action}", _steps_text(steps)))
+    if guard.get("recorded_only"):
+        rows.append(("recorded only", _steps_text(guard["recorded_only"])))
     if guard["final_lr_scale"] is not None:
         rows.append(("final LR scale", format_value(guard["final_lr_scale"])))
     kinds = ", ".join(f"{k} ×{n}" for k, n in sorted(guard["kinds"].items()))

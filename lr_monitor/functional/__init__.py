@@ -9,8 +9,12 @@
   :func:`with_applied_update` for bf16/fp16 parameters (whose applied update is the
   rounded intended one).
 * :mod:`~lr_monitor.functional.statistics` — batched summaries of a step (norms,
-  effective-lr quantiles, ε dominance, non-finite counts) as reducible sums, read back in
-  one host transfer.
+  effective-lr quantiles, ε dominance, non-finite counts): :func:`step_sums` reduces a
+  step to fields that each declare how they combine (:class:`Combine`: across tensors,
+  param groups and ranks), :meth:`StepSums.to_host` reads them back in one host transfer
+  and :func:`summarize` finishes the statistics. The previous update that
+  ``update_cosine`` compares with is kept by the caller (any :class:`SupportsSwap`, e.g.
+  :class:`lr_monitor.recording.history.UpdateHistory`): nothing here holds state.
 """
 
 from __future__ import annotations
@@ -25,6 +29,14 @@ from lr_monitor.functional.rules import (
     register_rule,
     supports_group,
 )
+from lr_monitor.functional.statistics import (
+    Combine,
+    HostStepSums,
+    StepSums,
+    SupportsSwap,
+    step_sums,
+    summarize,
+)
 from lr_monitor.functional.step import (
     ParamSnapshot,
     effective_lr,
@@ -36,8 +48,12 @@ from lr_monitor.functional.step import (
 
 __all__ = [
     "SUPPORTED_OPTIMIZERS",
+    "Combine",
+    "HostStepSums",
     "ParamSnapshot",
     "ParamStep",
+    "StepSums",
+    "SupportsSwap",
     "UnsupportedOptimizerError",
     "effective_lr",
     "find_rule",
@@ -47,6 +63,8 @@ __all__ = [
     "last_update",
     "optimizer_steps",
     "register_rule",
+    "step_sums",
+    "summarize",
     "supports_group",
     "with_applied_update",
 ]

@@ -3,16 +3,52 @@
 The summaries are computed in two phases, the way torchmetrics computes metrics:
 
 1. :func:`step_sums` reduces every parameter's :class:`~lr_monitor.functional.ParamStep`
-   to *sums* (sums of squares, counts, a histogram of ``log10(eff_lr)``, min and max) in
-   one float64 matrix with a row per param group (and, on request, per tensor), plus the
-   histograms. Nothing leaves the device. Sums are what a sharded run reduces across
-   ranks (:meth:`StepSums.all_reduce`): norms are ``√Σ``, so *sum squares, then sqrt*.
+   to *fields* (sums of squares, counts, min and max, listed below) in one float64 matrix
+   with a row per param group (and, on request, per tensor), plus a histogram of
+   ``log10(eff_lr)`` per row. Nothing leaves the device.
 2. :meth:`StepSums.to_host` moves everything in one ``.tolist()`` and
    :func:`summarize` finishes the statistics on the host.
 
+Fields and how they combine
+---------------------------
+Every field declares in :data:`FIELD_COMBINE` how two values of it combine (a
+:class:`Combine` rule, like torchmetrics' ``dist_reduce_fx``), and that one rule is applied
+at every level: across the tensors of a row (on the device, chunk by chunk), across ranks
+for sharded parameters (:meth:`StepSums.all_reduce`) and across rows, param groups into the
+``global`` row (:meth:`HostStepSums.combine`). Norms are therefore ``√Σ``: *sum squares,
+then take the root* on the host. Per tensor, a field holds:
+
+====================  =======  ==========================================================
+field                 combine  value for one tensor
+====================  =======  ==========================================================
+``numel``             sum      elements of the update
+``grad_sq``           sum      ``Σg²`` (or the pre-step ``‖g‖²`` passed as ``grad_sq``)
+``param_sq``          sum      ``Σθ²`` of the parameter after the step
+``update_sq``         sum      ``ΣΔ²`` of the update
+``first_sq``          sum      ``Σm²`` of the first moment (0 without one)
+``first_numel``       sum      elements of the first moment (0 without one)
+``second_sqrt_sum``   sum      ``Σ√v`` of the denominator statistic (``Σv`` for a root)
+``second_numel``      sum      elements of the denominator statistic (0 without one)
+``eps_dominated``     sum      elements where ε dominates the denominator
+``eps_numel``         sum      elements of the ε mask (0 without one)
+``nonfinite_tensors`` sum      non-finite norms among ``grad_sq``/``param_sq`` (0–2); on
+                               the host, flagged rows get exact non-finite element counts
+``cos_dot``           sum      ``w·⟨Δ, Δ_prev⟩`` on the update sample (``w`` = elements
+                               per sampled coordinate)
+``cos_prev_sq``       sum      ``w·‖Δ_prev‖²`` on the sample (0 for the first step)
+``cos_cur_sq``        sum      ``w·‖Δ‖²`` on the sample
+``lost``              sum      elements whose update was rounded away
+``lost_numel``        sum      elements of the rounding mask (0 without one)
+``eff_min``           min      smallest effective learning rate (``+∞`` for no tensor)
+``eff_max``           max      largest effective learning rate (``−∞`` for no tensor)
+====================  =======  ==========================================================
+
+The histograms (:attr:`StepSums.hist`) combine by :data:`HIST_COMBINE` (sum). A field's
+value for no tensor at all is its rule's :attr:`Combine.identity`.
+
 Statistics per row (the names are the monitor's tag stems). Every reduction runs in
 float32 or better whatever the parameter dtype (bf16/fp16 tensors are upcast chunk by
-chunk), and sums are accumulated in float64:
+chunk), and fields are accumulated in float64:
 
 * ``grad_norm``, ``param_norm``, ``update_norm`` = ``√Σx²``; ``update_ratio`` =
   ``update_norm / param_norm``; ``exp_avg_norm`` = ``√Σm²`` (first moment, where there is
@@ -36,11 +72,12 @@ chunk), and sums are accumulated in float64:
   parameters; a non-finite update always leaves a non-finite parameter. Healthy steps
   cost nothing extra; only when a norm comes back non-finite are the elements of the
   affected rows counted, in a second (small) transfer.
-* ``update_cosine``: cosine between this update and the one recorded last time
-  (:class:`UpdateHistory`), on the fixed random subsample of at most
-  ``samples_per_tensor`` coordinates per tensor (exact for smaller tensors); each sampled
-  coordinate is weighted by the elements it stands for, so a small tensor counts as much
-  as its size. Negative: the steps go back and forth.
+* ``update_cosine``: cosine between this update and the one recorded last time (kept by
+  a :class:`SupportsSwap` store, e.g. :class:`lr_monitor.recording.history.UpdateHistory`),
+  on the fixed random subsample of at most ``samples_per_tensor`` coordinates per tensor
+  (exact for smaller tensors); each sampled coordinate is weighted by the elements it
+  stands for, so a small tensor counts as much as its size. Negative: the steps go back
+  and forth.
 
 Example:
     >>> import torch
@@ -55,10 +92,12 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -70,17 +109,22 @@ __all__ = [
     "BINS_PER_DECADE",
     "CHUNK_NUMEL",
     "FIELDS",
+    "FIELD_COMBINE",
+    "HIST_COMBINE",
     "HIST_SAMPLES",
     "LOG10_MAX",
     "LOG10_MIN",
+    "Combine",
     "HostStepSums",
     "StepSums",
-    "UpdateHistory",
+    "SupportsSwap",
     "grad_values",
+    "histogram_buckets",
     "quantile_from_histogram",
     "rounded_away",
     "sample_index",
     "step_sums",
+    "subsample",
     "summarize",
     "tensor_norms",
 ]
@@ -89,14 +133,190 @@ __all__ = [
 LOG10_MIN, LOG10_MAX, BINS_PER_DECADE = -16.0, 6.0, 50
 _NBINS = int((LOG10_MAX - LOG10_MIN) * BINS_PER_DECADE)
 
-#: Columns of :attr:`StepSums.values`. All are sums across elements/tensors except
-#: ``eff_min`` (min) and ``eff_max`` (max).
-FIELDS = (
-    "numel", "grad_sq", "param_sq", "update_sq", "first_sq", "first_numel",
-    "second_sqrt_sum", "second_numel", "eps_dominated", "eps_numel", "nonfinite_tensors",
-    "cos_dot", "cos_prev_sq", "cos_cur_sq", "lost", "lost_numel", "eff_min", "eff_max",
-)
+
+# ----------------------------------------------------------------------------- combine rules
+
+
+class Combine(str, Enum):
+    """How two values of a field combine: across tensors, across rows and across ranks.
+
+    One rule per field (:data:`FIELD_COMBINE`), applied the same way on the device
+    (:meth:`fold`, :meth:`reduce`), on the host (:meth:`reduce_array`) and between ranks
+    (:meth:`dist_op`).
+
+    Example:
+        >>> Combine.MIN.reduce(torch.tensor([[3.0], [1.0]])).tolist()
+        [1.0]
+        >>> Combine.MAX.reduce_array(np.zeros((0, 2))).tolist()
+        [-inf, -inf]
+        >>> Combine("sum").identity
+        0.0
+    """
+
+    SUM = "sum"
+    MIN = "min"
+    MAX = "max"
+
+    @property
+    def identity(self) -> float:
+        """The value of no tensor at all, which combines with ``x`` to ``x``."""
+        return _IDENTITY[self]
+
+    def fold(self, acc: Tensor, new: Tensor) -> Tensor:
+        """``acc`` combined with ``new`` elementwise (on the device).
+
+        Args:
+            acc: The values so far.
+            new: Values of the same shape to add in.
+
+        Returns:
+            A new tensor.
+        """
+        if self is Combine.SUM:
+            return acc + new
+        return torch.minimum(acc, new) if self is Combine.MIN else torch.maximum(acc, new)
+
+    def reduce(self, rows: Tensor) -> Tensor:
+        """Combine the rows (dim 0) of a non-empty tensor into one (on the device).
+
+        Args:
+            rows: ``n × k`` values, ``n ≥ 1``.
+
+        Returns:
+            ``k`` values.
+        """
+        if self is Combine.SUM:
+            return rows.sum(0)
+        return rows.amin(0) if self is Combine.MIN else rows.amax(0)
+
+    def reduce_array(self, rows: np.ndarray) -> np.ndarray:
+        """Combine the rows (axis 0) of a host array into one; the identity for no rows.
+
+        Args:
+            rows: ``n × k`` values, ``n ≥ 0``.
+
+        Returns:
+            ``k`` values.
+        """
+        return _UFUNC[self].reduce(rows, axis=0, initial=self.identity)
+
+    def dist_op(self) -> Any:
+        """The matching :class:`torch.distributed.ReduceOp`."""
+        import torch.distributed as dist
+
+        return getattr(dist.ReduceOp, self.name)
+
+
+_IDENTITY = {Combine.SUM: 0.0, Combine.MIN: math.inf, Combine.MAX: -math.inf}
+_UFUNC = {Combine.SUM: np.add, Combine.MIN: np.minimum, Combine.MAX: np.maximum}
+
+#: Every column of :attr:`StepSums.values`, in column order, with its combine rule (the
+#: table in the module docstring says what each holds).
+FIELD_COMBINE: dict[str, Combine] = {
+    "numel": Combine.SUM,
+    "grad_sq": Combine.SUM,
+    "param_sq": Combine.SUM,
+    "update_sq": Combine.SUM,
+    "first_sq": Combine.SUM,
+    "first_numel": Combine.SUM,
+    "second_sqrt_sum": Combine.SUM,
+    "second_numel": Combine.SUM,
+    "eps_dominated": Combine.SUM,
+    "eps_numel": Combine.SUM,
+    "nonfinite_tensors": Combine.SUM,
+    "cos_dot": Combine.SUM,
+    "cos_prev_sq": Combine.SUM,
+    "cos_cur_sq": Combine.SUM,
+    "lost": Combine.SUM,
+    "lost_numel": Combine.SUM,
+    "eff_min": Combine.MIN,
+    "eff_max": Combine.MAX,
+}
+
+#: The column names of :attr:`StepSums.values`, in order.
+FIELDS = tuple(FIELD_COMBINE)
+
+#: How the effective-lr histograms (:attr:`StepSums.hist`) combine: counts add up.
+HIST_COMBINE = Combine.SUM
+
 _F = {name: i for i, name in enumerate(FIELDS)}
+
+#: A rule and the columns it applies to, by position.
+_Spans = tuple[tuple[Combine, slice], ...]
+
+
+def _spans(rules: Iterable[Combine]) -> _Spans:
+    """Runs of consecutive columns with the same rule, as slices (one per run)."""
+    out, start = [], 0
+    for rule, run in itertools.groupby(rules):
+        stop = start + len(list(run))
+        out.append((rule, slice(start, stop)))
+        start = stop
+    return tuple(out)
+
+
+#: The columns of :attr:`StepSums.values` and of :attr:`StepSums.hist` by rule.
+_FIELD_SPANS = _spans(FIELD_COMBINE.values())
+_HIST_SPANS: _Spans = ((HIST_COMBINE, slice(None)),)
+
+
+def _identity_rows(n: int, width: int, spans: _Spans, dev: torch.device) -> Tensor:
+    """``n`` rows of no tensor: every column at its rule's identity."""
+    rows = torch.empty(n, width, dtype=torch.float64, device=dev)
+    for rule, cols in spans:
+        rows[:, cols] = rule.identity
+    return rows
+
+
+def _fold_rows(acc: Tensor, rows: Tensor, spans: _Spans) -> None:
+    """Combine the ``rows`` (``n × width``, on the device) into the row ``acc``, in place."""
+    for rule, cols in spans:
+        acc[cols] = rule.fold(acc[cols], rule.reduce(rows[:, cols]))
+
+
+def _combine_host(rows: np.ndarray, spans: _Spans) -> np.ndarray:
+    """The rows (``n × width``, ``n ≥ 0``) of a host array combined into one row."""
+    out = np.empty(rows.shape[1:], dtype=np.float64)
+    for rule, cols in spans:
+        out[cols] = rule.reduce_array(rows[:, cols])
+    return out
+
+
+def _all_reduce(values: Tensor, spans: _Spans, group: Any) -> None:
+    """Combine ``values`` elementwise across ranks, in place (one call per rule span)."""
+    import torch.distributed as dist
+
+    for rule, cols in spans:
+        view = values[:, cols]
+        part = view.contiguous()  # collectives need contiguous buffers
+        dist.all_reduce(part, op=rule.dist_op(), group=group)
+        if part is not view:
+            view.copy_(part)
+
+
+# ----------------------------------------------------------------------------- the sums
+
+
+class SupportsSwap(Protocol):
+    """Where ``update_cosine`` finds each parameter's previous update.
+
+    The statistics only call :meth:`swap`; the state lives with the caller
+    (:class:`lr_monitor.recording.history.UpdateHistory`).
+    """
+
+    def swap(self, param: Tensor, update: Tensor) -> tuple[Tensor | None, Tensor]:
+        """Keep a sample of ``update`` for ``param``; return the previous one and this one.
+
+        Args:
+            param: The parameter (the key).
+            update: Its update in this step.
+
+        Returns:
+            ``(previous sample or None, current sample)``: flat float32/float64 tensors of
+            the same length, each value standing for ``update.numel() / len(sample)``
+            elements; ``None`` when nothing comparable was kept.
+        """
+        ...
 
 
 def rounded_away(param: Tensor, update: Tensor) -> Tensor:
@@ -131,66 +351,9 @@ def _local(t: Tensor) -> Tensor:
     return to_local() if callable(to_local) else t
 
 
-class UpdateHistory:
-    """The previous recorded update of each parameter, on a bounded subsample.
-
-    Keeps the update at the fixed random index set of :func:`sample_index`, so at most
-    ``samples_per_tensor`` values per tensor (all of them for smaller tensors), stored in
-    float32 or better. Successive samples of a tensor cover the same coordinates.
-
-    Args:
-        samples_per_tensor: Upper bound on the values kept per tensor (≥ 1).
-
-    Raises:
-        ValueError: if ``samples_per_tensor`` < 1.
-    """
-
-    def __init__(self, samples_per_tensor: int = 4096) -> None:
-        if isinstance(samples_per_tensor, bool) or not isinstance(samples_per_tensor, int) \
-                or samples_per_tensor < 1:
-            raise ValueError(
-                f"samples_per_tensor={samples_per_tensor!r} is invalid: must be an int >= 1"
-            )
-        self.samples_per_tensor = samples_per_tensor
-        self._prev: dict[int, Tensor] = {}
-
-    def sample(self, update: Tensor) -> Tensor:
-        """The fixed subsample of ``update``, flat (a view when it is the whole tensor)."""
-        return _subsample(update, self.samples_per_tensor)
-
-    def swap(self, param: Tensor, update: Tensor) -> tuple[Tensor | None, Tensor]:
-        """Store this update's sample; return (previous sample or None, current sample).
-
-        Both samples are copies in float32 (float64 for float64 updates); each value stands for
-        ``update.numel() / len(sample)`` elements of the tensor.
-        """
-        cur = self.sample(update.detach()).to(compute_dtype(update), copy=True)
-        prev = self._prev.get(id(param))
-        if prev is not None and prev.shape != cur.shape:
-            prev = None
-        self._prev[id(param)] = cur
-        return prev, cur
-
-    def checkpoint(self) -> dict[int, Tensor]:
-        """The stored samples (to :meth:`restore` after a failed or repeated pass)."""
-        return dict(self._prev)
-
-    def restore(self, saved: dict[int, Tensor]) -> None:
-        """Go back to a :meth:`checkpoint`."""
-        self._prev = dict(saved)
-
-    def clear(self) -> None:
-        """Forget every stored update (e.g. after a rollback or a resume)."""
-        self._prev.clear()
-
-    def nbytes(self) -> int:
-        """Memory held, in bytes."""
-        return sum(t.numel() * t.element_size() for t in self._prev.values())
-
-
 @dataclass
 class StepSums:
-    """Reducible sums of one optimizer step, still on the device.
+    """Reducible fields of one optimizer step, still on the device.
 
     Args:
         values: ``rows × len(FIELDS)`` float64.
@@ -209,24 +372,17 @@ class StepSums:
     tensor_params: list[Tensor] = field(default_factory=list)
 
     def all_reduce(self, group: Any = None) -> None:
-        """Reduce across ranks for sharded parameters (FSDP2/DTensor): sum, min, max.
+        """Combine across ranks for sharded parameters (FSDP2/DTensor), by each field's rule.
 
         Replicated parameters (DDP) must not be reduced: every rank holds the same values.
+        One collective per run of columns with the same :class:`Combine` rule, and one for
+        the histograms.
 
         Args:
             group: The process group (default: the world).
         """
-        import torch.distributed as dist
-
-        v = self.values
-        mins = v[:, _F["eff_min"]].clone()
-        maxs = v[:, _F["eff_max"]].clone()
-        dist.all_reduce(v, op=dist.ReduceOp.SUM, group=group)
-        dist.all_reduce(self.hist, op=dist.ReduceOp.SUM, group=group)
-        dist.all_reduce(mins, op=dist.ReduceOp.MIN, group=group)
-        dist.all_reduce(maxs, op=dist.ReduceOp.MAX, group=group)
-        v[:, _F["eff_min"]] = mins
-        v[:, _F["eff_max"]] = maxs
+        _all_reduce(self.values, _FIELD_SPANS, group)
+        _all_reduce(self.hist, _HIST_SPANS, group)
 
     def to_host(self) -> HostStepSums:
         """Everything to the host in one transfer (one ``.tolist()``)."""
@@ -253,13 +409,19 @@ class HostStepSums:
     extra: np.ndarray
 
     def combine(self, rows: Sequence[int] | None = None) -> HostStepSums:
-        """Sum the given rows (default: all) into one row: the ``global`` statistics."""
+        """Combine the given rows (default: all) into one, by each field's rule.
+
+        This is how the ``global`` row is made from the group rows.
+
+        Args:
+            rows: Row indices.
+
+        Returns:
+            One row; ``extra`` is kept as it is.
+        """
         idx = list(range(self.values.shape[0])) if rows is None else list(rows)
-        v = self.values[idx]
-        out = v.sum(axis=0, keepdims=True)
-        out[0, _F["eff_min"]] = v[:, _F["eff_min"]].min() if len(idx) else math.inf
-        out[0, _F["eff_max"]] = v[:, _F["eff_max"]].max() if len(idx) else -math.inf
-        return HostStepSums(values=out, hist=self.hist[idx].sum(axis=0, keepdims=True),
+        return HostStepSums(values=_combine_host(self.values[idx], _FIELD_SPANS)[None],
+                            hist=_combine_host(self.hist[idx], _HIST_SPANS)[None],
                             extra=self.extra)
 
 
@@ -274,6 +436,8 @@ def _count_nonfinite(values: np.ndarray, tensors: list[list[Tensor]]) -> None:
         for i, n in enumerate(host):
             values[i, _F["nonfinite_tensors"]] = n
 
+
+# ----------------------------------------------------------------------------- subsamples
 
 #: Elements per tensor that enter the effective-lr histogram (a fixed random subsample
 #: beyond that): the quantiles' rank error is then about 0.1% (binomial, at p05).
@@ -327,12 +491,27 @@ def sample_index(n: int, k: int, device: torch.device | str = "cpu") -> Tensor |
     return idx
 
 
-def _subsample(t: Tensor, k: int) -> Tensor:
-    """The fixed random subsample of at most ``k`` elements (all of them if fewer)."""
+def subsample(t: Tensor, k: int) -> Tensor:
+    """The fixed random subsample of :func:`sample_index`: at most ``k`` elements, flat.
+
+    Args:
+        t: Any tensor.
+        k: Sample size (≥ 1).
+
+    Returns:
+        ``t`` flattened (a view) when it has at most ``k`` elements, else the ``k``
+        elements at ``sample_index(t.numel(), k)`` (a copy).
+
+    Example:
+        >>> subsample(torch.ones(2, 3), 10).shape, subsample(torch.arange(1e4), 10).shape
+        (torch.Size([6]), torch.Size([10]))
+    """
     flat = t.reshape(-1)
     idx = sample_index(flat.numel(), k, flat.device)
     return flat if idx is None else flat.index_select(0, idx)
 
+
+# ----------------------------------------------------------------------------- step_sums
 
 #: Elements reduced per chunk: the statistics pass holds the temporaries of about this
 #: many elements (or of the largest single tensor, if larger) at a time.
@@ -342,13 +521,13 @@ CHUNK_NUMEL = 1 << 22
 def step_sums(
     steps: Sequence[Iterable[ParamStep]],
     *,
-    history: UpdateHistory | None = None,
+    history: SupportsSwap | None = None,
     grad_sq: dict[Tensor, Tensor] | None = None,
     tensor_rows: Callable[[Tensor], bool] | None = None,
     extra: Sequence[Tensor | float] = (),
     chunk_numel: int = CHUNK_NUMEL,
 ) -> StepSums:
-    """Reduce the steps of one optimizer to per-row sums, on the device.
+    """Reduce the steps of one optimizer to per-row fields, on the device.
 
     The steps are consumed lazily and reduced in chunks of about ``chunk_numel``
     elements, so with the generators of
@@ -358,8 +537,9 @@ def step_sums(
     Args:
         steps: Per param group, the :class:`ParamStep` of each parameter (lists or
             iterators, e.g. ``[iter_group_steps(opt, g) for g in opt.param_groups]``).
-        history: Where the previous update samples live, for ``update_cosine``;
-            ``None`` leaves the cosine columns at zero.
+        history: Where the previous update samples live, for ``update_cosine`` (e.g. a
+            :class:`lr_monitor.recording.history.UpdateHistory`); ``None`` leaves the
+            cosine fields at zero.
         grad_sq: Per parameter, ``‖g‖²`` measured before the step (e.g. before gradient
             clipping); default: from ``p.grad`` after the step.
         tensor_rows: Which parameters also get a row of their own (after the group rows,
@@ -370,6 +550,16 @@ def step_sums(
     Returns:
         The sums; rows are the param groups, then the selected tensors
         (:attr:`StepSums.tensor_params`).
+
+    Example:
+        >>> from lr_monitor.functional import optimizer_steps
+        >>> p = torch.nn.Parameter(torch.ones(4))
+        >>> opt = torch.optim.SGD([p], lr=0.5)
+        >>> p.grad = torch.ones(4); opt.step()
+        >>> sums = step_sums(optimizer_steps(opt))
+        >>> host = sums.to_host()
+        >>> host.values[0, FIELDS.index("update_sq")], host.values[0, FIELDS.index("eff_max")]
+        (np.float64(1.0), np.float64(0.5))
     """
     acc = _Accumulator(len(steps), history, grad_sq, tensor_rows)
     for gi, group in enumerate(steps):
@@ -387,9 +577,9 @@ def step_sums(
 
 
 class _Accumulator:
-    """Reduces chunks of :class:`ParamStep` into group rows and tensor rows."""
+    """Combines the per-tensor rows of each chunk into group rows; keeps tensor rows."""
 
-    def __init__(self, n_groups: int, history: UpdateHistory | None,
+    def __init__(self, n_groups: int, history: SupportsSwap | None,
                  grad_sq: dict[Tensor, Tensor] | None,
                  tensor_rows: Callable[[Tensor], bool] | None) -> None:
         self.n_groups = n_groups
@@ -406,30 +596,24 @@ class _Accumulator:
 
     def _init(self, dev: torch.device) -> None:
         self.device = dev
-        self.group_values = _empty_rows(self.n_groups, dev)
-        self.group_hist = torch.zeros(self.n_groups, _NBINS, dtype=torch.float64, device=dev)
+        self.group_values = _identity_rows(self.n_groups, len(FIELDS), _FIELD_SPANS, dev)
+        self.group_hist = _identity_rows(self.n_groups, _NBINS, _HIST_SPANS, dev)
 
-    def reduce(self, group: int, chunk: list[ParamStep]) -> None:
-        dev = chunk[0].update.device
+    def reduce(self, group: int, steps: list[ParamStep]) -> None:
         if self.device is None:
-            self._init(dev)
+            self._init(steps[0].update.device)
+        assert self.device is not None
         assert self.group_values is not None and self.group_hist is not None
-        per_tensor, hists = _chunk_sums(chunk, self.history, self.grad_sq, dev)
-        sums = per_tensor.clone()
-        sums[:, [_F["eff_min"], _F["eff_max"]]] = 0
-        self.group_values[group] += sums.sum(0)
-        v = self.group_values
-        v[group, _F["eff_min"]] = torch.minimum(v[group, _F["eff_min"]],
-                                                per_tensor[:, _F["eff_min"]].min())
-        v[group, _F["eff_max"]] = torch.maximum(v[group, _F["eff_max"]],
-                                                per_tensor[:, _F["eff_max"]].max())
-        self.group_hist[group] += hists.sum(0)
-        for i, s in enumerate(chunk):
-            kept = [grad_values(s.grad), _local(s.param.detach())]
+        chunk = _Chunk.of(steps, self.device)
+        values, hists = _chunk_sums(chunk, self.history, self.grad_sq)
+        _fold_rows(self.group_values[group], values, _FIELD_SPANS)
+        _fold_rows(self.group_hist[group], hists, _HIST_SPANS)
+        for i, s in enumerate(steps):
+            kept = [chunk.grads[i], chunk.params[i]]
             self.nonfinite[group].extend(kept)
             if self.tensor_rows is not None and self.tensor_rows(s.param):
                 self.tensor_params.append(s.param)
-                self.tensor_values.append(per_tensor[i])
+                self.tensor_values.append(values[i])
                 self.tensor_hist.append(hists[i])
                 self.nonfinite.append(kept)
 
@@ -449,15 +633,20 @@ class _Accumulator:
         return StepSums(values, hist, extra_t, self.nonfinite, list(self.tensor_params))
 
 
-def _empty_rows(n: int, dev: torch.device) -> Tensor:
-    values = torch.zeros(n, len(FIELDS), dtype=torch.float64, device=dev)
-    values[:, _F["eff_min"]] = math.inf
-    values[:, _F["eff_max"]] = -math.inf
-    return values
-
-
 def grad_values(g: Tensor) -> Tensor:
-    """The values of a gradient that enter its norm: a sparse one's coalesced values."""
+    """The values of a gradient that enter its norm: a sparse one's coalesced values.
+
+    Args:
+        g: A gradient (dense, sparse or a DTensor).
+
+    Returns:
+        The local dense tensor, or a sparse gradient's coalesced values.
+
+    Example:
+        >>> g = torch.sparse_coo_tensor([[0, 0, 2]], [1.0, 2.0, 5.0], (4,), check_invariants=True)
+        >>> grad_values(g).tolist()
+        [3.0, 5.0]
+    """
     g = _local(g)
     return g.coalesce().values() if g.is_sparse else g
 
@@ -467,6 +656,16 @@ def tensor_norms(tensors: list[Tensor]) -> Tensor:
 
     One ``foreach`` launch per dtype class: bf16/fp16 tensors are reduced with a float32
     accumulator, float32/float64 in their own precision.
+
+    Args:
+        tensors: Dense tensors on one device.
+
+    Returns:
+        A float64 vector, one norm per tensor.
+
+    Example:
+        >>> tensor_norms([torch.tensor([3.0, 4.0]), torch.ones(4, dtype=torch.bfloat16)])
+        tensor([5., 2.], dtype=torch.float64)
     """
     out = torch.zeros(len(tensors), dtype=torch.float64,
                       device=tensors[0].device if tensors else "cpu")
@@ -481,109 +680,227 @@ def tensor_norms(tensors: list[Tensor]) -> Tensor:
     return out
 
 
-def _chunk_sums(flat: list[ParamStep], history: UpdateHistory | None,
-                grad_sq: dict[Tensor, Tensor] | None,
-                dev: torch.device) -> tuple[Tensor, Tensor]:
-    """Per-tensor sums (``len(flat) × len(FIELDS)``) and log10 eff-lr histograms.
+# ----------------------------------------------------------------------------- one chunk
 
-    Every reduction runs in float32 or better whatever the parameter dtype, and the
-    per-tensor rows are float64.
+
+@dataclass
+class _Chunk:
+    """A chunk of steps and the local (shard) views of the tensors the parts read."""
+
+    steps: list[ParamStep]
+    device: torch.device
+    grads: list[Tensor]
+    params: list[Tensor]
+    updates: list[Tensor]
+    effs: list[Tensor]
+
+    @classmethod
+    def of(cls, steps: list[ParamStep], device: torch.device) -> _Chunk:
+        return cls(steps, device,
+                   grads=[grad_values(s.grad) for s in steps],
+                   params=[_local(s.param.detach()) for s in steps],
+                   updates=[_local(s.update) for s in steps],
+                   effs=[_local(s.eff_lr) for s in steps])
+
+    def floats(self, values: Sequence[float]) -> Tensor:
+        """A float64 column on the chunk's device."""
+        return torch.tensor(values, dtype=torch.float64, device=self.device)
+
+    def spread(self, rows: list[int], values: Tensor) -> Tensor:
+        """A column with ``values`` at ``rows`` and 0 (the sum identity) elsewhere."""
+        if len(rows) == len(self.steps):
+            return values.to(self.device)
+        col = torch.zeros(len(self.steps), dtype=torch.float64, device=self.device)
+        col[rows] = values.to(self.device)
+        return col
+
+
+def _chunk_sums(chunk: _Chunk, history: SupportsSwap | None,
+                grad_sq: dict[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """Per-tensor fields (``len(steps) × len(FIELDS)``) and log10 eff-lr histograms.
+
+    Each part reads one kind of tensor and fills its own fields; only ``eff_lr`` (whole
+    for the extremes, a subsample for the histogram) and the update (whole for its norm, a
+    subsample for the cosine) are read twice, nothing is read back to the host:
+
+    ============================  ==============================  =========================
+    part                          reads                           fills
+    ============================  ==============================  =========================
+    :func:`_norm_fields`          parameters, updates, gradients  numel, grad/param/update_sq
+    :func:`_moment_fields`        first and second moments        first_*, second_*
+    :func:`_mask_fields`          ε and rounding masks            eps_*, lost*
+    :func:`_extreme_fields`       effective lrs                   eff_min, eff_max
+    :func:`_cosine_fields`        update samples (and history)    cos_*
+    :func:`_nonfinite_flags`      the norms above                 nonfinite_tensors
+    :func:`_eff_lr_histograms`    effective-lr subsamples         the histogram rows
+    ============================  ==============================  =========================
+
+    A field no part fills (no first moment in the chunk, no history) holds its identity.
     """
-    grads = [grad_values(s.grad) for s in flat]
-    params = [_local(s.param.detach()) for s in flat]
-    updates = [_local(s.update) for s in flat]
-    cols: dict[str, Tensor] = {
-        "numel": torch.tensor([float(u.numel()) for u in updates], dtype=torch.float64),
-        "param_sq": tensor_norms(params).square(),
-        "update_sq": tensor_norms(updates).square(),
+    cols = {
+        **_norm_fields(chunk, grad_sq),
+        **_moment_fields(chunk),
+        **_mask_fields(chunk),
+        **_extreme_fields(chunk),
+        **_cosine_fields(chunk, history),
     }
-    if grad_sq is not None:
+    cols["nonfinite_tensors"] = _nonfinite_flags(cols, chunk.device)
+    return _field_rows(cols, chunk), _eff_lr_histograms(chunk)
+
+
+def _field_rows(cols: dict[str, Tensor], chunk: _Chunk) -> Tensor:
+    """The columns side by side in :data:`FIELDS` order; a missing one at its identity."""
+    n, dev = len(chunk.steps), chunk.device
+    fill: dict[Combine, Tensor] = {}
+    out = []
+    for name, rule in FIELD_COMBINE.items():
+        col = cols.get(name)
+        if col is None:
+            col = fill.get(rule)
+            if col is None:
+                col = fill[rule] = torch.full((n,), rule.identity, dtype=torch.float64,
+                                              device=dev)
+        out.append(col.to(dev))
+    return torch.stack(out, dim=1)
+
+
+def _norm_fields(chunk: _Chunk, grad_sq: dict[Tensor, Tensor] | None) -> dict[str, Tensor]:
+    """``numel``, ``param_sq``, ``update_sq``, ``grad_sq``: one ``foreach`` norm per kind."""
+    cols = {
+        "numel": chunk.floats([float(u.numel()) for u in chunk.updates]),
+        "param_sq": tensor_norms(chunk.params).square(),
+        "update_sq": tensor_norms(chunk.updates).square(),
+    }
+    if grad_sq is None:
+        cols["grad_sq"] = tensor_norms(chunk.grads).square()
+    else:  # measured before the step (clipping); the gradients are not read
+        zero = torch.zeros((), dtype=torch.float64, device=chunk.device)
         cols["grad_sq"] = torch.stack([
-            grad_sq[s.param].double().reshape(()).to(dev) if s.param in grad_sq
-            else torch.zeros((), dtype=torch.float64, device=dev) for s in flat])
-    else:
-        cols["grad_sq"] = tensor_norms(grads).square()
-    with_first = [i for i, s in enumerate(flat) if s.first_moment is not None]
-    if with_first:
-        firsts = [_local(flat[i].first_moment) for i in with_first]  # type: ignore[arg-type]
-        col = torch.zeros(len(flat), dtype=torch.float64, device=dev)
-        col[with_first] = tensor_norms(firsts).to(dev).square()
-        cols["first_sq"] = col
-        cnt = torch.zeros(len(flat), dtype=torch.float64)
-        cnt[with_first] = torch.tensor([float(f.numel()) for f in firsts], dtype=torch.float64)
-        cols["first_numel"] = cnt
-    with_second = [i for i, s in enumerate(flat) if s.second_moment is not None]
-    if with_second:
-        # Mean of the denominator at gradient scale: √v for a second moment, the state
-        # itself where it already is a root (Adamax's exp_inf).
-        roots = []
-        for i in with_second:
-            r = _local(flat[i].second_moment)  # type: ignore[arg-type]
-            r = r.to(compute_dtype(r))
-            roots.append(r if flat[i].second_moment_is_root else r.sqrt())
-        col = torch.zeros(len(flat), dtype=torch.float64, device=dev)
-        col[with_second] = torch.stack(
-            torch._foreach_norm(roots, ord=1)).to(dev, torch.float64)
-        cols["second_sqrt_sum"] = col
-        cnt = torch.zeros(len(flat), dtype=torch.float64)
-        cnt[with_second] = torch.tensor([float(t.numel()) for t in roots], dtype=torch.float64)
-        cols["second_numel"] = cnt
-    effs = [_local(s.eff_lr) for s in flat]
+            grad_sq[s.param].double().reshape(()).to(chunk.device) if s.param in grad_sq
+            else zero for s in chunk.steps])
+    return cols
 
-    # Per-tensor work that foreach cannot express: min/max in one pass, eps and lost
-    # counts, histograms, cosines.
-    extremes = []
-    masks: dict[str, list[Tensor]] = {"eps_dominated": [], "lost": []}
-    numels: dict[str, list[float]] = {"eps_numel": [], "lost_numel": []}
-    cos = []
-    hists = torch.zeros(len(flat), _NBINS, dtype=torch.float64, device=dev)
-    zero = torch.zeros((), dtype=torch.float64, device=dev)
-    for i, s in enumerate(flat):
-        n = updates[i].numel()
-        extremes.append(torch.stack(torch.aminmax(effs[i])).to(torch.float64))
-        for count_key, numel_key, mask in (("eps_dominated", "eps_numel", s.eps_dominated),
-                                           ("lost", "lost_numel", s.update_lost)):
-            masks[count_key].append(zero if mask is None else torch.count_nonzero(_local(mask)))
-            numels[numel_key].append(0.0 if mask is None else float(n))
-        # log10 in float32 (bins are 0.02 decades wide), clamped in place so 0 and inf
-        # land in the end bins; NaN is left out (it is counted by `nonfinite`). Large
-        # tensors are histogrammed on the fixed random subsample of HIST_SAMPLES elements
-        # of sample_index, each standing for n/HIST_SAMPLES of them (min and max stay
-        # exact). histc counts in float32: exact up to 2^24 per bin.
-        sample = _subsample(effs[i], HIST_SAMPLES)
-        logv = sample.to(torch.float32).log10().clamp_(LOG10_MIN, LOG10_MAX)
-        if logv.numel() == 1 and n > 1:  # one learning rate for every element (SGD)
-            idx = ((logv.double() - LOG10_MIN) * BINS_PER_DECADE).floor().clamp(
-                0, _NBINS - 1).long()
-            hists[i].index_add_(0, idx, torch.full_like(idx, n, dtype=torch.float64))
+
+def _moment_fields(chunk: _Chunk) -> dict[str, Tensor]:
+    """``first_*`` and ``second_*`` of the steps with moments: one ``foreach`` norm each.
+
+    The second moment enters at gradient scale: ``Σ√v`` for a squared-gradient statistic,
+    ``Σv`` where the state already is a root (Adamax's ``exp_inf``).
+    """
+    cols: dict[str, Tensor] = {}
+    steps = chunk.steps
+    first = [i for i, s in enumerate(steps) if s.first_moment is not None]
+    if first:
+        firsts = [_local(steps[i].first_moment) for i in first]  # type: ignore[arg-type]
+        cols["first_sq"] = chunk.spread(first, tensor_norms(firsts).square())
+        cols["first_numel"] = chunk.spread(first, chunk.floats([f.numel() for f in firsts]))
+    second = [i for i, s in enumerate(steps) if s.second_moment is not None]
+    if second:
+        stats = [_local(steps[i].second_moment) for i in second]  # type: ignore[arg-type]
+        stats = [v.to(compute_dtype(v)) for v in stats]
+        squared = [j for j, i in enumerate(second) if not steps[i].second_moment_is_root]
+        if squared:
+            for j, r in zip(squared, torch._foreach_sqrt([stats[j] for j in squared]),
+                            strict=True):
+                stats[j] = r
+        sums = torch.stack(torch._foreach_norm(stats, ord=1)).to(chunk.device, torch.float64)
+        cols["second_sqrt_sum"] = chunk.spread(second, sums)
+        cols["second_numel"] = chunk.spread(second, chunk.floats([v.numel() for v in stats]))
+    return cols
+
+
+def _mask_fields(chunk: _Chunk) -> dict[str, Tensor]:
+    """``eps_dominated``/``eps_numel`` and ``lost``/``lost_numel``: one count per mask."""
+    cols: dict[str, Tensor] = {}
+    zero = torch.zeros((), dtype=torch.float64, device=chunk.device)
+    for count, numel, masks in (
+            ("eps_dominated", "eps_numel", [s.eps_dominated for s in chunk.steps]),
+            ("lost", "lost_numel", [s.update_lost for s in chunk.steps])):
+        if all(m is None for m in masks):
+            continue  # both fields stay at 0
+        cols[count] = torch.stack([
+            zero if m is None else torch.count_nonzero(_local(m)) for m in masks]).double()
+        cols[numel] = chunk.floats([0.0 if m is None else float(u.numel())
+                                    for m, u in zip(masks, chunk.updates, strict=True)])
+    return cols
+
+
+def _extreme_fields(chunk: _Chunk) -> dict[str, Tensor]:
+    """``eff_min``, ``eff_max``: one ``aminmax`` pass over each effective lr."""
+    lows, highs = zip(*(torch.aminmax(e) for e in chunk.effs), strict=True)
+    return {"eff_min": torch.stack(lows).to(chunk.device, torch.float64),
+            "eff_max": torch.stack(highs).to(chunk.device, torch.float64)}
+
+
+def _cosine_fields(chunk: _Chunk, history: SupportsSwap | None) -> dict[str, Tensor]:
+    """``cos_dot``, ``cos_prev_sq``, ``cos_cur_sq`` on the update samples of ``history``.
+
+    Each sampled coordinate is weighted by the elements it stands for, so the combined
+    cosine estimates the cosine of the whole update, not of the small tensors.
+    """
+    if history is None:
+        return {}
+    zero = torch.zeros((), dtype=torch.float64, device=chunk.device)
+    terms = []
+    for s, u in zip(chunk.steps, chunk.updates, strict=True):
+        prev, cur = history.swap(s.param, u)
+        c = cur.double()
+        w = u.numel() / max(c.numel(), 1)
+        if prev is None:
+            terms.append(torch.stack([zero, zero, w * c.dot(c)]))
         else:
-            h = torch.histc(logv, bins=_NBINS, min=LOG10_MIN, max=LOG10_MAX).double()
-            hists[i] = h * (n / logv.numel()) if logv.numel() != n else h
-        if history is not None:
-            # Weighted by the elements each sampled coordinate stands for, so the global
-            # cosine estimates the cosine of the whole update, not of the small tensors.
-            prev, cur = history.swap(s.param, updates[i])
-            c = cur.double()
-            w = n / max(c.numel(), 1)
-            if prev is None:
-                cos.append(torch.stack([zero, zero, w * c.dot(c)]))
-            else:
-                p_ = prev.double()
-                cos.append(w * torch.stack([c.dot(p_), p_.dot(p_), c.dot(c)]))
-    cols["eff_min"], cols["eff_max"] = torch.stack(extremes).unbind(1)
-    for key, counts in masks.items():
-        cols[key] = torch.stack(counts).double()
-    for key, values in numels.items():
-        cols[key] = torch.tensor(values, dtype=torch.float64)
-    if cos:
-        cols["cos_dot"], cols["cos_prev_sq"], cols["cos_cur_sq"] = torch.stack(cos).unbind(1)
-    finite = torch.stack([cols["grad_sq"].to(dev), cols["param_sq"].to(dev)]).isfinite()
-    cols["nonfinite_tensors"] = (~finite).sum(0).double()
+            p = prev.double()
+            terms.append(w * torch.stack([c.dot(p), p.dot(p), c.dot(c)]))
+    dot, prev_sq, cur_sq = torch.stack(terms).to(chunk.device).unbind(1)
+    return {"cos_dot": dot, "cos_prev_sq": prev_sq, "cos_cur_sq": cur_sq}
 
-    per_tensor = _empty_rows(len(flat), dev)
-    for name, col in cols.items():
-        per_tensor[:, _F[name]] = col.to(dev)
-    return per_tensor, hists
+
+def _nonfinite_flags(cols: dict[str, Tensor], dev: torch.device) -> Tensor:
+    """``nonfinite_tensors``: how many of a tensor's two norms are not finite (0–2)."""
+    finite = torch.stack([cols["grad_sq"].to(dev), cols["param_sq"].to(dev)]).isfinite()
+    return (~finite).sum(0).double()
+
+
+#: A bin position: one number or an array of them.
+_Position = TypeVar("_Position", float, np.ndarray)
+
+
+def _bin_of(log10: Tensor) -> Tensor:
+    """The histogram bin of each ``log10(eff_lr)`` value (clamped into range)."""
+    return ((log10.double() - LOG10_MIN) * BINS_PER_DECADE).floor().clamp(0, _NBINS - 1).long()
+
+
+def _log10_at(position: _Position) -> _Position:
+    """``log10(eff_lr)`` at a (fractional) bin position: bin ``i`` starts at ``_log10_at(i)``."""
+    return LOG10_MIN + position / BINS_PER_DECADE
+
+
+def _eff_lr_histograms(chunk: _Chunk) -> Tensor:
+    """One row of ``log10(eff_lr)`` counts per tensor, from at most HIST_SAMPLES elements.
+
+    log10 runs in float32 (bins are 0.02 decades wide), clamped so 0 and inf land in the end
+    bins; NaN is left out (``nonfinite`` counts it). A large tensor is histogrammed on the
+    fixed random subsample of :func:`sample_index`, each sampled element standing for
+    ``n / HIST_SAMPLES`` of them (min and max stay exact). ``histc`` counts in float32:
+    exact up to 2^24 per bin.
+    """
+    rows = []
+    for e, u in zip(chunk.effs, chunk.updates, strict=True):
+        n = u.numel()
+        logv = subsample(e, HIST_SAMPLES).to(torch.float32).log10().clamp_(LOG10_MIN, LOG10_MAX)
+        if logv.numel() == 1 and n > 1:  # one learning rate for every element (SGD)
+            idx = _bin_of(logv)
+            row = torch.zeros(_NBINS, dtype=torch.float64, device=logv.device)
+            row.index_add_(0, idx, torch.full_like(idx, n, dtype=torch.float64))
+        else:
+            row = torch.histc(logv, bins=_NBINS, min=LOG10_MIN, max=LOG10_MAX).double()
+            if logv.numel() != n:
+                row = row * (n / logv.numel())
+        rows.append(row.to(chunk.device))
+    return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------- on the host
 
 
 def quantile_from_histogram(hist: np.ndarray, q: float) -> float:
@@ -611,8 +928,7 @@ def quantile_from_histogram(hist: np.ndarray, q: float) -> float:
     i = min(i, len(hist) - 1)
     before = cum[i - 1] if i > 0 else 0.0
     frac = (target - before) / hist[i] if hist[i] > 0 else 0.5
-    x = LOG10_MIN + (i + min(max(frac, 0.0), 1.0)) / BINS_PER_DECADE
-    return float(10.0**x)
+    return float(10.0**_log10_at(i + min(max(frac, 0.0), 1.0)))
 
 
 def _div(a: float, b: float) -> float:
@@ -630,7 +946,15 @@ def summarize(sums: HostStepSums) -> list[dict[str, float]]:
         ``update_ratio``, ``eff_lr/p05``, ``eff_lr/p50``, ``eff_lr/p95``,
         ``eff_lr/min``, ``eff_lr/max``, ``nonfinite``, and where defined
         ``exp_avg_norm``, ``exp_avg_sq_sqrt_mean``, ``eps_dominated_frac``,
-        ``update_cosine``.
+        ``update_lost_frac``, ``update_cosine``.
+
+    Example:
+        >>> values = np.zeros((1, len(FIELDS)))
+        >>> values[0, [_F["update_sq"], _F["param_sq"]]] = 9.0, 16.0
+        >>> values[0, [_F["eff_min"], _F["eff_max"]]] = math.inf, -math.inf
+        >>> row = summarize(HostStepSums(values, np.zeros((1, _NBINS)), np.zeros(0)))[0]
+        >>> row["update_norm"], row["update_ratio"], math.isnan(row["eff_lr/p50"])
+        (3.0, 0.75, True)
     """
     out = []
     for v, h in zip(sums.values, sums.hist, strict=True):
@@ -661,3 +985,32 @@ def summarize(sums: HostStepSums) -> list[dict[str, float]]:
             row["update_cosine"] = f["cos_dot"] / math.sqrt(f["cos_prev_sq"] * f["cos_cur_sq"])
         out.append(row)
     return out
+
+
+def histogram_buckets(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The occupied part of a log10(eff_lr) histogram, as TensorBoard-style buckets.
+
+    The bins of :data:`LOG10_MIN` .. :data:`LOG10_MAX` (:data:`BINS_PER_DECADE` per
+    decade) are trimmed to the occupied ones plus one empty bin either side (where the
+    range allows), so a histogram viewer shows the distribution, not 1,100 empty bins.
+
+    Args:
+        counts: Counts per bin over the full range (a row of :attr:`HostStepSums.hist`).
+
+    Returns:
+        ``(bucket_limits, bucket_counts, centers)``: the right edge of each kept bin (in
+        log10 units), its count and its centre; three empty arrays when no bin is occupied.
+
+    Example:
+        >>> h = np.zeros(_NBINS); h[int((-3 - LOG10_MIN) * BINS_PER_DECADE)] = 4
+        >>> limits, kept, centers = histogram_buckets(h)
+        >>> kept.tolist(), limits.round(2).tolist(), round(float(centers[1]), 2)
+        ([0.0, 4.0, 0.0], [-3.0, -2.98, -2.96], -2.99)
+    """
+    occupied = np.nonzero(counts)[0]
+    if occupied.size == 0:
+        empty = np.zeros(0, dtype=np.float64)
+        return empty, empty.copy(), empty.copy()
+    lo, hi = max(int(occupied[0]) - 1, 0), min(int(occupied[-1]) + 2, counts.size)
+    limits = _log10_at(np.arange(lo, hi) + 1)
+    return limits, np.asarray(counts[lo:hi], dtype=np.float64), limits - 0.5 / BINS_PER_DECADE

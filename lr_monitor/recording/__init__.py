@@ -1,25 +1,34 @@
 """Framework-free recording of optimizer steps (no Lightning import).
 
+* :mod:`~lr_monitor.recording.config` — :class:`RecorderConfig`, the recording options,
+  declared and validated once.
 * :mod:`~lr_monitor.recording.recorder` — :class:`StepRecorder` (one optimizer, through
   torch's step hooks) and :func:`attach` for plain PyTorch loops and Fabric.
+* :mod:`~lr_monitor.recording.record` — :class:`StepRecord`, what a recorded step
+  publishes to its listeners (the monitor logs it, the guard reads it).
 """
 
 from __future__ import annotations
 
+from lr_monitor.recording.config import GRANULARITIES, RecorderConfig
+from lr_monitor.recording.history import UpdateHistory
+from lr_monitor.recording.record import Listeners, RecordListener, StepRecord
 from lr_monitor.recording.recorder import (
-    GRANULARITIES,
     MonitorHandle,
     ScalarWriter,
     StepRecorder,
     attach,
-    check_recorder_args,
 )
 
 __all__ = [
     "GRANULARITIES",
+    "Listeners",
     "MonitorHandle",
+    "RecordListener",
+    "RecorderConfig",
     "ScalarWriter",
+    "StepRecord",
     "StepRecorder",
+    "UpdateHistory",
     "attach",
-    "check_recorder_args",
 ]

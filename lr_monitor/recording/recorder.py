@@ -3,8 +3,10 @@
 A :class:`StepRecorder` watches one optimizer through torch's step hooks
 (``register_step_pre_hook``/``register_step_post_hook``): on the steps you ask it to
 record it measures the gradients, reconstructs the step from the post-step state
-(:mod:`lr_monitor.functional`) and produces a flat dict of scalars, with exactly one
-device-to-host transfer. On other steps the hooks return immediately.
+(:mod:`lr_monitor.functional`) and publishes one
+:class:`~lr_monitor.recording.record.StepRecord` to its listeners, with exactly one
+device-to-host transfer. On other steps the hooks return immediately. What is measured
+and which rows become tags is one :class:`~lr_monitor.recording.config.RecorderConfig`.
 
 :func:`attach` is the same thing for plain PyTorch loops and Fabric::
 
@@ -21,17 +23,20 @@ Example:
     >>> opt = torch.optim.Adam([p], lr=0.1)
     >>> seen = []
     >>> handle = attach(opt, lambda metrics, step: seen.append((step, metrics)))
+    >>> records = []
+    >>> handle.subscribe(records.append)
     >>> p.grad = torch.ones(3); opt.step()
     >>> step, metrics = seen[0]
     >>> step, round(metrics["optim/update_norm/Adam/pg0"], 4)
     (0, 0.1732)
+    >>> records[0].index, round(records[0].value("update_ratio"), 4)  # 0.1 / 0.9
+    (0, 0.1111)
     >>> handle.detach()
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -39,7 +44,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lr_monitor._validation import check_bool, check_choice, check_int, invalid
+from lr_monitor._validation import check_int, invalid
 from lr_monitor.faults import FaultBarrier
 from lr_monitor.functional import ParamSnapshot, find_rule
 from lr_monitor.functional.rules import (
@@ -49,9 +54,7 @@ from lr_monitor.functional.rules import (
     supports_group,
 )
 from lr_monitor.functional.statistics import (
-    HostStepSums,
     StepSums,
-    UpdateHistory,
     grad_values,
     rounded_away,
     step_sums,
@@ -59,7 +62,10 @@ from lr_monitor.functional.statistics import (
     tensor_norms,
 )
 from lr_monitor.functional.step import applied_update, with_applied_update
-from lr_monitor.tags import group_names
+from lr_monitor.recording.config import GRANULARITIES, RecorderConfig
+from lr_monitor.recording.history import UpdateHistory
+from lr_monitor.recording.record import Listeners, RecordListener, StepRecord
+from lr_monitor.tags import DEFAULT_PREFIX, GLOBAL, group_names
 
 __all__ = [
     "GRANULARITIES",
@@ -67,10 +73,7 @@ __all__ = [
     "ScalarWriter",
     "StepRecorder",
     "attach",
-    "check_recorder_args",
 ]
-
-GRANULARITIES = ("group", "tensor")
 
 
 class ScalarWriter(Protocol):
@@ -97,34 +100,40 @@ class StepRecorder:
     * *measured*: no rule (or a setting the rule cannot reconstruct): every parameter of
       the group is copied before the step and ``eff_lr`` is the group's lr.
 
-    Nothing here can end the run: every hook runs behind a
+    After each recorded step the recorder builds one
+    :class:`~lr_monitor.recording.record.StepRecord` (every row, ``global`` included),
+    keeps it as :attr:`last_record` and calls each listener with it, in the order they
+    subscribed.
+
+    Nothing here can end the run: every hook and every listener runs behind a
     :class:`~lr_monitor.faults.FaultBarrier`. A parameter whose statistics raise is
     reported once and left out of later records; a failure that cannot be pinned on a
-    parameter disables this recorder.
+    parameter disables this recorder; a listener that raises is reported once and not
+    called again.
 
     Args:
         optimizer: The optimizer to watch.
         name: Its name in the tags (``Adam``, ``Adam-1``).
         should_record: Called before each step with this optimizer's step index (the
             number of its steps so far); ``True`` records the step.
-        on_record: Called after a recorded step with ``(metrics, host_sums)``.
-        prefix: Tag prefix (``optim``).
-        granularity: ``"group"`` (rows per param group and ``global``) or ``"tensor"``
-            (also one row per selected parameter tensor).
+        listeners: Called with each :class:`StepRecord` (see :meth:`subscribe`).
+        prefix: See :class:`~lr_monitor.recording.config.RecorderConfig`.
+        granularity: See :class:`~lr_monitor.recording.config.RecorderConfig`.
         param_names: Parameter → name, for tensor rows, ``include``/``exclude`` and fault
             reports.
-        include: Regex; with ``granularity="tensor"``, only matching names get rows.
-        exclude: Regex; matching names get no tensor row.
-        update_cosine: Keep a subsample of the last recorded update for
-            ``update_cosine`` (memory: ≤ ``cosine_samples`` values per tensor).
-        cosine_samples: Subsample size per tensor.
-        log_global: Also emit the ``global`` row (all groups together).
+        include: See :class:`~lr_monitor.recording.config.RecorderConfig`.
+        exclude: See :class:`~lr_monitor.recording.config.RecorderConfig`.
+        update_cosine: See :class:`~lr_monitor.recording.config.RecorderConfig`.
+        cosine_samples: See :class:`~lr_monitor.recording.config.RecorderConfig`.
+        log_global: See :class:`~lr_monitor.recording.config.RecorderConfig`.
         reduce: Applied to the device sums before the host transfer; for sharded
             parameters pass ``lambda sums: sums.all_reduce()`` (every rank must record).
         faults: The barrier the hooks run behind (default: one that only logs).
 
     Raises:
-        ValueError: for an unknown granularity, a bad regex or ``cosine_samples`` < 1.
+        ValueError: for a recording option outside its allowed values
+            (:class:`~lr_monitor.recording.config.RecorderConfig`) or a listener that is
+            not callable.
     """
 
     def __init__(
@@ -133,8 +142,8 @@ class StepRecorder:
         name: str,
         *,
         should_record: Callable[[int], bool],
-        on_record: Callable[[dict[str, float], HostStepSums], None],
-        prefix: str = "optim",
+        listeners: Iterable[RecordListener] = (),
+        prefix: str = DEFAULT_PREFIX,
         granularity: str = "group",
         param_names: Mapping[Tensor, str] | None = None,
         include: str | None = None,
@@ -145,20 +154,15 @@ class StepRecorder:
         reduce: Callable[[StepSums], None] | None = None,
         faults: FaultBarrier | None = None,
     ) -> None:
-        check_recorder_args(prefix=prefix, granularity=granularity, include=include,
-                            exclude=exclude, update_cosine=update_cosine,
-                            cosine_samples=cosine_samples, log_global=log_global)
+        self.config = RecorderConfig(prefix=prefix, granularity=granularity, include=include,
+                                     exclude=exclude, update_cosine=update_cosine,
+                                     cosine_samples=cosine_samples, log_global=log_global)
         self.optimizer = optimizer
         self.name = name
-        self.prefix = prefix
-        self.granularity = granularity
         self.should_record = should_record
-        self.on_record = on_record
+        self.listeners = Listeners(listeners)
         self.param_names = dict(param_names or {})
-        self._include = _compile("include", include)
-        self._exclude = _compile("exclude", exclude)
         self.history = UpdateHistory(cosine_samples) if update_cosine else None
-        self.log_global = log_global
         self.reduce = reduce
         self.faults = faults or FaultBarrier(f"StepRecorder({name})")
         self.exact = find_rule(optimizer) is not None
@@ -169,8 +173,38 @@ class StepRecorder:
         self._grad_sq: dict[Tensor, Tensor] | None = None
         self._handles: list[RemovableHandle] = []
         self.step_index = 0
-        self.last_metrics: dict[str, float] = {}
-        self.last_recorded_index: int | None = None
+        #: The record of the last recorded step (``None`` before the first).
+        self.last_record: StepRecord | None = None
+
+    # -- listeners -----------------------------------------------------------------------
+    def subscribe(self, listener: RecordListener) -> None:
+        """Call ``listener(record)`` after every recorded step (once, however often added).
+
+        Args:
+            listener: A callable taking a :class:`StepRecord`; what it returns is ignored.
+
+        Raises:
+            ValueError: if ``listener`` is not callable.
+
+        Example:
+            >>> p = torch.nn.Parameter(torch.ones(1))
+            >>> opt = torch.optim.SGD([p], lr=0.1)
+            >>> rec = StepRecorder(opt, "SGD", should_record=lambda index: True)
+            >>> seen = []
+            >>> rec.subscribe(seen.append); rec.subscribe(seen.append); rec.attach()
+            >>> p.grad = torch.ones(1); opt.step(); rec.detach()
+            >>> len(seen), seen[0].optimizer, seen[0].index
+            (1, 'SGD', 0)
+        """
+        self.listeners.subscribe(listener)
+
+    def unsubscribe(self, listener: RecordListener) -> None:
+        """Stop calling ``listener`` (nothing happens if it was not subscribed).
+
+        Args:
+            listener: A listener given to :meth:`subscribe`.
+        """
+        self.listeners.unsubscribe(listener)
 
     # -- hooks ---------------------------------------------------------------------------
     def attach(self) -> None:
@@ -248,21 +282,22 @@ class StepRecorder:
         self._recording = False
         self._before = self._snapshot.pop() if self._snapshot.taken else {}
         try:
-            self.faults.call("record", self._record, subject=self.name)
+            record = self.faults.call("record", self._record, subject=self.name)
         finally:
             self._before = {}
             self._grad_sq = None
+        if record is not None:
+            self.listeners.publish(record, self.faults, self.name)
 
-    def _record(self) -> None:
-        grad_sq = self._grad_sq
+    def _record(self) -> StepRecord:
         saved = self.history.checkpoint() if self.history is not None else None
         try:
-            metrics, host = self.measure(grad_sq)
+            record = self.measure()
         except Exception:
             # Pin the failure on the parameters that cause it, leave them out from now
             # on and measure the rest; if no parameter alone fails, the barrier disables
             # the recorder.
-            culprits = self._faulty_params(grad_sq)
+            culprits = self._faulty_params(self._grad_sq)
             if not culprits:
                 raise
             for p, exc in culprits:
@@ -271,10 +306,9 @@ class StepRecorder:
                 self.faults.fail("statistics", exc, subject=f"{self.name} {pname}")
             if self.history is not None and saved is not None:
                 self.history.restore(saved)
-            metrics, host = self.measure(grad_sq)
-        self.last_metrics = metrics
-        self.last_recorded_index = self.step_index - 1
-        self.on_record(metrics, host)
+            record = self.measure()
+        self.last_record = record
+        return record
 
     def _faulty_params(self, grad_sq: dict[Tensor, Tensor] | None
                        ) -> list[tuple[Tensor, Exception]]:
@@ -292,14 +326,7 @@ class StepRecorder:
 
     # -- measurement ---------------------------------------------------------------------
     def _tensor_row(self, p: Tensor) -> bool:
-        if self.granularity != "tensor":
-            return False
-        name = self.param_names.get(p)
-        if name is None:
-            return False
-        if self._include is not None and not self._include.search(name):
-            return False
-        return not (self._exclude is not None and self._exclude.search(name))
+        return self.config.tensor_row(self.param_names.get(p))
 
     def _group_steps(self, group: dict[str, Any],
                      params: list[Tensor] | None = None) -> Iterator[ParamStep]:
@@ -328,95 +355,78 @@ class StepRecorder:
                 float(lr), dtype=u.dtype, device=u.device)
             yield ParamStep(param=p, grad=p.grad, update=u, eff_lr=eff, direction=-u / eff)
 
-    def measure(self, grad_sq: dict[Tensor, Tensor] | None = None
-                ) -> tuple[dict[str, float], HostStepSums]:
-        """Statistics of the step just taken, as ``{tag: value}``; one host transfer.
+    def measure(self) -> StepRecord:
+        """The statistics of the step just taken, as a record; one host transfer.
 
-        Args:
-            grad_sq: Per-parameter squared gradient norms measured before clipping.
+        Uses the gradient norms of :meth:`capture_gradients` when they were taken for this
+        step, else the gradients as the optimizer left them. The hooks call this on
+        recorded steps; calling it directly (e.g. to time it) records nothing.
 
         Returns:
-            The metrics and the host sums they were computed from.
+            The record, indexed as the step just taken (``step_index - 1``).
 
         Raises:
             UnsupportedOptimizerError: if a group has no rule and no copy was taken.
         """
-        lrs = [g["lr"] for g in self.optimizer.param_groups]
-        steps = [self._group_steps(g) for g in self.optimizer.param_groups]
-        sums = step_sums(steps, history=self.history, grad_sq=grad_sq,
-                         tensor_rows=self._tensor_row if self.granularity == "tensor" else None,
-                         extra=lrs)
+        groups = self.optimizer.param_groups
+        lrs = [g["lr"] for g in groups]
+        tensor_rows = self._tensor_row if self.config.granularity == "tensor" else None
+        sums = step_sums([self._group_steps(g) for g in groups], history=self.history,
+                         grad_sq=self._grad_sq, tensor_rows=tensor_rows, extra=lrs)
         tensor_params = sums.tensor_params
         if self.reduce is not None:
             self.reduce(sums)
         host = sums.to_host()
-        rows = summarize(host)
-        names = group_names(self.optimizer.param_groups)
+        summaries = summarize(host)
+        names = group_names(groups)
         lr_values = [float(x) for x in host.extra[: len(lrs)]]
-        metrics: dict[str, float] = {}
-        pre = self.prefix
-        for i, (gname, row) in enumerate(zip(names, rows, strict=False)):
-            metrics[f"{pre}/lr/{self.name}/{gname}"] = lr_values[i]
-            for k, v in row.items():
-                metrics[f"{pre}/{k}/{self.name}/{gname}"] = v
-        for p, row in zip(tensor_params, rows[len(names):], strict=True):
-            tname = self.param_names[p]
-            for k, v in row.items():
-                metrics[f"{pre}/{k}/{self.name}/{tname}"] = v
-        if self.log_global:
-            glob = summarize(host.combine(range(len(names))))[0]
-            for k, v in glob.items():
-                metrics[f"{pre}/{k}/{self.name}/global"] = v
-            if len(set(lr_values)) == 1:
-                metrics[f"{pre}/lr/{self.name}/global"] = lr_values[0]
-        return metrics, host
-
-
-def check_recorder_args(*, prefix: Any = "optim", granularity: Any = "group",
-                        include: Any = None, exclude: Any = None, update_cosine: Any = True,
-                        cosine_samples: Any = 4096, log_global: Any = True) -> None:
-    """Validate the recording options of :class:`StepRecorder`, :func:`attach` and the monitor.
-
-    Raises:
-        ValueError: naming the argument, its value and what is allowed.
-
-    Example:
-        >>> check_recorder_args(update_cosine="False")
-        Traceback (most recent call last):
-        ...
-        ValueError: update_cosine='False' is invalid: must be True or False
-    """
-    if not isinstance(prefix, str) or not prefix or prefix.startswith("/"):
-        raise invalid("prefix", prefix, "a non-empty string not starting with '/'")
-    check_choice("granularity", granularity, GRANULARITIES)
-    _compile("include", include)
-    _compile("exclude", exclude)
-    check_bool("update_cosine", update_cosine)
-    check_int("cosine_samples", cosine_samples, 1)
-    check_bool("log_global", log_global)
-
-
-def _compile(arg: str, pattern: Any) -> re.Pattern[str] | None:
-    if pattern is None:
-        return None
-    if not isinstance(pattern, str):
-        raise invalid(arg, pattern, "None or a regular expression (a string)")
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise invalid(arg, pattern, f"a valid regular expression ({e})") from e
+        rows: dict[str, dict[str, float]] = {}
+        # summaries: the group rows, then the tensor rows.
+        for gname, lr, row in zip(names, lr_values, summaries, strict=False):
+            rows[gname] = {"lr": lr, **row}
+        for p, row in zip(tensor_params, summaries[len(names):], strict=True):
+            rows[self.param_names[p]] = row
+        # All groups together: one combine of the host sums. Its lr only when they agree.
+        glob = summarize(host.combine(range(len(names))))[0]
+        rows[GLOBAL] = {"lr": lr_values[0], **glob} if len(set(lr_values)) == 1 else glob
+        return StepRecord(optimizer=self.name, index=self.step_index - 1, rows=rows,
+                          groups=tuple(names), host=host)
 
 
 class MonitorHandle:
-    """What :func:`attach` returns: call :meth:`detach` to stop recording."""
+    """What :func:`attach` returns: call :meth:`detach` to stop recording.
+
+    Args:
+        recorder: The recorder :func:`attach` set up.
+    """
 
     def __init__(self, recorder: StepRecorder) -> None:
         self.recorder = recorder
 
     @property
     def latest(self) -> dict[str, float]:
-        """The metrics of the last recorded step."""
-        return self.recorder.last_metrics
+        """The metrics of the last recorded step, as written (``{}`` before the first)."""
+        record = self.recorder.last_record
+        return {} if record is None else self.recorder.config.metrics(record)
+
+    def subscribe(self, listener: RecordListener) -> None:
+        """Also call ``listener(record)`` with every record (:meth:`StepRecorder.subscribe`).
+
+        Args:
+            listener: A callable taking a :class:`StepRecord`.
+
+        Raises:
+            ValueError: if ``listener`` is not callable.
+        """
+        self.recorder.subscribe(listener)
+
+    def unsubscribe(self, listener: RecordListener) -> None:
+        """Stop calling ``listener`` (:meth:`StepRecorder.unsubscribe`).
+
+        Args:
+            listener: A listener given to :meth:`subscribe`.
+        """
+        self.recorder.unsubscribe(listener)
 
     def capture_gradients(self) -> None:
         """Measure gradient norms now, before clipping (see ``StepRecorder``)."""
@@ -441,12 +451,14 @@ def attach(
     Args:
         optimizer: The optimizer to watch.
         writer: A ``SummaryWriter`` (anything with ``add_scalar``) or a callable
-            ``fn(metrics, step)``.
+            ``fn(metrics, step)``; ``step`` is the optimizer's own step index.
         every_n_steps: Record every n-th ``optimizer.step()`` (the first step is recorded).
         name: Optimizer name in the tags (default: its class name).
         model: Gives parameter names, needed for ``granularity="tensor"``.
-        **recorder_kwargs: Passed to :class:`StepRecorder` (``prefix``, ``granularity``,
-            ``include``, ``exclude``, ``update_cosine``, ``cosine_samples``, ``log_global``).
+        **recorder_kwargs: Passed to :class:`StepRecorder`: the recording options of
+            :class:`~lr_monitor.recording.config.RecorderConfig` (``prefix``,
+            ``granularity``, ``include``, ``exclude``, ``update_cosine``,
+            ``cosine_samples``, ``log_global``), and ``listeners``.
 
     Returns:
         A :class:`MonitorHandle`.
@@ -475,17 +487,15 @@ def attach(
 
     names: dict[Tensor, str] | None = (
         {p: n for n, p in model.named_parameters()} if model is not None else None)
-    box: dict[str, StepRecorder] = {}
-
-    def on_record(metrics: dict[str, float], host: HostStepSums) -> None:
-        emit(metrics, box["r"].step_index - 1)
-
     rec = StepRecorder(
         optimizer, name or type(optimizer).__name__,
         should_record=lambda index: index % every_n_steps == 0,
-        on_record=on_record, param_names=names, **recorder_kwargs,
+        param_names=names, **recorder_kwargs,
     )
-    box["r"] = rec
+
+    def write(record: StepRecord) -> None:
+        emit(rec.config.metrics(record), record.index)
+
+    rec.subscribe(write)
     rec.attach()
     return MonitorHandle(rec)
-

@@ -1,0 +1,60 @@
+"""lr_monitor.recording.history: the state behind update_cosine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lr_monitor.functional.statistics import SupportsSwap, sample_index
+from lr_monitor.recording.history import UpdateHistory
+
+
+def test_history_is_a_swap_store() -> None:
+    store: SupportsSwap = UpdateHistory()
+    assert callable(store.swap)
+
+
+def test_swap_returns_the_previous_sample_on_the_same_coordinates() -> None:
+    h = UpdateHistory(samples_per_tensor=64)
+    p = torch.nn.Parameter(torch.zeros(1000))
+    first, second = torch.randn(1000), torch.randn(1000)
+    assert h.swap(p, first)[0] is None
+    prev, cur = h.swap(p, second)
+    idx = sample_index(1000, 64)
+    assert idx is not None
+    assert torch.equal(prev, first[idx]) and torch.equal(cur, second[idx])
+
+
+def test_samples_are_copies_in_float32_or_better() -> None:
+    h = UpdateHistory()
+    p = torch.nn.Parameter(torch.zeros(4))
+    u = torch.ones(4, dtype=torch.bfloat16)
+    _, cur = h.swap(p, u)
+    u.zero_()
+    assert cur.dtype == torch.float32 and cur.tolist() == [1.0] * 4
+    assert h.swap(p, torch.ones(4, dtype=torch.float64))[1].dtype == torch.float64
+
+
+def test_a_resized_parameter_has_no_previous_sample() -> None:
+    h = UpdateHistory()
+    p = torch.nn.Parameter(torch.zeros(4))
+    h.swap(p, torch.ones(4))
+    assert h.swap(p, torch.ones(6))[0] is None
+
+
+def test_checkpoint_restore_and_clear() -> None:
+    h = UpdateHistory()
+    p = torch.nn.Parameter(torch.zeros(3))
+    h.swap(p, torch.ones(3))
+    saved = h.checkpoint()
+    h.swap(p, torch.full((3,), 2.0))
+    h.restore(saved)
+    assert h.swap(p, torch.zeros(3))[0].tolist() == [1.0, 1.0, 1.0]  # type: ignore[union-attr]
+    h.clear()
+    assert h.nbytes() == 0 and h.swap(p, torch.zeros(3))[0] is None
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "8"])
+def test_samples_per_tensor_is_checked(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"^samples_per_tensor=.* is invalid: must be an int >= 1"):
+        UpdateHistory(bad)  # type: ignore[arg-type]
