@@ -2,7 +2,8 @@
 
 ``lr_monitor.attach`` records the same statistics as the Lightning callback into a
 ``SummaryWriter``; the detectors and interventions are framework-free, so a raw loop can
-skip bad steps and cut the LR itself::
+skip bad steps, roll back and cut the LR itself (``DetectorBank`` and ``GuardPolicy`` in
+``lr_monitor.guard`` are the guard's own rounds and rules, usable the same way)::
 
     python examples/raw_pytorch_loop.py --lr 0.5
 """
@@ -57,16 +58,12 @@ def main(argv: list[str] | None = None) -> list[str]:
             skip_step(optimizer)  # drop this step: parameters and moments stay as they are
             log.append(f"step {step}: spike ({event.message}); skipped")
         elif event is not None:
-            # The weights are damaged: go back to a healthy snapshot (weights and moments,
-            # keeping the current LR and schedule), drop this step and cut the LR.
-            hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-            restored = snapshots.restore(model, [optimizer])
-            for g, h in zip(optimizer.param_groups, hyper, strict=True):
-                g.update(h)
-            skip_step(optimizer)
+            # The weights are damaged: go back to a healthy snapshot (weights and moments;
+            # the current LR and schedule stay; this step's gradients are dropped), then cut.
+            restored = snapshots.roll_back(model, [optimizer])
             changed = cut.cut(step, optimizer, scheduler, ignore_cooldown=True)
             log.append(f"step {step}: {event.kind} ({event.message}); back to step "
-                       f"{restored}, lr cut: {changed}")
+                       f"{restored.step}, lr cut: {changed}")
         elif snapshots.due(step):
             snapshots.take(step, model, [optimizer])
         optimizer.step()

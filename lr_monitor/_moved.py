@@ -7,11 +7,11 @@ see one set of classes.
 
 Example:
     >>> import warnings
-    >>> with warnings.catch_warnings(record=True) as caught:
-    ...     warnings.simplefilter("always")
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore", DeprecationWarning)
     ...     from lr_monitor.detectors import SpikeDetector
-    >>> SpikeDetector.__module__, caught[0].category.__name__
-    ('lr_monitor.guard.detectors', 'DeprecationWarning')
+    >>> SpikeDetector.__module__
+    'lr_monitor.guard.detectors'
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import sys
 import warnings
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
-__all__ = ["MOVED", "install"]
+__all__ = ["MOVED", "MOVED_NAMES", "install", "moved_attribute"]
 
 #: Old module path → where it lives now.
 MOVED: dict[str, str] = {
@@ -38,6 +39,38 @@ MOVED: dict[str, str] = {
     "lr_monitor.demo": "lr_monitor.cli.demo",
     "lr_monitor.validation": "lr_monitor._validation",
 }
+
+#: Names that left a module which still exists: ``(module, name)`` → where it lives now.
+MOVED_NAMES: dict[tuple[str, str], str] = {
+    ("lr_monitor.guard", "DivergenceGuard"): "lr_monitor.callbacks.guard",
+}
+
+
+def moved_attribute(module: str, name: str) -> Any:
+    """``module.name`` for a name of :data:`MOVED_NAMES`, with a ``DeprecationWarning``.
+
+    A package's ``__getattr__`` calls this, so the new module (which may import Lightning)
+    is imported only when the old name is used.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore", DeprecationWarning)
+        ...     from lr_monitor.guard import DivergenceGuard
+        >>> DivergenceGuard.__module__
+        'lr_monitor.callbacks.guard'
+
+    Raises:
+        AttributeError: for a name that did not move (the usual message).
+    """
+    new = MOVED_NAMES.get((module, name))
+    if new is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    warnings.warn(f"{module}.{name} has moved to {new}.{name}; the old path will be removed",
+                  DeprecationWarning, stacklevel=3)
+    value = getattr(importlib.import_module(new), name)
+    setattr(sys.modules[module], name, value)  # warned once; later lookups find it directly
+    return value
 
 
 class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

@@ -229,14 +229,16 @@ def test_fp16_grad_scaler_loss_is_unscaled_and_overflows_are_left_to_it(tmp_path
 
     seen: list[float] = []
 
-    class Spy(DivergenceGuard):
-        def _detect(self, d: Any, step: int, loss: Any, gnorm: float) -> Any:
-            if loss is not None:
-                seen.append(loss)
-            return super()._detect(d, step, loss, gnorm)
-
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    guard = Spy(jsonl=False, amp_patience=3)
+    guard = DivergenceGuard(jsonl=False, amp_patience=3)
+    detect = guard.bank.detect
+
+    def spy(index: int, step: int, values: Any) -> Any:
+        if "loss" in values:
+            seen.append(values["loss"])
+        return detect(index, step, values)
+
+    guard.bank.detect = spy  # type: ignore[method-assign]
     plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
     # two isolated overflows (the scaler's business) and then a run of NaN losses (ours)
     run(tmp_path, lambda: Faulty(nan_at=(5, 9, 20, 21, 22, 23), lr=1e-3, hidden=64), guard,
@@ -272,3 +274,20 @@ def test_no_event_on_a_small_batch_regression(tmp_path: Path) -> None:
     tr = trainer(tmp_path, max_epochs=5, callbacks=[guard], logger=False)
     tr.fit(Linear(), data)
     assert guard.events == [], [e.summary() for e in guard.events]
+
+
+def test_recorded_statistics_reach_the_guard_without_log_global(tmp_path: Path) -> None:
+    """The guard subscribes to the monitor; a record-only decision has no actions."""
+    from tests.lightning_models import Regressor, regression_loader
+
+    monitor = StepSizeMonitor(1, log_global=False)
+    guard = DivergenceGuard(jsonl=False, on_update_ratio="log", on_divergence="log",
+                            on_spike="log", on_nonfinite="log")
+    tr = trainer(tmp_path, max_steps=8, callbacks=[monitor, guard], logger=False)
+    tr.fit(Regressor(lambda m: torch.optim.Adam(m.parameters(), lr=1.0)), regression_loader())
+    ratio = [e for e in guard.events if e.kind == "update_ratio"]
+    assert ratio, [e.summary() for e in guard.events]
+    # recorded at step 2 (the third too-large update), acted on at the next step
+    assert ratio[0].step == 2 and ratio[0].actions == ()
+    assert guard.lr_scale == 1.0
+    assert len(monitor._listeners) == 0  # unsubscribed at teardown

@@ -560,6 +560,54 @@ def test_rollback_then_reapply_cuts_made_after_the_snapshot():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * lr_at_snapshot)
 
 
+@pytest.mark.parametrize("opt_name", ["Adam", "SGD-momentum"])
+def test_roll_back_restores_weights_and_moments_but_keeps_the_current_lrs(opt_name: str):
+    model, opt, sched = make_run(opt_name)
+    buf = RollbackBuffer(every_n_steps=5, keep=2)
+    advance(model, opt, sched, range(5))
+    buf.take(5, model, [opt], extra={"detectors": [{"spike/loss": {"values": [1.0]}}]})
+    saved = copy.deepcopy({"model": model.state_dict(), "state": opt.state_dict()["state"]})
+    advance(model, opt, sched, range(5, 9))
+    cut = LRCut(factor=0.5)
+    cut.cut(9, opt, sched)
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    sched_state = copy.deepcopy(sched.state_dict())
+    x, y = batch(9)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+
+    snap = buf.roll_back(model, [opt])
+    assert snap.step == 5 and snap.extra == {"detectors": [{"spike/loss": {"values": [1.0]}}]}
+    assert_same(saved["model"], model.state_dict())
+    assert_same(saved["state"], opt.state_dict()["state"])
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == hyper
+    assert_same(sched_state, sched.state_dict())  # the schedule goes on
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_roll_back_keeps_a_tensor_lr_object_and_its_current_value():
+    model = small_model()
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01), foreach=False)
+    tensor = opt.param_groups[0]["lr"]
+    buf = RollbackBuffer(every_n_steps=1)
+    train_step(model, opt, 0)
+    buf.take(1, model, [opt])
+    scale_lr(opt, (), 0.5)
+    train_step(model, opt, 1)
+    buf.roll_back(model, [opt])
+    assert opt.param_groups[0]["lr"] is tensor
+    assert float(tensor) == pytest.approx(0.005)  # the cut made after the snapshot stays
+
+
+def test_roll_back_of_an_empty_buffer_or_other_objects_raises():
+    model, opt, _ = make_run()
+    buf = RollbackBuffer()
+    with pytest.raises(LookupError):
+        buf.roll_back(model, [opt])
+    buf.take(0, model, [opt])
+    with pytest.raises(ValueError, match="state keys"):
+        buf.roll_back(torch.nn.Linear(2, 2), [opt])
+
+
 def test_rollback_rejects_mismatched_objects():
     model, opt, sched = make_run()
     buf = RollbackBuffer()

@@ -39,6 +39,14 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
+from lr_monitor._validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_real,
+    check_str,
+    invalid,
+)
 from lr_monitor.events import Detection
 
 __all__ = [
@@ -55,47 +63,6 @@ _STATE_VERSION = 1
 
 #: MAD × 1.4826 estimates the standard deviation of normally distributed values.
 MAD_TO_SIGMA = 1.4826
-
-
-# --------------------------------------------------------------------------------------------
-# argument validation
-# --------------------------------------------------------------------------------------------
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} is invalid: must be an int >= {minimum}")
-    return value
-
-
-def _check_float(
-    name: str,
-    value: Any,
-    low: float = -math.inf,
-    high: float = math.inf,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        v = float(value)
-        ok = math.isfinite(v)
-        ok = ok and (v > low if low_open else v >= low)
-        ok = ok and (v < high if high_open else v <= high)
-    if not ok:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        raise ValueError(
-            f"{name}={value!r} is invalid: must be a finite number in {lo}{low:g}, {high:g}{hi}"
-        )
-    return float(value)
-
-
-def _check_signal(signal: Any) -> str:
-    if not isinstance(signal, str) or not signal:
-        raise ValueError(f"signal={signal!r} is invalid: must be a non-empty str")
-    return signal
 
 
 def _median(sorted_values: list[float]) -> float:
@@ -143,7 +110,7 @@ class Detector:
     kind: ClassVar[str] = ""
 
     def __init__(self, signal: str) -> None:
-        self.signal = _check_signal(signal)
+        self.signal: str = check_str("signal", signal)
 
     def update(self, step: int, value: float) -> Detection | None:
         """Feed the value of one step.
@@ -160,6 +127,11 @@ class Detector:
     def reset(self) -> None:
         """Forget all history, as if freshly constructed."""
         raise NotImplementedError
+
+    def _hit(self, step: int, value: float, threshold: float, message: str) -> Detection:
+        """This detector's :class:`~lr_monitor.events.Detection` at ``step``."""
+        return Detection(step=int(step), kind=self.kind, signal=self.signal, value=value,
+                         threshold=threshold, message=message)
 
     def state_dict(self) -> dict[str, Any]:
         """The detector's state as plain Python types (fits a Lightning checkpoint).
@@ -248,13 +220,9 @@ class NonFiniteDetector(Detector):
         if math.isfinite(x):
             return None
         self.count += 1
-        return Detection(
-            step=int(step),
-            kind=self.kind,
-            signal=self.signal,
-            value=x,
-            threshold=math.inf,
-            message=f"{self.signal} is {x} at step {step} (non-finite #{self.count})",
+        return self._hit(
+            step, x, math.inf,
+            f"{self.signal} is {x} at step {step} (non-finite #{self.count})",
         )
 
     def reset(self) -> None:
@@ -338,19 +306,16 @@ class SpikeDetector(Detector):
         adapt_after: int | None = 20,
     ) -> None:
         super().__init__(signal)
-        self.window = _check_int("window", window, 3)
-        self.warmup = _check_int("warmup", warmup, 3)
+        self.window: int = check_int("window", window, 3)
+        self.warmup: int = check_int("warmup", warmup, 3)
         if self.warmup > self.window:
-            raise ValueError(
-                f"warmup={warmup!r} is invalid: must be an int in [3, window={window}]"
-            )
-        self.threshold = _check_float("threshold", threshold, 0.0, low_open=True)
-        self.min_rel_increase = _check_float("min_rel_increase", min_rel_increase, 0.0)
-        if not isinstance(log_space, bool):
-            raise ValueError(f"log_space={log_space!r} is invalid: must be a bool")
-        self.log_space = log_space
+            raise invalid("warmup", warmup, f"an int in [3, window={window}]")
+        self.threshold: float = check_real("threshold", threshold, low=0.0)
+        self.min_rel_increase: float = check_real("min_rel_increase", min_rel_increase,
+                                                  low=0.0, low_closed=True)
+        self.log_space = check_bool("log_space", log_space)
         if adapt_after is not None:
-            adapt_after = _check_int("adapt_after", adapt_after, 1)
+            adapt_after = check_int("adapt_after", adapt_after, 1)
         self.adapt_after = adapt_after
         self._values: deque[float] = deque(maxlen=self.window)
         self._run: list[float] = []  # current run of consecutive spikes
@@ -403,13 +368,9 @@ class SpikeDetector(Detector):
             self._values.clear()
             self._values.extend(self._run)
             self._run.clear()
-        return Detection(
-            step=int(step),
-            kind=self.kind,
-            signal=self.signal,
-            value=x,
-            threshold=bound,
-            message=(
+        return self._hit(
+            step, x, bound,
+            (
                 f"{self.signal} spiked to {x:.4g} at step {step}, above {bound:.4g} "
                 f"(median {median:.4g} of the last {n} values, {x / median:.3g}x){note}"
                 if median > 0
@@ -519,20 +480,17 @@ class DivergenceDetector(Detector):
     ) -> None:
         super().__init__(signal)
         if progress is not None:
-            progress = _check_float("progress", progress, 0.0, 1.0, low_open=True)
+            progress = check_real("progress", progress, low=0.0, high=1.0, high_closed=True)
         self.progress = progress
-        self.ema = _check_float("ema", ema, 0.0, 1.0, high_open=True)
-        self.ratio = _check_float("ratio", ratio, 1.0)
-        self.patience = _check_int("patience", patience, 1)
-        self.warmup = _check_int("warmup", warmup, 1)
-        self.min_delta = _check_float("min_delta", min_delta, 0.0)
+        self.ema: float = check_real("ema", ema, low=0.0, high=1.0, low_closed=True)
+        self.ratio: float = check_real("ratio", ratio, low=1.0, low_closed=True)
+        self.patience: int = check_int("patience", patience, 1)
+        self.warmup = check_int("warmup", warmup, 1)
+        self.min_delta: float = check_real("min_delta", min_delta, low=0.0, low_closed=True)
         if self.ratio == 1.0 and self.min_delta == 0.0:
-            raise ValueError(
-                f"ratio={ratio!r} is invalid together with min_delta={min_delta!r}: "
-                "need ratio > 1 or min_delta > 0"
-            )
+            raise invalid("ratio", ratio, "a number > 1 when min_delta is 0 (or set min_delta > 0)")
         if clip is not None:
-            clip = _check_float("clip", clip, 0.0, low_open=True)
+            clip = check_real("clip", clip, low=0.0)
         self.clip = clip
         self.reset()
 
@@ -626,13 +584,9 @@ class DivergenceDetector(Detector):
         if self._above < self.patience:
             return None
         self._above = 0
-        return Detection(
-            step=int(step),
-            kind=self.kind,
-            signal=self.signal,
-            value=s,
-            threshold=bound,
-            message=(
+        return self._hit(
+            step, s, bound,
+            (
                 f"{self.signal} diverged: smoothed value {s:.4g} above {bound:.4g} "
                 f"(best {self._best:.4g}) for {self.patience} steps at step {step}"
             ),
@@ -693,8 +647,8 @@ class ExplosionDetector(Detector):
     def __init__(self, signal: str = "loss", factor: float = 10.0,
                  reference_steps: int = 3) -> None:
         super().__init__(signal)
-        self.factor = _check_float("factor", factor, 1.0, low_open=True)
-        self.reference_steps = _check_int("reference_steps", reference_steps, 1)
+        self.factor: float = check_real("factor", factor, low=1.0)
+        self.reference_steps: int = check_int("reference_steps", reference_steps, 1)
         self.reset()
 
     @property
@@ -727,10 +681,10 @@ class ExplosionDetector(Detector):
             if len(self._first) < self.reference_steps:
                 self._first.append(x)  # explosions never enter the starting level
             return None
-        return Detection(
-            step=int(step), kind=self.kind, signal=self.signal, value=x, threshold=bound,
-            message=(f"{self.signal} exploded to {x:.4g}, more than {self.factor:g}x its "
-                     f"starting level {level:.4g}"),
+        return self._hit(
+            step, x, bound,
+            f"{self.signal} exploded to {x:.4g}, more than {self.factor:g}x its "
+            f"starting level {level:.4g}",
         )
 
     def _get_state(self) -> dict[str, Any]:
@@ -801,21 +755,21 @@ class OscillationDetector(Detector):
         direction: Literal["negative", "positive"] = "negative",
     ) -> None:
         super().__init__(signal)
-        if direction not in ("negative", "positive"):
-            raise ValueError(
-                f"direction={direction!r} is invalid: must be 'negative' or 'positive'"
-            )
+        check_choice("direction", direction, ("negative", "positive"))
         self.direction = direction
         self._sign = -1.0 if direction == "negative" else 1.0
-        self.window = _check_int("window", window, 2)
+        self.window = check_int("window", window, 2)
         if threshold is None:
             threshold = 0.5 * self._sign
         if direction == "negative":
-            self.threshold = _check_float("threshold", threshold, -1.0, 0.0, high_open=True)
+            self.threshold = check_real("threshold", threshold, low=-1.0, high=0.0,
+                                        low_closed=True)
         else:
-            self.threshold = _check_float("threshold", threshold, 0.0, 1.0, low_open=True)
-        self.min_fraction = _check_float("min_fraction", min_fraction, 0.0, 1.0, low_open=True)
-        self.warmup = _check_int("warmup", warmup, 0)
+            self.threshold = check_real("threshold", threshold, low=0.0, high=1.0,
+                                        high_closed=True)
+        self.min_fraction: float = check_real("min_fraction", min_fraction, low=0.0, high=1.0,
+                                              high_closed=True)
+        self.warmup = check_int("warmup", warmup, 0)
         self.reset()
 
     def reset(self) -> None:
@@ -849,13 +803,9 @@ class OscillationDetector(Detector):
             return None
         self._values.clear()
         side = "negative" if sign < 0 else "positive"
-        return Detection(
-            step=int(step),
-            kind=self.kind,
-            signal=self.signal,
-            value=mean,
-            threshold=self.threshold,
-            message=(
+        return self._hit(
+            step, mean, self.threshold,
+            (
                 f"{self.signal} oscillates at step {step}: mean {mean:.3f} over the last "
                 f"{self.window} steps ({fraction:.0%} {side}, threshold {self.threshold:g})"
             ),
@@ -899,8 +849,8 @@ class UpdateRatioDetector(Detector):
         self, signal: str = "update_ratio", threshold: float = 0.1, patience: int = 3
     ) -> None:
         super().__init__(signal)
-        self.threshold = _check_float("threshold", threshold, 0.0, low_open=True)
-        self.patience = _check_int("patience", patience, 1)
+        self.threshold = check_real("threshold", threshold, low=0.0)
+        self.patience = check_int("patience", patience, 1)
         self._above = 0
 
     def reset(self) -> None:
@@ -927,13 +877,9 @@ class UpdateRatioDetector(Detector):
         if self._above < self.patience:
             return None
         self._above = 0
-        return Detection(
-            step=int(step),
-            kind=self.kind,
-            signal=self.signal,
-            value=x,
-            threshold=self.threshold,
-            message=(
+        return self._hit(
+            step, x, self.threshold,
+            (
                 f"{self.signal} = {x:.3g} above {self.threshold:g} for {self.patience} "
                 f"consecutive steps at step {step} (typical ~1e-3: the LR is far too high)"
             ),

@@ -10,12 +10,15 @@ loop. Three tools:
 * :func:`skip_step` drops the gradients so the next ``optimizer.step()`` leaves the
   parameters and the optimizer state bit-identical.
 * :class:`RollbackBuffer` keeps the last few healthy in-memory CPU snapshots of the weights,
-  optimizer and scheduler state and restores one bit-identically.
+  optimizer and scheduler state. :meth:`~RollbackBuffer.roll_back` is the recovery a running
+  loop wants (and the one :class:`~lr_monitor.DivergenceGuard` performs): the weights and the
+  per-parameter optimizer state go back bit-identically, while the current param-group
+  hyper-parameters (the LR with every cut so far) and the schedulers stay where they are.
+  :meth:`~RollbackBuffer.restore` rewinds everything it is given, the snapshot's learning
+  rates included.
 
-Order of operations when the guard does several things at one step: restore (rollback)
-first, then re-apply the cuts made after the snapshot, then cut; skipping is independent.
-A restore brings back the learning rates stored in the snapshot, which do not include cuts
-made after it (see :class:`RollbackBuffer`).
+Order of operations when the guard does several things at one step: roll back first, then
+cut (the cut applies to the kept learning rates); skipping is independent.
 
 Example:
     >>> import torch
@@ -34,7 +37,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +44,8 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from lr_monitor._validation import check_choice, check_int, check_real
 
 __all__ = ["LRCut", "RollbackBuffer", "Snapshot", "scale_lr", "skip_step"]
 
@@ -145,20 +149,6 @@ def _parse_groups(
     return chosen
 
 
-def _check_factor(factor: Any) -> float:
-    ok = isinstance(factor, (int, float)) and not isinstance(factor, bool)
-    if not ok or not (0.0 < float(factor) <= 1.0) or not math.isfinite(float(factor)):
-        raise ValueError(f"factor={factor!r} is invalid: must be a number in (0, 1]")
-    return float(factor)
-
-
-def _check_min_lr(min_lr: Any) -> float:
-    ok = isinstance(min_lr, (int, float)) and not isinstance(min_lr, bool)
-    if not ok or not math.isfinite(float(min_lr)) or float(min_lr) < 0.0:
-        raise ValueError(f"min_lr={min_lr!r} is invalid: must be a finite number >= 0")
-    return float(min_lr)
-
-
 # --------------------------------------------------------------------------------------------
 # learning-rate cut
 # --------------------------------------------------------------------------------------------
@@ -233,8 +223,8 @@ def scale_lr(
         >>> scale_lr(opt, sched, 0.5, min_lr=0.008)  # group 1 is floored: a smaller cut
         {'0/0': (0.05, 0.025), '0/1': (0.01, 0.008)}
     """
-    factor = _check_factor(factor)
-    min_lr = _check_min_lr(min_lr)
+    factor = check_real("factor", factor, low=0.0, high=1.0, high_closed=True)
+    min_lr = check_real("min_lr", min_lr, low=0.0, low_closed=True)
     opts = [_unwrap(o) for o in _as_list(optimizers)]
     selected = _parse_groups(groups, opts)
     done: set[int] = set()  # tensors already scaled in place
@@ -339,22 +329,18 @@ class LRCut:
         min_lr: float = 0.0,
         max_cuts: int | None = None,
     ) -> None:
-        ok = isinstance(factor, (int, float)) and not isinstance(factor, bool)
-        if not ok or not 0.0 < float(factor) < 1.0:
-            raise ValueError(f"factor={factor!r} is invalid: must be a number in (0, 1)")
-        if isinstance(cooldown, bool) or not isinstance(cooldown, int) or cooldown < 0:
-            raise ValueError(f"cooldown={cooldown!r} is invalid: must be an int >= 0")
-        if max_cuts is not None and (
-            isinstance(max_cuts, bool) or not isinstance(max_cuts, int) or max_cuts < 1
-        ):
-            raise ValueError(f"max_cuts={max_cuts!r} is invalid: must be an int >= 1 or None")
-        self.factor = float(factor)
-        self.cooldown = cooldown
-        self.min_lr = _check_min_lr(min_lr)
-        self.max_cuts = max_cuts
+        self.factor: float = check_real("factor", factor, low=0.0, high=1.0)
+        self.cooldown: int = check_int("cooldown", cooldown, 0)
+        self.min_lr: float = check_real("min_lr", min_lr, low=0.0, low_closed=True)
+        self.max_cuts: int | None = check_int("max_cuts", max_cuts, 1, allow_none=True)
         self.scale = 1.0
         self.num_cuts = 0
         self.last_cut_step: int | None = None
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether every cut ``max_cuts`` allows has been made."""
+        return self.max_cuts is not None and self.num_cuts >= self.max_cuts
 
     def can_cut(self, step: int) -> bool:
         """Whether a cut at ``step`` is allowed (cooldown over, ``max_cuts`` not reached).
@@ -365,7 +351,7 @@ class LRCut:
         Returns:
             ``True`` if :meth:`cut` at ``step`` would cut.
         """
-        if self.max_cuts is not None and self.num_cuts >= self.max_cuts:
+        if self.exhausted:
             return False
         return self.last_cut_step is None or step - self.last_cut_step >= self.cooldown
 
@@ -393,8 +379,7 @@ class LRCut:
             ``{"i/j": (lr_before, lr_after)}`` as from :func:`scale_lr`, or ``None`` when the
             cut is refused (cooldown or ``max_cuts``); nothing is changed then.
         """
-        at_max = self.max_cuts is not None and self.num_cuts >= self.max_cuts
-        if at_max or not (ignore_cooldown or self.can_cut(step)):
+        if self.exhausted or not (ignore_cooldown or self.can_cut(step)):
             return None
         result = scale_lr(optimizers, schedulers, self.factor, groups=groups, min_lr=self.min_lr)
         self.scale *= self.factor
@@ -551,11 +536,19 @@ class RollbackBuffer:
     ``(keep - 1)·every_n_steps`` steps. Snapshots newer than the restored one are discarded
     (they are suspect); the restored one is kept, so a repeated failure can roll back again.
 
-    A restore brings back the learning rates stored in the snapshot. Cuts made after it are
-    undone: store the :class:`LRCut` scale in ``extra`` and re-apply
-    ``scale_lr(..., cut.scale / snapshot.extra["lr_scale"])`` after restoring. Pass the
-    schedulers to :meth:`restore` too, so the LR schedule rewinds consistently with the
-    optimizer (the schedule then lags ``trainer.global_step`` by the rolled-back steps).
+    Two ways back, which differ in the hyper-parameters:
+
+    * :meth:`roll_back` — recovery inside a training loop that goes on (the guard's): the
+      weights and the per-parameter optimizer state (moments, step counts) go back; the
+      param groups' current hyper-parameters (``lr`` with every cut made so far, momentum,
+      ...) and the schedulers are kept, because the step count goes on and the data is not
+      replayed. The gradients are cleared and the snapshot is handed back with its ``extra``
+      (e.g. detector states saved with the weights). Cut *after* rolling back.
+    * :meth:`restore` — an exact rewind of everything it is given: the optimizer's state dict
+      including the param groups, so the learning rates are the snapshot's and cuts made
+      since are undone (store the :class:`LRCut` scale in ``extra`` and re-apply
+      ``scale_lr(..., cut.scale / snapshot.extra["lr_scale"])`` if you want them back). Pass
+      the schedulers too, so the schedule rewinds with the optimizer.
 
     Snapshots are not saved in checkpoints (too large); after a resume the buffer is empty
     until the next snapshot. Memory: :attr:`nbytes` (about ``keep × (weights + optimizer
@@ -589,11 +582,8 @@ class RollbackBuffer:
     """
 
     def __init__(self, every_n_steps: int = 100, keep: int = 2) -> None:
-        for name, value in (("every_n_steps", every_n_steps), ("keep", keep)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is invalid: must be an int >= 1")
-        self.every_n_steps = every_n_steps
-        self.keep = keep
+        self.every_n_steps: int = check_int("every_n_steps", every_n_steps, 1)
+        self.keep: int = check_int("keep", keep, 1)
         self._snapshots: list[Snapshot] = []
         #: The snapshot restored last, or ``None`` (its ``extra`` holds what was stored).
         self.last_restored: Snapshot | None = None
@@ -724,8 +714,7 @@ class RollbackBuffer:
             ValueError: If ``which`` is invalid, or the numbers of optimizers or schedulers
                 (when given), or the model's state keys differ from the snapshot's.
         """
-        if which not in ("oldest", "newest"):
-            raise ValueError(f"which={which!r} is invalid: must be 'oldest' or 'newest'")
+        check_choice("which", which, ("oldest", "newest"))
         candidates = [k for k, s in enumerate(self._snapshots) if before is None or s.step < before]
         if not candidates:
             raise LookupError(f"no snapshot to restore (held: {self.steps}, before={before})")
@@ -749,6 +738,91 @@ class RollbackBuffer:
         del self._snapshots[k + 1 :]
         self.last_restored = snap
         return snap.step
+
+    def roll_back(
+        self,
+        module: torch.nn.Module,
+        optimizers: Sequence[Any] = (),
+        *,
+        which: Literal["oldest", "newest"] = "oldest",
+    ) -> Snapshot:
+        """Recover from a blow-up: weights and moments go back, the current LRs stay.
+
+        The procedure of a training loop that goes on after the rollback (the guard's):
+
+        1. the weights and each optimizer's per-parameter state (moments, step counts) are
+           restored bit-identically from the snapshot (as :meth:`restore`, which also
+           drops the newer snapshots);
+        2. every param group gets its *current* hyper-parameters back — ``lr`` with every
+           cut made so far, momentum, betas, ...; a tensor ``lr`` keeps its object and its
+           current value. Schedulers are not touched: the step count goes on;
+        3. every gradient of ``module`` is cleared.
+
+        Cut the learning rate after this call, not before: the cut then applies to the
+        kept learning rates.
+
+        Args:
+            module: The model (same architecture as at :meth:`take`).
+            optimizers: The optimizers, in the order given to :meth:`take`.
+            which: ``"oldest"`` (default, see the class docstring) or ``"newest"``.
+
+        Returns:
+            The restored snapshot; its ``extra`` holds what was stored with it (e.g. detector
+            states to load back). Do not modify it: it stays in the buffer.
+
+        Raises:
+            LookupError: If the buffer is empty.
+            ValueError: As :meth:`restore`, for objects that do not match the snapshot.
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Linear(2, 1)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            >>> buf = RollbackBuffer(every_n_steps=1)
+            >>> _ = buf.take(0, model, [opt], extra={"note": "start"})
+            >>> weights = model.weight.detach().clone()
+            >>> model(torch.ones(1, 2)).sum().backward()
+            >>> opt.step()
+            >>> _ = scale_lr(opt, (), 0.5)  # a cut made after the snapshot
+            >>> buf.roll_back(model, [opt]).extra
+            {'note': 'start'}
+            >>> torch.equal(model.weight, weights), opt.param_groups[0]["lr"]
+            (True, 0.05)
+            >>> model.weight.grad is None, opt.state[model.weight]
+            (True, {})
+        """
+        opts = [_unwrap(o) for o in _as_list(optimizers)]
+        kept = [_hyperparameters(o) for o in opts]
+        self.restore(module, opts, which=which)
+        for opt, groups in zip(opts, kept, strict=True):
+            _put_hyperparameters(opt, groups)
+        for p in module.parameters():
+            p.grad = None
+        assert self.last_restored is not None
+        return self.last_restored
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Every param group's entries but ``params``; tensors are copied (their values count)."""
+    return [{k: v.detach().clone() if isinstance(v, Tensor) else v
+             for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def _put_hyperparameters(optimizer: torch.optim.Optimizer,
+                         groups: Sequence[Mapping[str, Any]]) -> None:
+    """Give each param group the entries of :func:`_hyperparameters` back.
+
+    A tensor entry that is a tensor in the group too is copied into the group's tensor, so
+    a fused/capturable optimizer keeps its tensor objects.
+    """
+    with torch.no_grad():
+        for group, saved in zip(optimizer.param_groups, groups, strict=True):
+            for key, value in saved.items():
+                live = group.get(key)
+                if isinstance(value, Tensor) and isinstance(live, Tensor):
+                    live.copy_(value)
+                else:
+                    group[key] = value
 
 
 def _restore_module(module: torch.nn.Module, saved: Mapping[str, Any]) -> None:

@@ -1,0 +1,247 @@
+"""The guard's detectors, one stream per optimizer: rounds, recorded statistics, rebase, state.
+
+Framework-free. A :class:`DetectorBank` is built from the guard's detector settings and
+holds one :class:`DetectorStream` per optimizer: in manual optimization with several
+optimizers, each optimizer's losses and gradients are judged on their own. Each stream has
+
+* the step detectors, run by :meth:`DetectorBank.detect` in three rounds — non-finite
+  values first, then the loss explosion, then spikes and divergence. A round that fires
+  ends the step: a NaN is not also a spike, and an exploded loss does not enter the
+  spike and divergence baselines. Each detector reads the value named by its
+  :attr:`~lr_monitor.guard.detectors.Detector.signal` (:data:`~lr_monitor.guard.signals.LOSS`,
+  :data:`~lr_monitor.guard.signals.GRAD_NORM`); a signal missing from the step's values
+  (no backward pass, gradient norm not watched) leaves its detectors alone;
+* the detectors of recorded statistics (``update_cosine`` →
+  :class:`~lr_monitor.guard.detectors.OscillationDetector`, ``update_ratio`` →
+  :class:`~lr_monitor.guard.detectors.UpdateRatioDetector`), fed by
+  :meth:`DetectorBank.observe` from the ``global`` row of a
+  :class:`~lr_monitor.recording.record.StepRecord`.
+
+State: :meth:`DetectorBank.state_dict` is a list with one ``{name: detector state}`` dict
+per stream (the names are the stream's keys, e.g. ``"spike/loss"``) — the format of the
+guard's checkpoints and snapshots since 0.1.
+
+Example:
+    >>> bank = DetectorBank(spike_window=20)
+    >>> [bank.detect(0, t, {"loss": 2.0 - 0.01 * t, "grad_norm": 1.0}) for t in range(3)]
+    [[], [], []]
+    >>> [(d.kind, d.signal) for d in bank.detect(0, 3, {"loss": 40.0, "grad_norm": 1.0})]
+    [('divergence', 'loss')]
+    >>> [(d.kind, d.signal) for d in bank.detect(0, 4, {"loss": float("nan")})]
+    [('nonfinite', 'loss')]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from lr_monitor._validation import check_int, check_real
+from lr_monitor.events import Detection
+from lr_monitor.guard.detectors import (
+    Detector,
+    DivergenceDetector,
+    ExplosionDetector,
+    NonFiniteDetector,
+    OscillationDetector,
+    SpikeDetector,
+    UpdateRatioDetector,
+)
+from lr_monitor.guard.signals import GRAD_NORM, LOSS
+
+if TYPE_CHECKING:
+    from lr_monitor.recording.record import StepRecord
+
+__all__ = ["DetectorBank", "DetectorStream"]
+
+#: Warm-up (values) of the spike and divergence detectors, capped by the spike window.
+_WARMUP = 20
+
+
+class DetectorStream(Mapping[str, Detector]):
+    """The detectors of one optimizer, by name (``"spike/loss"``), in the order they run.
+
+    Args:
+        rounds: The step detectors, by name, one mapping per round.
+        recorded: The detectors of recorded statistics, by name.
+    """
+
+    def __init__(self, rounds: Sequence[Mapping[str, Detector]],
+                 recorded: Mapping[str, Detector]) -> None:
+        self.rounds: tuple[tuple[Detector, ...], ...] = tuple(
+            tuple(r.values()) for r in rounds)
+        self.recorded: tuple[Detector, ...] = tuple(recorded.values())
+        self._by_name: dict[str, Detector] = {}
+        for part in (*rounds, recorded):
+            self._by_name.update(part)
+
+    def __getitem__(self, name: str) -> Detector:
+        return self._by_name[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def __repr__(self) -> str:
+        return f"DetectorStream({list(self._by_name)})"
+
+    @property
+    def divergence(self) -> list[DivergenceDetector]:
+        """The divergence detectors of this stream (rebased after a cut)."""
+        return [d for d in self._by_name.values() if isinstance(d, DivergenceDetector)]
+
+
+class DetectorBank:
+    """The detectors of every optimizer, built from the guard's settings.
+
+    Args:
+        spike_window: Values in the spike detectors' robust baseline (int ≥ 3).
+        spike_threshold: Robust z-score above which a value is a spike (> 0).
+        explosion_factor: A loss this many times its starting level is a divergence at
+            once (> 1).
+        divergence_patience: Steps the smoothed loss must stay above its bound (int ≥ 1).
+
+    Raises:
+        ValueError: If an argument is outside its range (the message names it).
+    """
+
+    def __init__(self, *, spike_window: int = 100, spike_threshold: float = 8.0,
+                 explosion_factor: float = 10.0, divergence_patience: int = 20) -> None:
+        self.spike_window: int = check_int("spike_window", spike_window, 3)
+        self.spike_threshold: float = check_real("spike_threshold", spike_threshold, low=0.0)
+        self.explosion_factor: float = check_real("explosion_factor", explosion_factor,
+                                                  low=1.0)
+        self.divergence_patience: int = check_int("divergence_patience",
+                                                  divergence_patience, 1)
+        self.streams: list[DetectorStream] = [self._make_stream()]
+
+    def _make_stream(self) -> DetectorStream:
+        window, warmup = self.spike_window, min(_WARMUP, self.spike_window)
+        rounds: list[dict[str, Detector]] = [
+            {"nonfinite/loss": NonFiniteDetector(LOSS),
+             "nonfinite/grad_norm": NonFiniteDetector(GRAD_NORM)},
+            {"explosion/loss": ExplosionDetector(LOSS, factor=self.explosion_factor)},
+            {"spike/loss": SpikeDetector(LOSS, window=window, warmup=warmup,
+                                         threshold=self.spike_threshold, min_rel_increase=1.0),
+             "divergence/loss": DivergenceDetector(LOSS, patience=self.divergence_patience,
+                                                   warmup=_WARMUP, progress=0.25),
+             "spike/grad_norm": SpikeDetector(GRAD_NORM, window=window, warmup=warmup,
+                                              threshold=self.spike_threshold,
+                                              min_rel_increase=2.0)},
+        ]
+        recorded: dict[str, Detector] = {
+            "oscillation/update_cosine": OscillationDetector(),
+            "update_ratio/update_ratio": UpdateRatioDetector(),
+        }
+        return DetectorStream(rounds, recorded)
+
+    def stream(self, index: int) -> DetectorStream:
+        """The detectors of optimizer ``index`` (created on first use).
+
+        Args:
+            index: The optimizer's position in the trainer's optimizers.
+
+        Returns:
+            Its stream.
+        """
+        while len(self.streams) <= index:
+            self.streams.append(self._make_stream())
+        return self.streams[index]
+
+    def detect(self, index: int, step: int, values: Mapping[str, float]) -> list[Detection]:
+        """Feed one step's signals to optimizer ``index``'s detectors, round by round.
+
+        Args:
+            index: The optimizer's position.
+            step: The optimizer step the values belong to.
+            values: Signal values by name (as from
+                :meth:`~lr_monitor.guard.signals.StepSignals.collect`); a missing signal
+                leaves its detectors alone.
+
+        Returns:
+            The detections of the first round that fired (empty when none did).
+        """
+        for detectors in self.stream(index).rounds:
+            found = []
+            for det in detectors:
+                value = values.get(det.signal)
+                if value is None:
+                    continue
+                hit = det.update(step, value)
+                if hit is not None:
+                    found.append(hit)
+            if found:
+                return found
+        return []
+
+    def observe(self, index: int, step: int, record: StepRecord) -> list[Detection]:
+        """Feed the statistics of a recorded step to optimizer ``index``'s detectors.
+
+        Args:
+            index: The optimizer's position.
+            step: The optimizer step the record belongs to.
+            record: The recorded step; each detector reads its signal from the ``global``
+                row (a statistic missing from the record is skipped).
+
+        Returns:
+            The detections, in the stream's order.
+        """
+        found = []
+        for det in self.stream(index).recorded:
+            value = record.value(det.signal)
+            if value is None:
+                continue
+            hit = det.update(step, value)
+            if hit is not None:
+                found.append(hit)
+        return found
+
+    def rebase(self) -> None:
+        """After a cut that keeps the weights: every divergence detector judges the new regime.
+
+        See :meth:`~lr_monitor.guard.detectors.DivergenceDetector.rebase`.
+        """
+        for stream in self.streams:
+            for det in stream.divergence:
+                det.rebase()
+
+    def healthy(self) -> bool:
+        """Whether no smoothed loss is above its divergence bound (a state to return to).
+
+        A run climbing towards a divergence that has not fired yet is no state to snapshot.
+
+        Example:
+            >>> bank = DetectorBank()
+            >>> bank.healthy()
+            True
+        """
+        for stream in self.streams:
+            for det in stream.divergence:
+                bound, smoothed = det.bound(), det.smoothed
+                if bound is not None and smoothed is not None and smoothed > bound:
+                    return False
+        return True
+
+    def state_dict(self) -> list[dict[str, dict[str, Any]]]:
+        """One ``{name: detector state}`` dict per stream (plain Python types).
+
+        Returns:
+            The states, in optimizer order.
+        """
+        return [{name: det.state_dict() for name, det in stream.items()}
+                for stream in self.streams]
+
+    def load_state_dict(self, state: Sequence[Mapping[str, Mapping[str, Any]]]) -> None:
+        """Restore :meth:`state_dict`; streams are created as needed, unknown names ignored.
+
+        Args:
+            state: A list from :meth:`state_dict` (or the guard's ``"detectors"`` entry of
+                a checkpoint or snapshot, which is the same).
+        """
+        for index, saved in enumerate(state):
+            stream = self.stream(index)
+            for name, det_state in saved.items():
+                if name in stream:
+                    stream[name].load_state_dict(dict(det_state))

@@ -1,0 +1,215 @@
+"""DetectorBank (per-optimizer detectors, rounds, recorded statistics, state) and StepSignals."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from lr_monitor.guard.bank import DetectorBank
+from lr_monitor.guard.detectors import DivergenceDetector
+from lr_monitor.guard.signals import GRAD_NORM, LOSS, StepSignals, loss_scale
+from lr_monitor.recording.record import StepRecord
+from lr_monitor.tags import GLOBAL, STATISTICS
+
+#: The detector names of one stream: the guard's checkpoint format since 0.1.
+NAMES = {"nonfinite/loss", "nonfinite/grad_norm", "explosion/loss", "spike/loss",
+         "spike/grad_norm", "divergence/loss", "oscillation/update_cosine",
+         "update_ratio/update_ratio"}
+
+
+def warm(bank: DetectorBank, steps: int = 40, index: int = 0) -> None:
+    for t in range(steps):
+        assert bank.detect(index, t, {LOSS: 2.0 + 0.01 * (t % 3), GRAD_NORM: 1.0 + 0.01 * (t % 2)}
+                           ) == []
+
+
+def record(**stats: float) -> StepRecord:
+    return StepRecord(optimizer="Adam", index=0, rows={GLOBAL: stats, "pg0": {
+        k: 1e9 for k in stats}}, groups=("pg0",))
+
+
+def test_a_stream_has_the_checkpointed_names_and_signals_by_name() -> None:
+    stream = DetectorBank().stream(0)
+    assert set(stream) == NAMES
+    for name, det in stream.items():
+        assert name.split("/", 1)[1] == det.signal
+    assert all(d.signal in STATISTICS for d in stream.recorded)  # read from a StepRecord
+    assert [[d.signal for d in r] for r in stream.rounds] == [
+        [LOSS, GRAD_NORM], [LOSS], [LOSS, LOSS, GRAD_NORM]]
+
+
+def test_a_nonfinite_value_ends_the_round() -> None:
+    bank = DetectorBank()
+    warm(bank)
+    before = bank.state_dict()[0]["spike/loss"]
+    found = bank.detect(0, 40, {LOSS: math.nan, GRAD_NORM: math.inf})
+    assert [(d.kind, d.signal) for d in found] == [("nonfinite", LOSS), ("nonfinite", GRAD_NORM)]
+    assert bank.state_dict()[0]["spike/loss"] == before  # the later rounds did not run
+
+
+def test_an_explosion_ends_the_round_and_stays_out_of_the_baselines() -> None:
+    bank = DetectorBank()
+    warm(bank)
+    before = bank.state_dict()[0]
+    found = bank.detect(0, 40, {LOSS: 1e4, GRAD_NORM: 1e4})
+    assert [(d.kind, d.signal) for d in found] == [("divergence", LOSS)]
+    after = bank.state_dict()[0]
+    for name in ("spike/loss", "spike/grad_norm", "divergence/loss"):
+        assert after[name] == before[name], name
+
+
+def test_each_detector_reads_its_own_signal_and_a_missing_one_is_left_alone() -> None:
+    bank = DetectorBank()
+    warm(bank)
+    before = bank.state_dict()[0]
+    # a second optimizer stepping on the same backward: gradients only, no loss
+    found = bank.detect(0, 40, {GRAD_NORM: 500.0})
+    assert [(d.kind, d.signal) for d in found] == [("spike", GRAD_NORM)]
+    after = bank.state_dict()[0]
+    assert after["spike/loss"] == before["spike/loss"]
+    assert after["divergence/loss"] == before["divergence/loss"]
+    assert after["explosion/loss"] == before["explosion/loss"]
+    # the gradient norm not watched: its detectors never run
+    assert bank.detect(0, 41, {LOSS: 50.0}) != []
+    assert bank.state_dict()[0]["spike/grad_norm"] == after["spike/grad_norm"]
+
+
+def test_spike_and_divergence_fire_in_the_same_round() -> None:
+    losses = [2.3 * 0.9**t for t in range(40)] + [2.3] * 40  # back at the starting level
+
+    def feed(bank: DetectorBank, grad_spike_at: int | None = None) -> list[list[str]]:
+        out = []
+        for t, v in enumerate(losses):
+            g = 100.0 if t == grad_spike_at else 1.0 + 0.01 * (t % 2)
+            out.append([f"{d.kind}/{d.signal}" for d in bank.detect(0, t, {LOSS: v, GRAD_NORM: g})])
+        return out
+
+    plain = feed(DetectorBank(explosion_factor=1e6))
+    at = next(t for t, hits in enumerate(plain) if "divergence/loss" in hits)
+    both = feed(DetectorBank(explosion_factor=1e6), grad_spike_at=at)
+    assert both[at] == plain[at] + ["spike/grad_norm"]  # one round, in the stream's order
+
+
+def test_streams_are_independent_per_optimizer() -> None:
+    bank = DetectorBank()
+    warm(bank, index=1)
+    assert len(bank.streams) == 2
+    assert bank.detect(0, 0, {LOSS: 5.0}) == []  # optimizer 0 has its own starting level
+    assert bank.detect(1, 40, {LOSS: 500.0})[0].kind == "divergence"
+
+
+def test_recorded_statistics_are_read_from_the_global_row() -> None:
+    bank = DetectorBank()
+    hits = [bank.observe(0, t, record(update_ratio=0.5)) for t in range(3)]
+    assert [len(h) for h in hits] == [0, 0, 1]
+    assert (hits[2][0].kind, hits[2][0].signal, hits[2][0].value) == (
+        "update_ratio", "update_ratio", 0.5)
+    assert bank.observe(0, 3, record(update_norm=1.0)) == []  # nothing it watches
+    cosines = [bank.observe(0, t, record(update_cosine=-0.9)) for t in range(4, 24)]
+    assert [(d.kind, d.signal) for h in cosines for d in h] == [("oscillation", "update_cosine")]
+
+
+def test_rebase_judges_the_new_regime_and_healthy_sees_the_climb() -> None:
+    bank = DetectorBank(divergence_patience=5, explosion_factor=1e6)
+    assert bank.healthy()
+    for t in range(60):
+        bank.detect(0, t, {LOSS: 2.0 / (1 + t)})
+    found: list[Any] = []
+    t = 60
+    while not found:
+        found = [d for d in bank.detect(0, t, {LOSS: 2.3}) if d.kind == "divergence"]
+        if not found:
+            assert not bank.healthy() or t < 62
+        t += 1
+    assert not bank.healthy()
+    bank.rebase()
+    assert bank.healthy()
+    assert all(not bank.detect(0, s, {LOSS: 2.3}) for s in range(t, t + 50))
+
+
+def test_state_round_trip_is_plain_json_and_creates_streams() -> None:
+    bank = DetectorBank()
+    warm(bank)
+    warm(bank, index=1)
+    bank.observe(1, 40, record(update_ratio=0.5))
+    state = json.loads(json.dumps(bank.state_dict()))
+    assert [set(s) for s in state] == [NAMES, NAMES]
+    fresh = DetectorBank()
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == bank.state_dict()
+    for t in range(40, 60):
+        v = {LOSS: 2.0 if t != 50 else 40.0, GRAD_NORM: 1.0}
+        assert fresh.detect(1, t, v) == bank.detect(1, t, v)
+
+
+def test_unknown_names_in_a_state_are_ignored() -> None:
+    bank = DetectorBank()
+    bank.load_state_dict([{"retired/loss": {"type": "X"},
+                           "divergence/loss": DivergenceDetector(warmup=20).state_dict()}])
+    assert set(bank.stream(0)) == NAMES
+
+
+def test_bank_arguments_are_validated_under_the_guards_names() -> None:
+    for kwargs, needle in [({"spike_window": 2}, "spike_window=2"),
+                           ({"spike_threshold": 0}, "spike_threshold=0"),
+                           ({"explosion_factor": 1.0}, "explosion_factor=1.0"),
+                           ({"divergence_patience": 0}, "divergence_patience=0")]:
+        with pytest.raises(ValueError, match="is invalid: must be") as info:
+            DetectorBank(**kwargs)  # type: ignore[arg-type]
+        assert str(info.value).startswith(needle)
+
+
+# -- StepSignals ---------------------------------------------------------------------------
+
+
+def test_signals_average_the_micro_batches_and_unscale_the_loss() -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    signals = StepSignals()
+    signals.add_loss(torch.tensor(2048.0), torch.tensor(1024.0))  # on-device scale
+    signals.add_loss(torch.tensor([4096.0]), 1024.0)  # a float scale, a 1-element loss
+    assert signals.pending_losses == 2
+    w.grad = torch.tensor([3.0, 0.0, 4.0])
+    assert signals.collect([w]) == {LOSS: 3.0, GRAD_NORM: 5.0}
+    assert signals.pending_losses == 0
+
+
+def test_signals_make_one_reduce_call_with_everything_in_it() -> None:
+    calls: list[torch.Tensor] = []
+
+    def mean_with_a_nan_rank(v: torch.Tensor) -> torch.Tensor:
+        calls.append(v.clone())
+        return (v + torch.tensor([math.nan, 0.0], dtype=v.dtype)) / 2
+
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1))
+    a.grad, b.grad = torch.tensor([1.0, 2.0]), None  # parameters without a gradient skipped
+    signals = StepSignals()
+    signals.add_loss(torch.tensor(1.0))
+    out = signals.collect([a, b], reduce=mean_with_a_nan_rank)
+    assert len(calls) == 1 and calls[0].dtype == torch.float64
+    assert calls[0].tolist() == pytest.approx([1.0, 5.0])
+    assert math.isnan(out[LOSS]) and out[GRAD_NORM] == pytest.approx(math.sqrt(2.5))
+
+
+def test_signals_without_a_loss_or_a_grad_norm_leave_them_out() -> None:
+    w = torch.nn.Parameter(torch.ones(2))
+    w.grad = torch.tensor([math.inf, 0.0])
+    assert StepSignals().collect([w]) == {GRAD_NORM: math.inf}
+    quiet = StepSignals(watch_grad_norm=False)
+    quiet.add_loss(torch.tensor(0.5))
+    assert quiet.collect([w]) == {LOSS: 0.5}
+    seen: list[torch.Tensor] = []
+    assert quiet.collect([w], reduce=lambda v: seen.append(v) or v) == {}
+    assert len(seen) == 1  # every rank still joins the all-reduce
+    with pytest.raises(ValueError, match=r"^watch_grad_norm=0 is invalid"):
+        StepSignals(watch_grad_norm=0)  # type: ignore[arg-type]
+
+
+def test_loss_scale_of_an_enabled_scaler_only() -> None:
+    assert loss_scale(None) is None
+    assert loss_scale(torch.amp.GradScaler("cpu", enabled=False)) is None
+    scale = loss_scale(torch.amp.GradScaler("cpu", init_scale=8.0))
+    assert scale is not None and float(scale) == 8.0
