@@ -104,6 +104,24 @@ def test_global_row_combines_groups() -> None:
     assert glob["eff_lr/min"] == min(r["eff_lr/min"] for r in rows)
 
 
+def test_summaries_use_exactly_the_statistic_names_of_tags() -> None:
+    """A statistic the math emits is a tag readers know, and vice versa (lr: the recorder)."""
+    from dataclasses import replace
+
+    from lr_monitor.functional.statistics import rounded_away
+    from lr_monitor.tags import STATISTICS
+
+    model, opt = _setup("adam")
+    history = UpdateHistory()
+    for t in range(2):  # the second step has an update_cosine
+        _train_step(model, opt, t)
+        steps = [[replace(s, update_lost=rounded_away(s.param, s.update)) for s in group]
+                 for group in optimizer_steps(opt)]  # as the recorder does: update_lost_frac
+        host = step_sums(steps, history=history).to_host()
+    names = set(summarize(host)[0])
+    assert names == set(STATISTICS) - {"lr"}
+
+
 def test_tensor_rows_follow_group_rows() -> None:
     model, opt = _setup("adam")
     _train_step(model, opt, 0)

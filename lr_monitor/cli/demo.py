@@ -34,6 +34,7 @@ from typing import IO, Any
 
 from lr_monitor.cli.report import build_report, format_value, load_run
 from lr_monitor.events import GuardEvent
+from lr_monitor.tags import EVENTS_FILENAME, TENSORBOARD_FILE_MARK
 
 __all__ = [
     "DEFAULT_EPOCHS",
@@ -350,7 +351,8 @@ def print_summary(result: DemoResult, file: IO[str] | None = None) -> None:
             details.append(f"  training stopped: {run.stop_reason}")
     where = []
     for run in result.runs:
-        files = "events.out.tfevents.*" + (", events.jsonl" if run.report["events_file"] else "")
+        files = f"events.out.{TENSORBOARD_FILE_MARK}.*" + (
+            f", {EVENTS_FILENAME}" if run.report["events_file"] else "")
         where.append(f"logs     {run.log_dir}  ({files})")
     if result.plot is not None:
         where.append(f"plot     {result.plot}")

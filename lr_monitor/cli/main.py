@@ -97,12 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "TensorBoard event files): steps, final metrics, the guard's actions "
                     "and their steps, headline step-size statistics.",
     )
-    report.add_argument("logdir", metavar="LOGDIR", help="log directory, run directory or "
-                        "event file")
+    _add_run_arguments(report)
     report.add_argument("--json", action="store_true",
                         help="print machine-readable JSON instead of tables")
-    report.add_argument("--prefix", default="optim",
-                        help="StepSizeMonitor tag prefix (default: %(default)s)")
 
     plot = sub.add_parser(
         "plot",
@@ -111,15 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "loss with the guard's events, learning rate and guard LR scale, "
                     "effective-lr p05-p95 band and p50, update ratio, gradient norm.",
     )
-    plot.add_argument("logdir", metavar="LOGDIR", help="log directory, run directory or "
-                      "event file")
+    _add_run_arguments(plot)
     plot.add_argument("-o", "--output", default="run.png", metavar="FILE",
                       help="PNG to write (default: %(default)s)")
     plot.add_argument("--per-run", action="store_true",
                       help="write one PNG per run, FILE's stem + '-<run>.png'")
-    plot.add_argument("--prefix", default="optim",
-                      help="StepSizeMonitor tag prefix (default: %(default)s)")
     return parser
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """What ``report`` and ``plot`` both read: LOGDIR and the monitor's tag prefix."""
+    from lr_monitor.tags import DEFAULT_PREFIX
+
+    parser.add_argument("logdir", metavar="LOGDIR",
+                        help="log directory, run directory or event file")
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX,
+                        help="StepSizeMonitor tag prefix (default: %(default)s)")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
