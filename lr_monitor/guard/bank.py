@@ -33,7 +33,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lr_monitor._validation import check_int, check_real
@@ -164,14 +164,7 @@ class DetectorBank:
             The detections of the first round that fired (empty when none did).
         """
         for detectors in self.stream(index).rounds:
-            found = []
-            for det in detectors:
-                value = values.get(det.signal)
-                if value is None:
-                    continue
-                hit = det.update(step, value)
-                if hit is not None:
-                    found.append(hit)
+            found = _feed(detectors, step, values.get)
             if found:
                 return found
         return []
@@ -188,15 +181,7 @@ class DetectorBank:
         Returns:
             The detections, in the stream's order.
         """
-        found = []
-        for det in self.stream(index).recorded:
-            value = record.value(det.signal)
-            if value is None:
-                continue
-            hit = det.update(step, value)
-            if hit is not None:
-                found.append(hit)
-        return found
+        return _feed(self.stream(index).recorded, step, record.value)
 
     def rebase(self) -> None:
         """After a cut that keeps the weights: every divergence detector judges the new regime.
@@ -245,3 +230,16 @@ class DetectorBank:
             for name, det_state in saved.items():
                 if name in stream:
                     stream[name].load_state_dict(dict(det_state))
+
+
+def _feed(detectors: Sequence[Detector], step: int,
+          value_of: Callable[[str], float | None]) -> list[Detection]:
+    """Update each detector with its signal's value (skipped when there is none)."""
+    found = []
+    for det in detectors:
+        value = value_of(det.signal)
+        if value is not None:
+            hit = det.update(step, value)
+            if hit is not None:
+                found.append(hit)
+    return found
