@@ -23,7 +23,7 @@ runs only rank zero sends anything. This package does not import Lightning.
 The package is split by concern; every name is importable from here:
 
 * :mod:`lr_monitor.alerts.sink` -- the protocol: :class:`AlertSink`, :class:`CallableSink`,
-  :func:`as_sink`, :func:`dispatch`, :func:`close_sinks`, :func:`event_line`.
+  :func:`as_sink`, :func:`as_sinks`, :func:`dispatch`, :func:`close_sinks`, :func:`event_line`.
 * :mod:`lr_monitor.alerts.sinks` -- the log line, the event log, TensorBoard text and
   :func:`make_default_sinks`.
 * :mod:`lr_monitor.alerts.webhook` -- :class:`WebhookSink`.
@@ -53,6 +53,7 @@ from lr_monitor.alerts.sink import (
     AlertSink,
     CallableSink,
     as_sink,
+    as_sinks,
     close_sinks,
     dispatch,
     event_line,
@@ -84,6 +85,7 @@ __all__ = [
     "WebhookFormat",
     "WebhookSink",
     "as_sink",
+    "as_sinks",
     "close_sinks",
     "dispatch",
     "env_rank",

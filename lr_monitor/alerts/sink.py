@@ -41,6 +41,7 @@ __all__ = [
     "AlertSink",
     "CallableSink",
     "as_sink",
+    "as_sinks",
     "close_sinks",
     "dispatch",
     "event_line",
@@ -268,6 +269,39 @@ def as_sink(obj: AlertSink | Callable[[GuardEvent], object], arg: str = "sink") 
     if callable(obj):
         return CallableSink(obj)
     raise TypeError(invalid(arg, obj, "an AlertSink or a callable fn(event)").args[0])
+
+
+def as_sinks(arg: str, sinks: Any) -> list[AlertSink]:
+    """A user's list of sinks and callables, each as an :class:`AlertSink`.
+
+    Args:
+        arg: The argument's name as the user typed it (``"alerts"``).
+        sinks: ``None`` or an iterable of sinks and ``fn(event)`` callables.
+
+    Returns:
+        The sinks (an empty list for ``None``).
+
+    Raises:
+        ValueError: for anything else, naming the argument or the entry (``alerts[1]``).
+
+    Example:
+        >>> [type(s).__name__ for s in as_sinks("alerts", [print])]
+        ['CallableSink']
+        >>> as_sinks("alerts", [print, 5])
+        Traceback (most recent call last):
+        ...
+        ValueError: alerts[1]=5 is invalid: must be an AlertSink or a callable fn(event)
+    """
+    if sinks is None:
+        return []
+    if isinstance(sinks, (str, bytes)) or not isinstance(sinks, Iterable):
+        raise invalid(arg, sinks, "None or a list of alert sinks or callables")
+    out = []
+    for i, sink in enumerate(sinks):
+        if not (isinstance(sink, AlertSink) or callable(sink)):
+            raise invalid(f"{arg}[{i}]", sink, "an AlertSink or a callable fn(event)")
+        out.append(as_sink(sink))
+    return out
 
 
 def _sink_name(sink: object) -> str:

@@ -28,17 +28,17 @@ Example::
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 
-from lr_monitor._validation import check_bool, check_int, check_real, check_str, invalid
+from lr_monitor._validation import check_bool, check_int, check_path, check_real, check_str
 from lr_monitor.alerts import (
     AlertSink,
     TensorBoardSink,
-    as_sink,
+    as_sinks,
     close_sinks,
     dispatch,
     make_default_sinks,
@@ -48,7 +48,7 @@ from lr_monitor.callbacks.monitor import StepSizeMonitor
 from lr_monitor.events import Action, Detection, GuardEvent
 from lr_monitor.faults import FaultBarrier
 from lr_monitor.guard.bank import DetectorBank, DetectorStream
-from lr_monitor.guard.interventions import LRCut, RollbackBuffer, skip_step
+from lr_monitor.guard.interventions import LRCut, RollbackBuffer, learning_rates, skip_step
 from lr_monitor.guard.policy import (
     ACTIONS,
     DEFAULT_POLICY,
@@ -58,7 +58,7 @@ from lr_monitor.guard.policy import (
 )
 from lr_monitor.guard.signals import StepSignals, loss_scale
 from lr_monitor.recording.record import StepRecord
-from lr_monitor.tags import GUARD_EVENTS, GUARD_LR_SCALE, group_names, lr_key, optimizer_names
+from lr_monitor.tags import GUARD_EVENTS, GUARD_LR_SCALE, optimizer_names
 
 __all__ = ["ACTIONS", "DEFAULT_POLICY", "DivergenceGuard"]
 
@@ -171,16 +171,8 @@ class DivergenceGuard(pl.Callback):
         self.log_events = check_bool("log_events", log_events)
         self.jsonl = check_bool("jsonl", jsonl)
         self.name: str = check_str("name", name, allow_empty=True)
-        if events_dir is not None and not isinstance(events_dir, (str, Path)):
-            raise invalid("events_dir", events_dir, "None, a str or a pathlib.Path")
-        if alerts is not None and (isinstance(alerts, (str, bytes))
-                                   or not isinstance(alerts, Iterable)):
-            raise invalid("alerts", alerts, "None or a list of alert sinks or callables")
-        for i, a in enumerate(alerts or []):
-            if not (isinstance(a, AlertSink) or callable(a)):
-                raise invalid(f"alerts[{i}]", a, "an AlertSink or a callable fn(event)")
-        self.extra_sinks = [as_sink(a) for a in (alerts or [])]
-        self.events_dir = None if events_dir is None else Path(events_dir)
+        self.extra_sinks = as_sinks("alerts", alerts)
+        self.events_dir = check_path("events_dir", events_dir, allow_none=True)
         self.events: list[GuardEvent] = []
         self.sinks: list[AlertSink] = []
         self.stop_reason: str | None = None
@@ -322,7 +314,8 @@ class DivergenceGuard(pl.Callback):
 
     def _carry_out(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                    decision: Decision) -> None:
-        lr_before = self._lrs(trainer)
+        optimizers = self._optimizers(trainer)
+        lr_before = learning_rates(optimizers)
         done: list[Action] = []
         for action in decision.plan:
             if action is Action.ROLLBACK:  # nothing healthy to go back to: a skip
@@ -341,7 +334,7 @@ class DivergenceGuard(pl.Callback):
         if decision.action is Action.CUT:
             self.bank.rebase()  # same weights, smaller steps: judge the new regime
         self._record(trainer, decision.event(
-            done, lr_before=lr_before, lr_after=self._lrs(trainer), lr_scale=self.lr_scale,
+            done, lr_before=lr_before, lr_after=learning_rates(optimizers), lr_scale=self.lr_scale,
             epoch=trainer.current_epoch, run=self._run_name(trainer)), decision.step)
 
     def _rollback(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
@@ -403,12 +396,6 @@ class DivergenceGuard(pl.Callback):
     def _optimizer_index(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> int:
         return next((i for i, o in enumerate(self._optimizers(trainer)) if o is optimizer), 0)
 
-    def _lrs(self, trainer: pl.Trainer) -> dict[str, float]:
-        opts = self._optimizers(trainer)
-        return {lr_key(oname, gname): float(g["lr"])
-                for opt, oname in zip(opts, optimizer_names(opts), strict=True)
-                for gname, g in zip(group_names(opt.param_groups), opt.param_groups,
-                                    strict=True)}
 
     @staticmethod
     def _run_name(trainer: pl.Trainer) -> str | None:

@@ -46,8 +46,9 @@ import torch
 from torch import Tensor
 
 from lr_monitor._validation import check_choice, check_int, check_real
+from lr_monitor.tags import group_names, lr_key, optimizer_names
 
-__all__ = ["LRCut", "RollbackBuffer", "Snapshot", "scale_lr", "skip_step"]
+__all__ = ["LRCut", "RollbackBuffer", "Snapshot", "learning_rates", "scale_lr", "skip_step"]
 
 #: Param-group keys holding a learning rate that torch schedulers read: the current LR, the
 #: scheduler start value (``initial_lr``, all schedulers) and OneCycleLR's ``max_lr``/``min_lr``.
@@ -152,6 +153,23 @@ def _parse_groups(
 # --------------------------------------------------------------------------------------------
 # learning-rate cut
 # --------------------------------------------------------------------------------------------
+
+
+def learning_rates(optimizers: Sequence[Any]) -> dict[str, float]:
+    """Every param group's learning rate, keyed as in guard events (:func:`lr_monitor.tags.lr_key`).
+
+    Args:
+        optimizers: The optimizers (wrappers with ``optimizer``/``_optimizer`` are unwrapped).
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.zeros(1))
+        >>> learning_rates([torch.optim.SGD([{"params": [w], "name": "head"}], lr=0.1)])
+        {'SGD/head': 0.1}
+    """
+    opts = [_unwrap(o) for o in optimizers]
+    return {lr_key(oname, gname): float(g["lr"])
+            for opt, oname in zip(opts, optimizer_names(opts), strict=True)
+            for gname, g in zip(group_names(opt.param_groups), opt.param_groups, strict=True)}
 
 
 def scale_lr(
