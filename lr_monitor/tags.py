@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 __all__ = [
+    "CONSECUTIVE_STATISTICS",
+    "CURVATURE_STATISTICS",
     "DEFAULT_PREFIX",
     "EVENTS_FILENAME",
     "GLOBAL",
@@ -35,7 +37,10 @@ __all__ = [
     "GUARD_EVENTS",
     "GUARD_LR_SCALE",
     "LR_HISTOGRAM",
+    "NOISE_STATISTICS",
     "STATISTICS",
+    "STEP_QUALITY_STATISTICS",
+    "STEP_STATISTICS",
     "TENSORBOARD_FILE_MARK",
     "TRAIN_ACC",
     "TRAIN_LOSS",
@@ -58,9 +63,10 @@ DEFAULT_PREFIX = "optim"
 #: The row of all param groups of one optimizer together.
 GLOBAL = "global"
 
-#: Every statistic of a recorded step, as the part of the tag between the prefix and
-#: ``<optimizer>/<row>``, in the order ``docs/metrics.md`` explains them.
-STATISTICS = (
+#: The statistics of one recorded step (:mod:`lr_monitor.functional.statistics` and the
+#: group's ``lr``), as the part of the tag between the prefix and ``<optimizer>/<row>``, in
+#: the order ``docs/metrics.md`` explains them.
+STEP_STATISTICS = (
     "lr",
     "eff_lr/p05",
     "eff_lr/p50",
@@ -78,6 +84,30 @@ STATISTICS = (
     "update_cosine",
     "nonfinite",
 )
+
+#: Overshoot between consecutive steps, measured at every step on a fixed subsample and
+#: logged as running means since the previous record (``global`` row only):
+#: ``consecutive_update_cosine`` = cos(Δ_t, Δ_{t−1}), ``grad_update_cosine`` =
+#: cos(g_t, Δ_{t−1}) (> 0: the new gradient points back along the last step),
+#: ``overshoot_frac`` = share of steps with g_t·Δ_{t−1} > 0.
+CONSECUTIVE_STATISTICS = ("consecutive_update_cosine", "grad_update_cosine", "overshoot_frac")
+
+#: Step quality from one extra forward pass on the step's own batch (``global`` row):
+#: ``step_quality`` ρ = (L_B(θ+Δ) − L_B(θ)) / (g_B·Δ) and Cockpit's ``step_alpha`` = 1 − 2ρ.
+STEP_QUALITY_STATISTICS = ("step_quality", "step_alpha")
+
+#: Curvature on a fixed batch (``global`` row): the top Hessian eigenvalue, the top
+#: eigenvalue of the preconditioned Hessian, the optimizer's stability threshold and
+#: their ratio (sharpness that matters for the optimizer / threshold).
+CURVATURE_STATISTICS = ("sharpness", "preconditioned_sharpness", "stability_threshold",
+                        "stability_ratio")
+
+#: The gradient noise scale B_simple = tr Σ / |G|² (``global`` row).
+NOISE_STATISTICS = ("gradient_noise_scale",)
+
+#: Every statistic name that can stand in a statistics tag.
+STATISTICS = (STEP_STATISTICS + CONSECUTIVE_STATISTICS + STEP_QUALITY_STATISTICS
+              + CURVATURE_STATISTICS + NOISE_STATISTICS)
 
 #: TensorBoard histogram of log10 of the effective learning rate, per group.
 LR_HISTOGRAM = "log10_eff_lr"

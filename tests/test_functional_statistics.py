@@ -109,7 +109,7 @@ def test_summaries_use_exactly_the_statistic_names_of_tags() -> None:
     from dataclasses import replace
 
     from lr_monitor.functional.statistics import rounded_away
-    from lr_monitor.tags import STATISTICS
+    from lr_monitor.tags import STEP_STATISTICS
 
     model, opt = _setup("adam")
     history = UpdateHistory()
@@ -119,7 +119,7 @@ def test_summaries_use_exactly_the_statistic_names_of_tags() -> None:
                  for group in optimizer_steps(opt)]  # as the recorder does: update_lost_frac
         host = step_sums(steps, history=history).to_host()
     names = set(summarize(host)[0])
-    assert names == set(STATISTICS) - {"lr"}
+    assert names == set(STEP_STATISTICS) - {"lr"}
 
 
 def test_tensor_rows_follow_group_rows() -> None:

@@ -48,7 +48,7 @@ from lr_monitor.tags import (
     GLOBAL,
     GRAD_HISTOGRAM,
     LR_HISTOGRAM,
-    STATISTICS,
+    STEP_STATISTICS,
     group_names,
     histogram_tag,
     optimizer_names,
@@ -361,7 +361,7 @@ class StepSizeMonitor(pl.Callback):
         # One chart per statistic (of the eff_lr quantiles only the median), every row on it.
         charts = {
             stat: ["Multiline", [stat_pattern(prefix, stat)]]
-            for stat in STATISTICS if not (stat.startswith("eff_lr/") and stat != _BAND[0])
+            for stat in STEP_STATISTICS if not (stat.startswith("eff_lr/") and stat != _BAND[0])
         }
         for r in self.recorders:
             charts[f"eff_lr band {r.name} (p05-p95)"] = ["Margin", [
