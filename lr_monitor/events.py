@@ -127,7 +127,7 @@ class Detection:
 
     def __post_init__(self) -> None:
         if self.kind not in DETECTION_KINDS:
-            raise ValueError(f"kind={self.kind!r} is not one of {DETECTION_KINDS}")
+            raise invalid("kind", self.kind, f"one of {DETECTION_KINDS}")
 
 
 def _json_float(x: float) -> float | str:

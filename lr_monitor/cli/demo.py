@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from lr_monitor._validation import check_int
 from lr_monitor.cli.report import build_report, format_value, load_run
 from lr_monitor.events import GuardEvent
 from lr_monitor.tags import EVENTS_FILENAME, TENSORBOARD_FILE_MARK
@@ -261,9 +262,8 @@ def run_demo(
         ValueError: If ``epochs < 1``.
         ImportError: If Lightning, scikit-learn or the lr_monitor callbacks are missing.
     """
+    check_int("epochs", epochs, 1, allow_none=True)
     n_epochs = epochs if epochs is not None else (_QUICK_EPOCHS if quick else DEFAULT_EPOCHS)
-    if n_epochs < 1:
-        raise ValueError(f"epochs={n_epochs} is invalid: must be >= 1")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: list[DemoRun] = []
