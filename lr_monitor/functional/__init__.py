@@ -15,10 +15,19 @@
   and :func:`summarize` finishes the statistics. The previous update that
   ``update_cosine`` compares with is kept by the caller (any :class:`SupportsSwap`, e.g.
   :class:`lr_monitor.recording.history.UpdateHistory`): nothing here holds state.
+* :mod:`~lr_monitor.functional.curvature` — :func:`sharpness` (top Hessian eigenvalue by
+  Lanczos on Hessian-vector products), :func:`preconditioned_sharpness` (the same for the
+  optimizer's preconditioned Hessian) and :func:`stability_threshold` (the step-size
+  limit each optimizer's update rule puts on them).
 """
 
 from __future__ import annotations
 
+from lr_monitor.functional.curvature import (
+    preconditioned_sharpness,
+    sharpness,
+    stability_threshold,
+)
 from lr_monitor.functional.rules import (
     SUPPORTED_OPTIMIZERS,
     ParamStep,
@@ -62,7 +71,10 @@ __all__ = [
     "iter_group_steps",
     "last_update",
     "optimizer_steps",
+    "preconditioned_sharpness",
     "register_rule",
+    "sharpness",
+    "stability_threshold",
     "step_sums",
     "summarize",
     "supports_group",
