@@ -4,6 +4,9 @@
   gradient statistics and optimizer moments to TensorBoard or any Lightning logger.
 * :class:`DivergenceGuard` — Lightning callback that detects divergence and skips,
   rolls back, cuts the learning rate or stops; alerts via :mod:`lr_monitor.alerts`.
+* :class:`StepQualityMonitor` — the step quality ρ: did the step overshoot on its own batch?
+* :class:`SharpnessMonitor` — curvature on a fixed batch against the optimizer's stability
+  threshold (edge of stability).
 * :func:`attach` — the same statistics for plain PyTorch loops and Fabric.
 * :mod:`lr_monitor.functional` — the pure tensor math underneath.
 
@@ -22,6 +25,8 @@ from lr_monitor.events import Detection, GuardEvent
 if TYPE_CHECKING:
     from lr_monitor.callbacks.guard import DivergenceGuard
     from lr_monitor.callbacks.monitor import StepSizeMonitor
+    from lr_monitor.callbacks.sharpness import SharpnessMonitor
+    from lr_monitor.callbacks.step_quality import StepQualityMonitor
     from lr_monitor.recording import MonitorHandle, StepRecorder, attach
 
 __version__ = "0.1.0"
@@ -33,6 +38,8 @@ __all__ = [
     "DivergenceGuard",
     "GuardEvent",
     "MonitorHandle",
+    "SharpnessMonitor",
+    "StepQualityMonitor",
     "StepRecorder",
     "StepSizeMonitor",
     "__version__",
@@ -42,6 +49,8 @@ __all__ = [
 _LAZY = {
     "DivergenceGuard": "lr_monitor.callbacks.guard",
     "StepSizeMonitor": "lr_monitor.callbacks.monitor",
+    "SharpnessMonitor": "lr_monitor.callbacks.sharpness",
+    "StepQualityMonitor": "lr_monitor.callbacks.step_quality",
     "MonitorHandle": "lr_monitor.recording",
     "StepRecorder": "lr_monitor.recording",
     "attach": "lr_monitor.recording",

@@ -12,6 +12,11 @@ Importing this module raises ``ImportError`` when ``lightning`` is not installed
 
 from __future__ import annotations
 
-from lr_monitor.callbacks.lightning import DivergenceGuard, StepSizeMonitor
+from lr_monitor.callbacks.lightning import (
+    DivergenceGuard,
+    SharpnessMonitor,
+    StepQualityMonitor,
+    StepSizeMonitor,
+)
 
-__all__ = ["DivergenceGuard", "StepSizeMonitor"]
+__all__ = ["DivergenceGuard", "SharpnessMonitor", "StepQualityMonitor", "StepSizeMonitor"]

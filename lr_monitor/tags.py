@@ -93,8 +93,10 @@ STEP_STATISTICS = (
 CONSECUTIVE_STATISTICS = ("consecutive_update_cosine", "grad_update_cosine", "overshoot_frac")
 
 #: Step quality from one extra forward pass on the step's own batch (``global`` row):
-#: ``step_quality`` ρ = (L_B(θ+Δ) − L_B(θ)) / (g_B·Δ) and Cockpit's ``step_alpha`` = 1 − 2ρ.
-STEP_QUALITY_STATISTICS = ("step_quality", "step_alpha")
+#: ``step_quality`` ρ = (L_B(θ+Δ) − L_B(θ)) / (g_B·Δ), Cockpit's ``step_alpha`` = 1 − 2ρ and
+#: ``step_slope`` = g_B·Δ (< 0: the step pointed downhill on its batch; only then does ρ < 0
+#: mean that the loss went up).
+STEP_QUALITY_STATISTICS = ("step_quality", "step_alpha", "step_slope")
 
 #: Curvature on a fixed batch (``global`` row): the top Hessian eigenvalue, the top
 #: eigenvalue of the preconditioned Hessian, the optimizer's stability threshold and

@@ -16,7 +16,12 @@ def test_callbacks_on_a_lightning_pytorch_trainer(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lr_monitor.lightning import DivergenceGuard, StepSizeMonitor
+    from lr_monitor.lightning import (
+        DivergenceGuard,
+        SharpnessMonitor,
+        StepQualityMonitor,
+        StepSizeMonitor,
+    )
 
     class Model(L.LightningModule):
         def __init__(self) -> None:
@@ -40,10 +45,14 @@ def test_callbacks_on_a_lightning_pytorch_trainer(tmp_path: Path) -> None:
     guard = DivergenceGuard()
     trainer = L.Trainer(accelerator="cpu", max_steps=8, logger=logger, log_every_n_steps=1,
                         enable_progress_bar=False, enable_checkpointing=False,
-                        callbacks=[StepSizeMonitor(2), guard])
+                        callbacks=[StepSizeMonitor(2), guard, StepQualityMonitor(2),
+                                   SharpnessMonitor(4, iters=5)])
     trainer.fit(Model(), data)
     assert [(e.step, e.kind) for e in guard.events] == [(6, "nonfinite")]
     acc = EventAccumulator(logger.log_dir)
     acc.Reload()
-    assert "optim/update_norm/Adam/global" in acc.Tags()["scalars"]
+    tags = acc.Tags()["scalars"]
+    assert "optim/update_norm/Adam/global" in tags
+    assert "optim/step_quality/Adam/global" in tags
+    assert "optim/stability_ratio/Adam/global" in tags
     assert (Path(logger.log_dir) / "events.jsonl").exists()

@@ -4,6 +4,10 @@
   weight takes through :mod:`lr_monitor.recording`.
 * :class:`DivergenceGuard` (:mod:`~lr_monitor.callbacks.guard`) feeds the signals of each
   step to :mod:`lr_monitor.guard` and carries out its decisions.
+* :class:`StepQualityMonitor` (:mod:`~lr_monitor.callbacks.step_quality`) measures the
+  step quality ρ from one extra forward pass every n steps.
+* :class:`SharpnessMonitor` (:mod:`~lr_monitor.callbacks.sharpness`) measures the curvature
+  on a fixed batch against the optimizer's stability threshold.
 * :mod:`~lr_monitor.callbacks.lightning` — the same classes for ``lightning.pytorch``.
 """
 
@@ -11,5 +15,7 @@ from __future__ import annotations
 
 from lr_monitor.callbacks.guard import DivergenceGuard
 from lr_monitor.callbacks.monitor import StepSizeMonitor
+from lr_monitor.callbacks.sharpness import SharpnessMonitor
+from lr_monitor.callbacks.step_quality import StepQualityMonitor
 
-__all__ = ["DivergenceGuard", "StepSizeMonitor"]
+__all__ = ["DivergenceGuard", "SharpnessMonitor", "StepQualityMonitor", "StepSizeMonitor"]

@@ -25,8 +25,10 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from lr_monitor.callbacks.guard import DivergenceGuard as _DivergenceGuard
 from lr_monitor.callbacks.monitor import StepSizeMonitor as _StepSizeMonitor
+from lr_monitor.callbacks.sharpness import SharpnessMonitor as _SharpnessMonitor
+from lr_monitor.callbacks.step_quality import StepQualityMonitor as _StepQualityMonitor
 
-__all__ = ["DivergenceGuard", "StepSizeMonitor"]
+__all__ = ["DivergenceGuard", "SharpnessMonitor", "StepQualityMonitor", "StepSizeMonitor"]
 
 
 class StepSizeMonitor(_StepSizeMonitor, _L.Callback):  # type: ignore[misc]
@@ -35,3 +37,11 @@ class StepSizeMonitor(_StepSizeMonitor, _L.Callback):  # type: ignore[misc]
 
 class DivergenceGuard(_DivergenceGuard, _L.Callback):  # type: ignore[misc]
     """:class:`lr_monitor.DivergenceGuard` for ``lightning.pytorch`` trainers."""
+
+
+class StepQualityMonitor(_StepQualityMonitor, _L.Callback):  # type: ignore[misc]
+    """:class:`lr_monitor.StepQualityMonitor` for ``lightning.pytorch`` trainers."""
+
+
+class SharpnessMonitor(_SharpnessMonitor, _L.Callback):  # type: ignore[misc]
+    """:class:`lr_monitor.SharpnessMonitor` for ``lightning.pytorch`` trainers."""

@@ -6,6 +6,8 @@
   torch's step hooks) and :func:`attach` for plain PyTorch loops and Fabric.
 * :mod:`~lr_monitor.recording.record` — :class:`StepRecord`, what a recorded step
   publishes to its listeners (the monitor logs it, the guard reads it).
+* :mod:`~lr_monitor.recording.step_quality` — :class:`StepQualityMeter`: the step quality ρ
+  from one extra forward pass on the step's own batch, training left bit-identical.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from lr_monitor.recording.recorder import (
     StepRecorder,
     attach,
 )
+from lr_monitor.recording.step_quality import StepQualityMeter, StepQualityValues
 
 __all__ = [
     "GRANULARITIES",
@@ -27,6 +30,8 @@ __all__ = [
     "RecordListener",
     "RecorderConfig",
     "ScalarWriter",
+    "StepQualityMeter",
+    "StepQualityValues",
     "StepRecord",
     "StepRecorder",
     "UpdateHistory",
