@@ -182,9 +182,14 @@ def test_tensor_granularity_with_filters(tmp_path: Path) -> None:
     assert not any(t.endswith("net.0.bias") or t.endswith("net.2.weight") for t in tags)
 
 
-def test_host_transfers_one_per_recorded_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                              ) -> None:
-    """Count every host read issued from lr_monitor code, step by step."""
+@pytest.mark.parametrize("consecutive", [False, True], ids=["default", "consecutive"])
+def test_host_transfers_one_per_recorded_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              consecutive: bool) -> None:
+    """Count every host read issued from lr_monitor code, step by step.
+
+    With ``consecutive=True`` the every-step statistics run on all 8 steps, and their means
+    still ride in the recorded steps' one transfer.
+    """
     calls: list[int] = []
     current = {"step": -1}
     for name in ("tolist", "item", "cpu", "numpy", "__float__", "__int__", "__bool__"):
@@ -203,10 +208,15 @@ def test_host_transfers_one_per_recorded_step(tmp_path: Path, monkeypatch: pytes
             current["step"] = trainer.global_step
 
     logger = TensorBoardLogger(str(tmp_path), name="count")
-    tr = trainer(tmp_path, logger=logger, max_steps=8, callbacks=[Step(), StepSizeMonitor(4)])
+    monitor = StepSizeMonitor(4, consecutive=consecutive)
+    records: list[Any] = []
+    monitor.subscribe(records.append)
+    tr = trainer(tmp_path, logger=logger, max_steps=8, callbacks=[Step(), monitor])
     tr.fit(Regressor(OPTIMIZERS["adam"]), regression_loader())
     per_step = {s: calls.count(s) for s in range(8)}
     assert per_step == {0: 1, 1: 0, 2: 0, 3: 0, 4: 1, 5: 0, 6: 0, 7: 0}
+    # steps 2, 3 and 4 have a cosine; their means are in the record of step 4
+    assert (records[1].value("consecutive_update_cosine") is not None) == consecutive
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

@@ -4,7 +4,10 @@ Every ``logging_interval`` optimizer steps it logs, per optimizer and param grou
 all groups together (``global``), the learning rate, the effective per-element learning
 rate (quantiles, min, max), the share of elements where ε dominates, gradient,
 parameter, update and moment norms, the update/parameter ratio, the cosine between
-successive recorded updates and non-finite counts. Tags are
+successive recorded updates and non-finite counts; and with ``consecutive=True``, for all
+groups together, the means since the previous record of three every-step overshoot signals
+(:data:`~lr_monitor.tags.CONSECUTIVE_STATISTICS`: cos(Δ_t, Δ_{t−1}), cos(g_t, Δ_{t−1}) and
+the share of steps with g_t·Δ_{t−1} > 0, see :mod:`lr_monitor.recording.consecutive`). Tags are
 ``<prefix>/<stat>/<optimizer>/<group>``, e.g. ``optim/eff_lr/p50/Adam/pg0``
 (:mod:`lr_monitor.tags`); every tag is listed in ``docs/metrics.md``.
 
@@ -18,7 +21,9 @@ unscaling and accumulation, before clipping); the step itself is reconstructed i
 ``register_step_post_hook`` from the optimizer's post-step state, so no parameter copy
 is taken (except for optimizers without an exact rule, see
 :class:`lr_monitor.functional.ParamSnapshot`). Steps that are not recorded cost two
-Python calls and no host sync; a recorded step costs one device-to-host transfer.
+Python calls and no host sync (with ``consecutive=True`` also about ten device operations
+on a fixed subsample of at most ``consecutive_tensors × cosine_samples`` coordinates); a
+recorded step costs one device-to-host transfer.
 
 Example::
 
@@ -44,6 +49,7 @@ from lr_monitor.functional.statistics import grad_values, histogram_buckets
 from lr_monitor.recording import RecorderConfig, RecordListener, StepRecord, StepRecorder
 from lr_monitor.recording.record import Listeners
 from lr_monitor.tags import (
+    CONSECUTIVE_STATISTICS,
     DEFAULT_PREFIX,
     GLOBAL,
     GRAD_HISTOGRAM,
@@ -82,6 +88,8 @@ class StepSizeMonitor(pl.Callback):
             per statistic and every group on it.
         update_cosine: See :class:`~lr_monitor.recording.RecorderConfig`.
         cosine_samples: See :class:`~lr_monitor.recording.RecorderConfig`.
+        consecutive: See :class:`~lr_monitor.recording.RecorderConfig`.
+        consecutive_tensors: See :class:`~lr_monitor.recording.RecorderConfig`.
         log_global: See :class:`~lr_monitor.recording.RecorderConfig` (the ``global``
             row is computed and published to listeners either way).
 
@@ -102,12 +110,16 @@ class StepSizeMonitor(pl.Callback):
         custom_scalars: bool = True,
         update_cosine: bool = True,
         cosine_samples: int = 4096,
+        consecutive: bool = False,
+        consecutive_tensors: int = 64,
         log_global: bool = True,
     ) -> None:
         check_int("logging_interval", logging_interval, 1, allow_none=True)
         self.config = RecorderConfig(prefix=prefix, granularity=granularity, include=include,
                                      exclude=exclude, update_cosine=update_cosine,
-                                     cosine_samples=cosine_samples, log_global=log_global)
+                                     cosine_samples=cosine_samples, consecutive=consecutive,
+                                     consecutive_tensors=consecutive_tensors,
+                                     log_global=log_global)
         check_int("histogram_every_n_steps", histogram_every_n_steps, 0, allow_none=True)
         check_bool("grad_histograms", grad_histograms)
         check_bool("custom_scalars", custom_scalars)
@@ -198,6 +210,9 @@ class StepSizeMonitor(pl.Callback):
         # parameters (FSDP2/DTensor): every rank measures its shard and the sums are
         # reduced before the statistics are finished.
         active = trainer.is_global_zero or sharded
+        # The every-step consecutive statistics only where records can be made.
+        options = {**self.config.as_kwargs(),
+                   "consecutive": self.config.consecutive and (active or bool(self._listeners))}
         for opt, name in zip(optimizers, names, strict=True):
             rec = StepRecorder(
                 opt, name,
@@ -205,7 +220,7 @@ class StepSizeMonitor(pl.Callback):
                 and self._due(index),
                 listeners=[self._on_record],
                 reduce=(lambda sums: sums.all_reduce()) if sharded else None,
-                param_names=param_names, faults=self.faults, **self.config.as_kwargs(),
+                param_names=param_names, faults=self.faults, **options,
             )
             # Each optimizer counts its own steps: with several optimizers in manual
             # optimization every opt.step() advances trainer.global_step, so recording
@@ -359,9 +374,10 @@ class StepSizeMonitor(pl.Callback):
             return
         prefix = self.config.prefix
         # One chart per statistic (of the eff_lr quantiles only the median), every row on it.
+        stats = STEP_STATISTICS + (CONSECUTIVE_STATISTICS if self.config.consecutive else ())
         charts = {
             stat: ["Multiline", [stat_pattern(prefix, stat)]]
-            for stat in STEP_STATISTICS if not (stat.startswith("eff_lr/") and stat != _BAND[0])
+            for stat in stats if not (stat.startswith("eff_lr/") and stat != _BAND[0])
         }
         for r in self.recorders:
             charts[f"eff_lr band {r.name} (p05-p95)"] = ["Margin", [
@@ -377,7 +393,9 @@ class StepSizeMonitor(pl.Callback):
 
         The subsample of the last update kept for ``update_cosine`` is not saved (it is
         parameter-sized in the worst case): after a resume the first recorded step has no
-        ``update_cosine``.
+        ``update_cosine``. Neither is the consecutive statistics' last update: the first two
+        steps after a resume have no cosine, and their first record averages the steps
+        since the resume.
         """
         counts = {**self._step_counts, **self._loaded_step_counts,
                   **{r.name: r.step_index for r in self.recorders}}

@@ -6,6 +6,8 @@
   torch's step hooks) and :func:`attach` for plain PyTorch loops and Fabric.
 * :mod:`~lr_monitor.recording.record` — :class:`StepRecord`, what a recorded step
   publishes to its listeners (the monitor logs it, the guard reads it).
+* :mod:`~lr_monitor.recording.consecutive` — :class:`ConsecutiveTracker`: overshoot and
+  oscillation between consecutive steps, at every step, on a fixed subsample.
 * :mod:`~lr_monitor.recording.step_quality` — :class:`StepQualityMeter`: the step quality ρ
   from one extra forward pass on the step's own batch, training left bit-identical.
 """
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 from lr_monitor.recording.config import GRANULARITIES, RecorderConfig
+from lr_monitor.recording.consecutive import ConsecutiveTracker
 from lr_monitor.recording.history import UpdateHistory
 from lr_monitor.recording.record import Listeners, RecordListener, StepRecord
 from lr_monitor.recording.recorder import (
@@ -25,6 +28,7 @@ from lr_monitor.recording.step_quality import StepQualityMeter, StepQualityValue
 
 __all__ = [
     "GRANULARITIES",
+    "ConsecutiveTracker",
     "Listeners",
     "MonitorHandle",
     "RecordListener",

@@ -3,8 +3,9 @@
 :class:`~lr_monitor.recording.StepRecorder`, :func:`~lr_monitor.recording.attach` and
 :class:`~lr_monitor.StepSizeMonitor` take the same keyword arguments (``prefix``,
 ``granularity``, ``include``, ``exclude``, ``update_cosine``, ``cosine_samples``,
-``log_global``); each builds one frozen :class:`RecorderConfig` from them and keeps it. A
-bad value fails at once with the project's message, naming the argument the user typed.
+``consecutive``, ``consecutive_tensors``, ``log_global``); each builds one frozen
+:class:`RecorderConfig` from them and keeps it. A bad value fails at once with the
+project's message, naming the argument the user typed.
 
 Example:
     >>> config = RecorderConfig(granularity="tensor", exclude="bias$")
@@ -48,7 +49,18 @@ class RecorderConfig:
         exclude: Regex on parameter names that get no tensor row.
         update_cosine: Keep a subsample of the last recorded update of each tensor (at most
             ``cosine_samples`` values) to compute ``update_cosine``.
-        cosine_samples: Subsample size per tensor for ``update_cosine`` (>= 1).
+        cosine_samples: Subsample size per tensor for ``update_cosine`` and the
+            consecutive-step statistics (>= 1).
+        consecutive: Measure, at every step, the cosines between consecutive updates and
+            between the gradient and the previous update on a fixed subsample, and record
+            their means since the previous record as the ``global`` row's
+            :data:`~lr_monitor.tags.CONSECUTIVE_STATISTICS`
+            (:mod:`lr_monitor.recording.consecutive`). No host transfer on unrecorded
+            steps, but about ten small device operations on every step: off by default
+            (measured on CPU: ~1 % of a 60–100 ms step, ~7 % of a 4 ms one).
+        consecutive_tensors: Parameter tensors the consecutive statistics gather per step
+            (>= 1); an optimizer with more gets a fixed size-proportional sample of them,
+            weighted to stay unbiased (``select_tensors``).
         log_global: Whether the ``global`` row (all groups of an optimizer) becomes tags.
             It is always computed, so listeners of the record can read it.
 
@@ -62,6 +74,8 @@ class RecorderConfig:
     exclude: str | None = None
     update_cosine: bool = True
     cosine_samples: int = 4096
+    consecutive: bool = False
+    consecutive_tensors: int = 64
     log_global: bool = True
     _include: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
     _exclude: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
@@ -74,6 +88,8 @@ class RecorderConfig:
         object.__setattr__(self, "_exclude", check_regex("exclude", self.exclude))
         check_bool("update_cosine", self.update_cosine)
         check_int("cosine_samples", self.cosine_samples, 1)
+        check_bool("consecutive", self.consecutive)
+        check_int("consecutive_tensors", self.consecutive_tensors, 1)
         check_bool("log_global", self.log_global)
 
     def as_kwargs(self) -> dict[str, Any]:

@@ -5,8 +5,11 @@ A :class:`StepRecorder` watches one optimizer through torch's step hooks
 record it measures the gradients, reconstructs the step from the post-step state
 (:mod:`lr_monitor.functional`) and publishes one
 :class:`~lr_monitor.recording.record.StepRecord` to its listeners, with exactly one
-device-to-host transfer. On other steps the hooks return immediately. What is measured
-and which rows become tags is one :class:`~lr_monitor.recording.config.RecorderConfig`.
+device-to-host transfer. On other steps the hooks return at once, or, with
+``consecutive=True``, only feed the consecutive-step statistics
+(:mod:`lr_monitor.recording.consecutive`: a few device operations on a fixed subsample,
+nothing read back). What is measured and which rows become tags is one
+:class:`~lr_monitor.recording.config.RecorderConfig`.
 
 :func:`attach` is the same thing for plain PyTorch loops and Fabric::
 
@@ -63,6 +66,7 @@ from lr_monitor.functional.statistics import (
 )
 from lr_monitor.functional.step import applied_update, with_applied_update
 from lr_monitor.recording.config import GRANULARITIES, RecorderConfig
+from lr_monitor.recording.consecutive import TOTALS, ConsecutiveTracker, consecutive_statistics
 from lr_monitor.recording.history import UpdateHistory
 from lr_monitor.recording.record import Listeners, RecordListener, StepRecord
 from lr_monitor.tags import DEFAULT_PREFIX, GLOBAL, group_names
@@ -100,6 +104,12 @@ class StepRecorder:
     * *measured*: no rule (or a setting the rule cannot reconstruct): every parameter of
       the group is copied before the step and ``eff_lr`` is the group's lr.
 
+    With ``consecutive=True``, at every step (recorded or not) a
+    :class:`~lr_monitor.recording.consecutive.ConsecutiveTracker` adds the step's
+    cos(Δ_t, Δ_{t−1}), cos(g_t, Δ_{t−1}) and [g_t·Δ_{t−1} > 0] to running sums on the
+    device; a recorded step publishes their means since the previous record in the
+    ``global`` row.
+
     After each recorded step the recorder builds one
     :class:`~lr_monitor.recording.record.StepRecord` (every row, ``global`` included),
     keeps it as :attr:`last_record` and calls each listener with it, in the order they
@@ -125,6 +135,8 @@ class StepRecorder:
         exclude: See :class:`~lr_monitor.recording.config.RecorderConfig`.
         update_cosine: See :class:`~lr_monitor.recording.config.RecorderConfig`.
         cosine_samples: See :class:`~lr_monitor.recording.config.RecorderConfig`.
+        consecutive: See :class:`~lr_monitor.recording.config.RecorderConfig`.
+        consecutive_tensors: See :class:`~lr_monitor.recording.config.RecorderConfig`.
         log_global: See :class:`~lr_monitor.recording.config.RecorderConfig`.
         reduce: Applied to the device sums before the host transfer; for sharded
             parameters pass ``lambda sums: sums.all_reduce()`` (every rank must record).
@@ -150,19 +162,27 @@ class StepRecorder:
         exclude: str | None = None,
         update_cosine: bool = True,
         cosine_samples: int = 4096,
+        consecutive: bool = False,
+        consecutive_tensors: int = 64,
         log_global: bool = True,
         reduce: Callable[[StepSums], None] | None = None,
         faults: FaultBarrier | None = None,
     ) -> None:
         self.config = RecorderConfig(prefix=prefix, granularity=granularity, include=include,
                                      exclude=exclude, update_cosine=update_cosine,
-                                     cosine_samples=cosine_samples, log_global=log_global)
+                                     cosine_samples=cosine_samples, consecutive=consecutive,
+                                     consecutive_tensors=consecutive_tensors,
+                                     log_global=log_global)
         self.optimizer = optimizer
         self.name = name
         self.should_record = should_record
         self.listeners = Listeners(listeners)
         self.param_names = dict(param_names or {})
         self.history = UpdateHistory(cosine_samples) if update_cosine else None
+        #: The every-step consecutive statistics (``None`` with ``consecutive=False``).
+        self.consecutive = ConsecutiveTracker(
+            optimizer, samples_per_tensor=cosine_samples, max_tensors=consecutive_tensors,
+        ) if consecutive else None
         self.reduce = reduce
         self.faults = faults or FaultBarrier(f"StepRecorder({name})")
         self.exact = find_rule(optimizer) is not None
@@ -225,6 +245,8 @@ class StepRecorder:
         self._before = {}
         if self.history is not None:
             self.history.clear()
+        if self.consecutive is not None:
+            self.consecutive.clear()
 
     @property
     def disabled(self) -> bool:
@@ -239,9 +261,15 @@ class StepRecorder:
         the step from the gradient the optimizer used, i.e. after clipping). Sparse
         gradients are measured by their coalesced values.
 
+        Also gathers the gradient's sample for the consecutive-step statistics, on every
+        step.
+
         Returns:
             Whether the coming step will be recorded.
         """
+        if self.consecutive is not None and not self.disabled:
+            self.faults.call("consecutive", self.consecutive.capture_gradients,
+                             subject=self.name)
         due = not self.disabled and bool(self.should_record(self.step_index))
         if not due:
             self._grad_sq = None
@@ -260,6 +288,12 @@ class StepRecorder:
 
     def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._recording = False
+        if self.consecutive is not None and not self.disabled:
+            # With a closure (Lightning) the gradient is computed inside step(). ``args``
+            # starts with the optimizer itself.
+            closure = (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None
+            self.faults.call("consecutive", self.consecutive.before_step, closure=closure,
+                             subject=self.name)
         self.faults.call("record", self._before_step, subject=self.name)
 
     def _before_step(self) -> None:
@@ -277,6 +311,9 @@ class StepRecorder:
 
     def _post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.step_index += 1
+        if self.consecutive is not None and not self.disabled:
+            self.faults.call("consecutive", self.consecutive.after_step,
+                             full_check=self._recording, subject=self.name)
         if not self._recording:
             return
         self._recording = False
@@ -307,6 +344,8 @@ class StepRecorder:
             if self.history is not None and saved is not None:
                 self.history.restore(saved)
             record = self.measure()
+        if self.consecutive is not None:
+            self.consecutive.reset_totals()
         self.last_record = record
         return record
 
@@ -359,8 +398,10 @@ class StepRecorder:
         """The statistics of the step just taken, as a record; one host transfer.
 
         Uses the gradient norms of :meth:`capture_gradients` when they were taken for this
-        step, else the gradients as the optimizer left them. The hooks call this on
-        recorded steps; calling it directly (e.g. to time it) records nothing.
+        step, else the gradients as the optimizer left them. The consecutive-step sums
+        since the previous record ride along in the same transfer (they are reset by the
+        hooks after a record, not here). The hooks call this on recorded steps; calling it
+        directly (e.g. to time it) records nothing.
 
         Returns:
             The record, indexed as the step just taken (``step_index - 1``).
@@ -371,8 +412,10 @@ class StepRecorder:
         groups = self.optimizer.param_groups
         lrs = [g["lr"] for g in groups]
         tensor_rows = self._tensor_row if self.config.granularity == "tensor" else None
+        consecutive = self._consecutive_totals()
         sums = step_sums([self._group_steps(g) for g in groups], history=self.history,
-                         grad_sq=self._grad_sq, tensor_rows=tensor_rows, extra=lrs)
+                         grad_sq=self._grad_sq, tensor_rows=tensor_rows,
+                         extra=[*lrs, *consecutive])
         tensor_params = sums.tensor_params
         if self.reduce is not None:
             self.reduce(sums)
@@ -389,8 +432,19 @@ class StepRecorder:
         # All groups together: one combine of the host sums. Its lr only when they agree.
         glob = summarize(host.combine(range(len(names))))[0]
         rows[GLOBAL] = {"lr": lr_values[0], **glob} if len(set(lr_values)) == 1 else glob
+        if consecutive:
+            n = len(lrs)
+            rows[GLOBAL].update(consecutive_statistics(host.extra[n:n + len(TOTALS)]))
         return StepRecord(optimizer=self.name, index=self.step_index - 1, rows=rows,
                           groups=tuple(names), host=host)
+
+
+    def _consecutive_totals(self) -> list[Tensor]:
+        """The consecutive-step sums as 0-d device tensors (none when off or faulted)."""
+        if self.consecutive is None:
+            return []
+        totals = self.faults.call("consecutive", self.consecutive.totals, subject=self.name)
+        return [] if totals is None else list(totals.unbind())
 
 
 class MonitorHandle:
@@ -458,7 +512,8 @@ def attach(
         **recorder_kwargs: Passed to :class:`StepRecorder`: the recording options of
             :class:`~lr_monitor.recording.config.RecorderConfig` (``prefix``,
             ``granularity``, ``include``, ``exclude``, ``update_cosine``,
-            ``cosine_samples``, ``log_global``), and ``listeners``.
+            ``cosine_samples``, ``consecutive``, ``consecutive_tensors``, ``log_global``),
+            and ``listeners``.
 
     Returns:
         A :class:`MonitorHandle`.
