@@ -44,7 +44,7 @@ from lr_monitor.alerts import (
     make_default_sinks,
 )
 from lr_monitor.callbacks._compat import is_tensorboard_logger, pl, rank_zero_warn, run_dir
-from lr_monitor.callbacks.monitor import StepSizeMonitor
+from lr_monitor.callbacks._publisher import Publisher
 from lr_monitor.events import Action, Detection, GuardEvent
 from lr_monitor.faults import FaultBarrier
 from lr_monitor.guard.bank import DetectorBank, DetectorStream
@@ -177,7 +177,7 @@ class DivergenceGuard(pl.Callback):
         self.sinks: list[AlertSink] = []
         self.stop_reason: str | None = None
         self._trainer: pl.Trainer | None = None
-        self._monitors: list[StepSizeMonitor] = []
+        self._monitors: list[Publisher] = []  # every callback that publishes records
         self._records: deque[StepRecord] = deque(maxlen=_QUEUE)  # from the monitors
         self._pending: list[Detection] = []  # from recorded statistics, acted on next step
         self._decided_step: int | None = None
@@ -219,7 +219,7 @@ class DivergenceGuard(pl.Callback):
 
     def _subscribe(self, trainer: pl.Trainer) -> None:
         for cb in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(cb, StepSizeMonitor) and all(cb is not m for m in self._monitors):
+            if isinstance(cb, Publisher) and all(cb is not m for m in self._monitors):
                 cb.subscribe(self._on_record)
                 self._monitors.append(cb)
 

@@ -41,13 +41,10 @@ from typing import Any, cast
 import torch
 
 from lr_monitor._validation import check_bool, check_int
-from lr_monitor.alerts import AlertSink, close_sinks, dispatch, make_default_sinks
-from lr_monitor.callbacks._compat import is_tensorboard_logger, pl, rank_zero_warn, run_dir
-from lr_monitor.events import GuardEvent
-from lr_monitor.faults import FaultBarrier
+from lr_monitor.callbacks._compat import is_tensorboard_logger, pl, rank_zero_warn
+from lr_monitor.callbacks._publisher import Publisher
 from lr_monitor.functional.statistics import grad_values, histogram_buckets
-from lr_monitor.recording import RecorderConfig, RecordListener, StepRecord, StepRecorder
-from lr_monitor.recording.record import Listeners
+from lr_monitor.recording import RecorderConfig, StepRecord, StepRecorder
 from lr_monitor.tags import (
     CONSECUTIVE_STATISTICS,
     DEFAULT_PREFIX,
@@ -65,7 +62,7 @@ from lr_monitor.tags import (
 __all__ = ["StepSizeMonitor"]
 
 
-class StepSizeMonitor(pl.Callback):
+class StepSizeMonitor(Publisher):
     """Record effective step sizes, gradient statistics and moments to the logger.
 
     Listeners added with :meth:`subscribe` receive every record of every optimizer on every
@@ -114,6 +111,7 @@ class StepSizeMonitor(pl.Callback):
         consecutive_tensors: int = 64,
         log_global: bool = True,
     ) -> None:
+        super().__init__("StepSizeMonitor")
         check_int("logging_interval", logging_interval, 1, allow_none=True)
         self.config = RecorderConfig(prefix=prefix, granularity=granularity, include=include,
                                      exclude=exclude, update_cosine=update_cosine,
@@ -128,8 +126,6 @@ class StepSizeMonitor(pl.Callback):
         self.grad_histograms = grad_histograms
         self.custom_scalars = custom_scalars
         self.recorders: list[StepRecorder] = []
-        self._listeners = Listeners()
-        self._trainer: pl.Trainer | None = None
         self._interval = 1
         self._warned_histograms = False
         self._layout_written = False
@@ -140,9 +136,6 @@ class StepSizeMonitor(pl.Callback):
         self._batches = 0
         self._loaded_batches: int | None = None
         self._steps_at_batch_start = 0
-        self._sinks: list[AlertSink] | None = None
-        self.faults = FaultBarrier("StepSizeMonitor", report=self._report_fault,
-                                   step=self._current_step)
 
     @property
     def prefix(self) -> str:
@@ -156,36 +149,7 @@ class StepSizeMonitor(pl.Callback):
                                         granularity=self.config.granularity)
 
     # -- listeners -----------------------------------------------------------------------
-    def subscribe(self, listener: RecordListener) -> None:
-        """Call ``listener(record)`` with every :class:`~lr_monitor.recording.StepRecord`.
 
-        On every rank, for every optimizer, before the record is logged; also for the
-        recorders attached after this call (subscribe in ``setup``, the recorders are
-        attached in ``on_train_start``). While anything is subscribed, every rank records
-        (DDP replicas compute the same statistics); otherwise only rank zero does. A
-        listener that raises is reported once (``events.jsonl``) and not called again for
-        that optimizer. Subscribing twice has no effect.
-
-        Args:
-            listener: A callable taking a record.
-
-        Raises:
-            ValueError: if ``listener`` is not callable.
-
-        Example:
-            >>> monitor = StepSizeMonitor()
-            >>> ratios = []
-            >>> monitor.subscribe(lambda record: ratios.append(record.value("update_ratio")))
-        """
-        self._listeners.subscribe(listener)
-
-    def unsubscribe(self, listener: RecordListener) -> None:
-        """Stop calling ``listener`` (nothing happens if it was not subscribed).
-
-        Args:
-            listener: A listener given to :meth:`subscribe`.
-        """
-        self._listeners.unsubscribe(listener)
 
     # -- lifecycle -----------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -257,9 +221,7 @@ class StepSizeMonitor(pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove the optimizer hooks; close the fault record."""
         self._detach()
-        if self._sinks:
-            close_sinks(self._sinks, timeout=5.0)
-        self._sinks = None
+        self._close_fault_record()
 
     def _detach(self) -> None:
         for r in self.recorders:
@@ -271,17 +233,7 @@ class StepSizeMonitor(pl.Callback):
         t = self._trainer
         return t is not None and t.training and index % self._interval == 0
 
-    def _current_step(self) -> int | None:
-        return None if self._trainer is None else self._trainer.global_step
 
-    def _report_fault(self, event: GuardEvent) -> None:
-        """Send a fault record to the run's record (log line and ``events.jsonl``)."""
-        trainer = self._trainer
-        if self._sinks is None:
-            self._sinks = make_default_sinks(
-                None if trainer is None else run_dir(trainer),
-                is_rank_zero=lambda: trainer is None or trainer.is_global_zero)
-        dispatch(self._sinks, event)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
@@ -296,7 +248,7 @@ class StepSizeMonitor(pl.Callback):
     # -- output --------------------------------------------------------------------------
     def _on_record(self, record: StepRecord) -> None:
         """Hand the record to the listeners, then log it (rank zero)."""
-        self._listeners.publish(record, self.faults, record.optimizer)
+        self._publish(record)
         trainer = self._trainer
         if trainer is None or not trainer.is_global_zero:
             return

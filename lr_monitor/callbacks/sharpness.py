@@ -78,12 +78,10 @@ from lr_monitor._validation import (
     check_str,
     invalid,
 )
-from lr_monitor.alerts import AlertSink, close_sinks, dispatch, make_default_sinks
-from lr_monitor.callbacks._compat import pl, rank_zero_warn, run_dir
-from lr_monitor.events import GuardEvent
-from lr_monitor.faults import FaultBarrier
+from lr_monitor.callbacks._compat import pl, rank_zero_warn
+from lr_monitor.callbacks._publisher import Publisher
 from lr_monitor.functional.curvature import DEFAULT_TOL, Curvature, LossFn, measure_curvature
-from lr_monitor.recording.record import Listeners, RecordListener, StepRecord
+from lr_monitor.recording.record import StepRecord
 from lr_monitor.tags import DEFAULT_PREFIX, GLOBAL, optimizer_names
 
 __all__ = ["SharpnessMonitor"]
@@ -175,7 +173,7 @@ def _clone(batch: Any) -> Any:
     return apply_to_collection(batch, torch.Tensor, lambda t: t.detach().clone())
 
 
-class SharpnessMonitor(pl.Callback):
+class SharpnessMonitor(Publisher):
     """Log sharpness, preconditioned sharpness, stability threshold and their ratio.
 
     Args:
@@ -213,6 +211,7 @@ class SharpnessMonitor(pl.Callback):
         seed: int = 0,
         prefix: str = DEFAULT_PREFIX,
     ) -> None:
+        super().__init__("SharpnessMonitor")
         check_int("every_n_steps", every_n_steps, 1)
         if loss_fn is not None:
             check_callable("loss_fn", loss_fn, "None or a callable loss_fn(module, batch)")
@@ -233,8 +232,6 @@ class SharpnessMonitor(pl.Callback):
         self.prefix = prefix
         #: The last measurement of each optimizer, by name.
         self.last: dict[str, Curvature] = {}
-        self._listeners = Listeners()
-        self._trainer: pl.Trainer | None = None
         self._optimizers: list[torch.optim.Optimizer] = []
         self._names: list[str] = []
         self._counts: list[int] = []
@@ -245,9 +242,6 @@ class SharpnessMonitor(pl.Callback):
         self._batches = 0
         self._loaded: dict[str, Any] = {}
         self._warned = False
-        self._sinks: list[AlertSink] | None = None
-        self.faults = FaultBarrier("SharpnessMonitor", report=self._report_fault,
-                                   step=self._current_step)
 
     @property
     def state_key(self) -> str:
@@ -255,24 +249,7 @@ class SharpnessMonitor(pl.Callback):
         return self._generate_state_key(prefix=self.prefix)
 
     # -- listeners -----------------------------------------------------------------------
-    def subscribe(self, listener: RecordListener) -> None:
-        """Call ``listener(record)`` with each measurement, one record per optimizer.
 
-        The record's ``rows[GLOBAL]`` holds the four statistics; ``index`` is the
-        optimizer's step index. A listener that raises is reported once and not called
-        again for that optimizer.
-
-        Args:
-            listener: A callable taking a :class:`~lr_monitor.recording.StepRecord`.
-
-        Raises:
-            ValueError: if ``listener`` is not callable.
-        """
-        self._listeners.subscribe(listener)
-
-    def unsubscribe(self, listener: RecordListener) -> None:
-        """Stop calling ``listener`` (nothing happens if it was not subscribed)."""
-        self._listeners.unsubscribe(listener)
 
     # -- lifecycle -----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -316,20 +293,9 @@ class SharpnessMonitor(pl.Callback):
         """Remove the step hooks, release the fixed batch, close the fault record."""
         self._detach()
         self._fixed, self._has_fixed = None, False
-        if self._sinks:
-            close_sinks(self._sinks, timeout=5.0)
-        self._sinks = None
+        self._close_fault_record()
 
-    def _current_step(self) -> int | None:
-        return None if self._trainer is None else self._trainer.global_step
 
-    def _report_fault(self, event: GuardEvent) -> None:
-        trainer = self._trainer
-        if self._sinks is None:
-            self._sinks = make_default_sinks(
-                None if trainer is None else run_dir(trainer),
-                is_rank_zero=lambda: trainer is None or trainer.is_global_zero)
-        dispatch(self._sinks, event)
 
     # -- measuring -----------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -364,7 +330,7 @@ class SharpnessMonitor(pl.Callback):
         for i, row in zip(due, rows, strict=True):
             record = StepRecord(optimizer=self._names[i], index=self._counts[i] - 1,
                                 rows={GLOBAL: row})
-            self._listeners.publish(record, self.faults, record.optimizer)
+            self._publish(record)
             if trainer.is_global_zero:
                 self.faults.call("log", self._log, trainer, record.metrics(self.prefix), step,
                                  subject=record.optimizer)

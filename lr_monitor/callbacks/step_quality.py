@@ -53,12 +53,10 @@ import torch
 from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
 
 from lr_monitor._validation import check_callable, check_int, check_str
-from lr_monitor.alerts import AlertSink, close_sinks, dispatch, make_default_sinks
-from lr_monitor.callbacks._compat import pl, rank_zero_warn, run_dir
-from lr_monitor.events import GuardEvent
-from lr_monitor.faults import FaultBarrier
+from lr_monitor.callbacks._compat import pl, rank_zero_warn
+from lr_monitor.callbacks._publisher import Publisher
 from lr_monitor.guard.signals import loss_scale
-from lr_monitor.recording.record import Listeners, RecordListener, StepRecord
+from lr_monitor.recording.record import StepRecord
 from lr_monitor.recording.step_quality import StepQualityMeter, StepQualityValues
 from lr_monitor.tags import DEFAULT_PREFIX, optimizer_names
 
@@ -107,7 +105,7 @@ def _logging_off(module: Any) -> Iterator[None]:
         module.__dict__.update(saved)
 
 
-class StepQualityMonitor(pl.Callback):
+class StepQualityMonitor(Publisher):
     """Measure the step quality ρ (and Cockpit's α = 1 − 2ρ) every n optimizer steps.
 
     Costs, on a measured step only: one forward pass without autograd graph (about a third
@@ -143,6 +141,7 @@ class StepQualityMonitor(pl.Callback):
 
     def __init__(self, every_n_steps: int = 50, *, loss_fn: LossFn | None = None,
                  prefix: str = DEFAULT_PREFIX) -> None:
+        super().__init__("StepQualityMonitor")
         self.every_n_steps: int = check_int("every_n_steps", every_n_steps, 1)
         self.loss_fn = (None if loss_fn is None else
                         check_callable("loss_fn", loss_fn, "None or a callable "
@@ -153,16 +152,11 @@ class StepQualityMonitor(pl.Callback):
         self.last: StepQualityValues | None = None
         #: Steps measured so far (on this rank).
         self.measured = 0
-        self.faults = FaultBarrier("StepQualityMonitor", report=self._report_fault,
-                                   step=self._current_step)
-        self._listeners = Listeners()
-        self._trainer: pl.Trainer | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._name = ""
         self._hook: Any = None
         self._active = False
         self._warned: set[str] = set()
-        self._sinks: list[AlertSink] | None = None
         # The step being measured.
         self._pending = False
         self._failed = False
@@ -170,28 +164,7 @@ class StepQualityMonitor(pl.Callback):
         self._step = 0
 
     # -- listeners -----------------------------------------------------------------------
-    def subscribe(self, listener: RecordListener) -> None:
-        """Call ``listener(record)`` with every measurement, on every rank.
 
-        The record's ``global`` row holds ``step_quality`` and ``step_alpha``; its
-        ``index`` is the optimizer step. A listener that raises is reported once and not
-        called again. Subscribing twice has no effect.
-
-        Args:
-            listener: A callable taking a :class:`~lr_monitor.recording.StepRecord`.
-
-        Raises:
-            ValueError: if ``listener`` is not callable.
-        """
-        self._listeners.subscribe(listener)
-
-    def unsubscribe(self, listener: RecordListener) -> None:
-        """Stop calling ``listener`` (nothing happens if it was not subscribed).
-
-        Args:
-            listener: A listener given to :meth:`subscribe`.
-        """
-        self._listeners.unsubscribe(listener)
 
     # -- lifecycle -----------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -229,9 +202,7 @@ class StepQualityMonitor(pl.Callback):
         self._remove_hook()
         self._pending = False
         self.meter.reset()
-        if self._sinks:
-            close_sinks(self._sinks, timeout=5.0)
-        self._sinks = None
+        self._close_fault_record()
 
     def _remove_hook(self) -> None:
         if self._hook is not None:
@@ -244,17 +215,7 @@ class StepQualityMonitor(pl.Callback):
             self._warned.add(key)
             rank_zero_warn(message)
 
-    def _current_step(self) -> int | None:
-        return None if self._trainer is None else self._trainer.global_step
 
-    def _report_fault(self, event: GuardEvent) -> None:
-        """Send a fault record to the run's record (log line and ``events.jsonl``)."""
-        trainer = self._trainer
-        if self._sinks is None:
-            self._sinks = make_default_sinks(
-                None if trainer is None else run_dir(trainer),
-                is_rank_zero=lambda: trainer is None or trainer.is_global_zero)
-        dispatch(self._sinks, event)
 
     def _enabled(self) -> bool:
         return self._active and not any(self.faults.disabled(s) for s in _MEASURING)
@@ -362,7 +323,7 @@ class StepQualityMonitor(pl.Callback):
         self.last = result
         self.measured += 1
         record = StepRecord(optimizer=self._name, index=result.step, rows=result.rows())
-        self._listeners.publish(record, self.faults, self._name)
+        self._publish(record, self._name)
         if trainer.is_global_zero:
             self.faults.call("log", self._log, trainer, record, subject=self._name)
 
