@@ -61,11 +61,14 @@ bench: $(STAMP)
 	$(PIP) install --disable-pip-version-check -q -c $(CONSTRAINTS) -e ".[bench]"
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/divergence_suite.py
+	$(BIN)/python benchmarks/step_quality.py
+	$(BIN)/python benchmarks/edge_of_stability.py
 
 bench-quick: $(STAMP)
 	$(PIP) install --disable-pip-version-check -q -c $(CONSTRAINTS) -e ".[bench]"
 	$(BIN)/python benchmarks/overhead.py --quick
 	$(BIN)/python benchmarks/divergence_suite.py --quick
+	$(BIN)/python benchmarks/edge_of_stability.py --quick --out /tmp/lr-monitor-bench --img /tmp/lr-monitor-bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache lr_monitor_runs
