@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -148,3 +149,35 @@ class Faulty(DigitsMLP):
             if self.global_step in self.scale_at:
                 loss = loss * self.scale
         return loss
+
+
+class HostReads(pl.Callback):
+    """Counts the host reads issued from lr_monitor's own code, per ``global_step``.
+
+    Patches ``tolist``, ``item``, ``cpu``, ``numpy`` and the scalar conversions of
+    ``torch.Tensor`` for the test (through ``monkeypatch``); attach it as a callback so it
+    knows the step. A GPU-ready callback reads the host once per recorded step, never else.
+    """
+
+    NAMES = ("tolist", "item", "cpu", "numpy", "__float__", "__int__", "__bool__")
+
+    def __init__(self, monkeypatch: Any) -> None:
+        self.calls: list[int] = []
+        self.step = -1
+        for name in self.NAMES:
+            orig = getattr(torch.Tensor, name)
+
+            def wrapper(tensor: torch.Tensor, *a: Any, _o: Any = orig, **k: Any) -> Any:
+                caller = sys._getframe(1).f_code.co_filename
+                if "lr_monitor" in caller and "tests" not in caller:
+                    self.calls.append(self.step)
+                return _o(tensor, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        self.step = trainer.global_step
+
+    def per_step(self, steps: int) -> dict[int, int]:
+        """Host reads at each of the first ``steps`` steps."""
+        return {s: self.calls.count(s) for s in range(steps)}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lr_monitor import StepSizeMonitor, attach
 from lr_monitor.functional import effective_lr, last_update, optimizer_steps
-from tests.lightning_models import Regressor, TwoOptimizers, regression_loader, trainer
+from tests.lightning_models import (
+    HostReads,
+    Regressor,
+    TwoOptimizers,
+    regression_loader,
+    trainer,
+)
 
 OPTIMIZERS = {
     "adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
@@ -190,30 +195,15 @@ def test_host_transfers_one_per_recorded_step(tmp_path: Path, monkeypatch: pytes
     With ``consecutive=True`` the every-step statistics run on all 8 steps, and their means
     still ride in the recorded steps' one transfer.
     """
-    calls: list[int] = []
-    current = {"step": -1}
-    for name in ("tolist", "item", "cpu", "numpy", "__float__", "__int__", "__bool__"):
-        orig = getattr(torch.Tensor, name)
-
-        def wrapper(self: torch.Tensor, *a: Any, _o: Any = orig, **k: Any) -> Any:
-            caller = sys._getframe(1).f_code.co_filename
-            if "lr_monitor" in caller and "tests" not in caller:
-                calls.append(current["step"])
-            return _o(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapper)
-
-    class Step(pl.Callback):
-        def on_train_batch_start(self, trainer: Any, *a: Any) -> None:
-            current["step"] = trainer.global_step
+    reads = HostReads(monkeypatch)
 
     logger = TensorBoardLogger(str(tmp_path), name="count")
     monitor = StepSizeMonitor(4, consecutive=consecutive)
     records: list[Any] = []
     monitor.subscribe(records.append)
-    tr = trainer(tmp_path, logger=logger, max_steps=8, callbacks=[Step(), monitor])
+    tr = trainer(tmp_path, logger=logger, max_steps=8, callbacks=[reads, monitor])
     tr.fit(Regressor(OPTIMIZERS["adam"]), regression_loader())
-    per_step = {s: calls.count(s) for s in range(8)}
+    per_step = reads.per_step(8)
     assert per_step == {0: 1, 1: 0, 2: 0, 3: 0, 4: 1, 5: 0, 6: 0, 7: 0}
     # steps 2, 3 and 4 have a cosine; their means are in the record of step 4
     assert (records[1].value("consecutive_update_cosine") is not None) == consecutive

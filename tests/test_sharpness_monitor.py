@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from lr_monitor.recording.record import StepRecord
 from lr_monitor.tags import CURVATURE_STATISTICS
 from tests.lightning_models import (
     DigitsMLP,
+    HostReads,
     TwoOptimizers,
     digits_loaders,
     regression_loader,
@@ -185,28 +185,13 @@ def test_manual_optimization_needs_a_loss_fn_and_gets_one_row_per_optimizer(
 
 def test_host_transfers_one_per_measurement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                             ) -> None:
-    calls: list[int] = []
-    current = {"step": -1}
-    for name in ("tolist", "item", "cpu", "numpy", "__float__", "__int__", "__bool__"):
-        orig = getattr(torch.Tensor, name)
-
-        def wrapper(self: torch.Tensor, *a: Any, _o: Any = orig, **k: Any) -> Any:
-            caller = sys._getframe(1).f_code.co_filename
-            if "lr_monitor" in caller and "tests" not in caller:
-                calls.append(current["step"])
-            return _o(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapper)
-
-    class Step(pl.Callback):
-        def on_train_batch_start(self, trainer: Any, *a: Any) -> None:
-            current["step"] = trainer.global_step
+    reads = HostReads(monkeypatch)
 
     train, _ = digits_loaders()
     tr = trainer(tmp_path, logger=False, max_steps=6,
-                 callbacks=[Step(), SharpnessMonitor(every_n_steps=4, iters=3)])
+                 callbacks=[reads, SharpnessMonitor(every_n_steps=4, iters=3)])
     tr.fit(DigitsMLP(), train)
-    assert {s: calls.count(s) for s in range(6)} == {0: 1, 1: 0, 2: 0, 3: 0, 4: 1, 5: 0}
+    assert reads.per_step(6) == {0: 1, 1: 0, 2: 0, 3: 0, 4: 1, 5: 0}
 
 
 def test_state_dict_round_trip() -> None:

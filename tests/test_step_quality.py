@@ -43,7 +43,13 @@ from lr_monitor.recording.step_quality import (
     step_alpha,
     step_quality,
 )
-from tests.lightning_models import Regressor, TwoOptimizers, regression_loader, trainer
+from tests.lightning_models import (
+    HostReads,
+    Regressor,
+    TwoOptimizers,
+    regression_loader,
+    trainer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -485,28 +491,13 @@ def test_unsupported_setups_warn_once_and_measure_nothing(tmp_path: Path, case: 
 
 def test_host_transfers_one_per_measured_step(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    current = {"step": -1}
-    for name in ("tolist", "item", "cpu", "numpy", "__float__", "__int__", "__bool__"):
-        orig = getattr(torch.Tensor, name)
-
-        def wrapper(self: torch.Tensor, *a: Any, _o: Any = orig, **k: Any) -> Any:
-            caller = sys._getframe(1).f_code.co_filename
-            if "lr_monitor" in caller and "tests" not in caller:
-                calls.append(current["step"])
-            return _o(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapper)
-
-    class Step(pl.Callback):
-        def on_train_batch_start(self, trainer: Any, *a: Any) -> None:
-            current["step"] = trainer.global_step
+    reads = HostReads(monkeypatch)
 
     logger = TensorBoardLogger(str(tmp_path), name="count")
     tr = trainer(tmp_path, logger=logger, max_steps=8,
-                 callbacks=[Step(), StepQualityMonitor(every_n_steps=4)])
+                 callbacks=[reads, StepQualityMonitor(every_n_steps=4)])
     tr.fit(Regressor(lambda m: torch.optim.Adam(m.parameters(), lr=1e-2)), regression_loader())
-    assert {s: calls.count(s) for s in range(8)} == {0: 1, 1: 0, 2: 0, 3: 0, 4: 1, 5: 0,
+    assert reads.per_step(8) == {0: 1, 1: 0, 2: 0, 3: 0, 4: 1, 5: 0,
                                                      6: 0, 7: 0}
 
 
