@@ -7,6 +7,8 @@
 * :class:`StepQualityMonitor` — the step quality ρ: did the step overshoot on its own batch?
 * :class:`SharpnessMonitor` — curvature on a fixed batch against the optimizer's stability
   threshold (edge of stability).
+* :class:`GradientNoiseScale` — the gradient noise scale B_simple from micro-batch or
+  per-rank gradient norms (gradient accumulation or DDP).
 * :func:`attach` — the same statistics for plain PyTorch loops and Fabric.
 * :mod:`lr_monitor.functional` — the pure tensor math underneath.
 
@@ -25,6 +27,7 @@ from lr_monitor.events import Detection, GuardEvent
 if TYPE_CHECKING:
     from lr_monitor.callbacks.guard import DivergenceGuard
     from lr_monitor.callbacks.monitor import StepSizeMonitor
+    from lr_monitor.callbacks.noise import GradientNoiseScale
     from lr_monitor.callbacks.sharpness import SharpnessMonitor
     from lr_monitor.callbacks.step_quality import StepQualityMonitor
     from lr_monitor.recording import MonitorHandle, StepRecorder, attach
@@ -36,6 +39,7 @@ _moved.install()
 __all__ = [
     "Detection",
     "DivergenceGuard",
+    "GradientNoiseScale",
     "GuardEvent",
     "MonitorHandle",
     "SharpnessMonitor",
@@ -51,6 +55,7 @@ _LAZY = {
     "StepSizeMonitor": "lr_monitor.callbacks.monitor",
     "SharpnessMonitor": "lr_monitor.callbacks.sharpness",
     "StepQualityMonitor": "lr_monitor.callbacks.step_quality",
+    "GradientNoiseScale": "lr_monitor.callbacks.noise",
     "MonitorHandle": "lr_monitor.recording",
     "StepRecorder": "lr_monitor.recording",
     "attach": "lr_monitor.recording",

@@ -14,9 +14,16 @@ from __future__ import annotations
 
 from lr_monitor.callbacks.lightning import (
     DivergenceGuard,
+    GradientNoiseScale,
     SharpnessMonitor,
     StepQualityMonitor,
     StepSizeMonitor,
 )
 
-__all__ = ["DivergenceGuard", "SharpnessMonitor", "StepQualityMonitor", "StepSizeMonitor"]
+__all__ = [
+    "DivergenceGuard",
+    "GradientNoiseScale",
+    "SharpnessMonitor",
+    "StepQualityMonitor",
+    "StepSizeMonitor",
+]

@@ -8,6 +8,8 @@
   step quality ρ from one extra forward pass every n steps.
 * :class:`SharpnessMonitor` (:mod:`~lr_monitor.callbacks.sharpness`) measures the curvature
   on a fixed batch against the optimizer's stability threshold.
+* :class:`GradientNoiseScale` (:mod:`~lr_monitor.callbacks.noise`) estimates the gradient
+  noise scale from micro-batch or per-rank gradient norms.
 * :mod:`~lr_monitor.callbacks.lightning` — the same classes for ``lightning.pytorch``.
 """
 
@@ -15,7 +17,14 @@ from __future__ import annotations
 
 from lr_monitor.callbacks.guard import DivergenceGuard
 from lr_monitor.callbacks.monitor import StepSizeMonitor
+from lr_monitor.callbacks.noise import GradientNoiseScale
 from lr_monitor.callbacks.sharpness import SharpnessMonitor
 from lr_monitor.callbacks.step_quality import StepQualityMonitor
 
-__all__ = ["DivergenceGuard", "SharpnessMonitor", "StepQualityMonitor", "StepSizeMonitor"]
+__all__ = [
+    "DivergenceGuard",
+    "GradientNoiseScale",
+    "SharpnessMonitor",
+    "StepQualityMonitor",
+    "StepSizeMonitor",
+]

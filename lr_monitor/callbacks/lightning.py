@@ -25,10 +25,17 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from lr_monitor.callbacks.guard import DivergenceGuard as _DivergenceGuard
 from lr_monitor.callbacks.monitor import StepSizeMonitor as _StepSizeMonitor
+from lr_monitor.callbacks.noise import GradientNoiseScale as _GradientNoiseScale
 from lr_monitor.callbacks.sharpness import SharpnessMonitor as _SharpnessMonitor
 from lr_monitor.callbacks.step_quality import StepQualityMonitor as _StepQualityMonitor
 
-__all__ = ["DivergenceGuard", "SharpnessMonitor", "StepQualityMonitor", "StepSizeMonitor"]
+__all__ = [
+    "DivergenceGuard",
+    "GradientNoiseScale",
+    "SharpnessMonitor",
+    "StepQualityMonitor",
+    "StepSizeMonitor",
+]
 
 
 class StepSizeMonitor(_StepSizeMonitor, _L.Callback):  # type: ignore[misc]
@@ -45,3 +52,7 @@ class StepQualityMonitor(_StepQualityMonitor, _L.Callback):  # type: ignore[misc
 
 class SharpnessMonitor(_SharpnessMonitor, _L.Callback):  # type: ignore[misc]
     """:class:`lr_monitor.SharpnessMonitor` for ``lightning.pytorch`` trainers."""
+
+
+class GradientNoiseScale(_GradientNoiseScale, _L.Callback):  # type: ignore[misc]
+    """:class:`lr_monitor.GradientNoiseScale` for ``lightning.pytorch`` trainers."""
