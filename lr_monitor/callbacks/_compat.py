@@ -1,4 +1,4 @@
-"""Which Lightning package the callbacks subclass.
+"""What the callbacks need from Lightning: its package, a run's directory, the fp16 scaler.
 
 Lightning ships under two import names: ``pytorch_lightning`` (the declared dependency)
 and ``lightning.pytorch`` (the unified ``lightning`` package). A ``Trainer`` accepts only
@@ -9,13 +9,16 @@ built on ``lightning.pytorch``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
 
-__all__ = ["is_tensorboard_logger", "pl", "rank_zero_warn", "run_dir"]
+__all__ = ["grad_scaler", "is_tensorboard_logger", "logging_off", "pl", "rank_zero_warn",
+           "run_dir"]
 
 
 def is_tensorboard_logger(logger: object) -> bool:
@@ -28,3 +31,36 @@ def run_dir(trainer: Any) -> Path:
     lg = trainer.logger
     lg_dir = getattr(lg, "log_dir", None) if lg is not None else None
     return Path(lg_dir) if lg_dir else Path(trainer.default_root_dir)
+
+
+def grad_scaler(trainer: Any) -> Any:
+    """The enabled fp16 ``GradScaler`` of the trainer's precision plugin, or ``None``."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    enabled = getattr(scaler, "is_enabled", None)
+    return scaler if scaler is not None and callable(enabled) and enabled() else None
+
+
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``LightningModule.log``/``log_dict`` while a callback re-runs a step."""
+
+
+@contextmanager
+def logging_off(module: Any) -> Iterator[None]:
+    """``module.log`` and ``module.log_dict`` do nothing inside the block.
+
+    For a callback that calls ``training_step`` itself (a re-run, a curvature probe): the
+    values it logs must not reach the loggers. Instance attributes shadow the methods and
+    are removed (or put back) afterwards.
+    """
+    names = ("log", "log_dict")
+    saved = {n: module.__dict__[n] for n in names if n in module.__dict__}
+    try:
+        for n in names:
+            module.__dict__[n] = _no_log
+        yield
+    finally:
+        for n in names:
+            if n in saved:
+                module.__dict__[n] = saved[n]
+            else:
+                module.__dict__.pop(n, None)

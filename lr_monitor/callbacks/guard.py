@@ -43,7 +43,13 @@ from lr_monitor.alerts import (
     dispatch,
     make_default_sinks,
 )
-from lr_monitor.callbacks._compat import is_tensorboard_logger, pl, rank_zero_warn, run_dir
+from lr_monitor.callbacks._compat import (
+    grad_scaler,
+    is_tensorboard_logger,
+    pl,
+    rank_zero_warn,
+    run_dir,
+)
 from lr_monitor.callbacks._publisher import Publisher
 from lr_monitor.events import Action, Detection, GuardEvent
 from lr_monitor.faults import FaultBarrier
@@ -65,12 +71,6 @@ __all__ = ["ACTIONS", "DEFAULT_POLICY", "DivergenceGuard"]
 #: Recorded steps held between two batches at most (a guard whose stage failed drops more).
 _QUEUE = 1024
 
-
-def _grad_scaler(trainer: pl.Trainer) -> Any:
-    """The enabled fp16 ``GradScaler`` of the trainer's precision plugin, or ``None``."""
-    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-    enabled = getattr(scaler, "is_enabled", None)
-    return scaler if scaler is not None and callable(enabled) and enabled() else None
 
 
 class DivergenceGuard(pl.Callback):
@@ -279,7 +279,7 @@ class DivergenceGuard(pl.Callback):
 
     def _add_loss(self, trainer: pl.Trainer, loss: torch.Tensor) -> None:
         # fp16 AMP: Lightning hands callbacks the *scaled* loss; the scale comes back out.
-        self.signals.add_loss(loss, loss_scale(_grad_scaler(trainer)))
+        self.signals.add_loss(loss, loss_scale(grad_scaler(trainer)))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
@@ -304,7 +304,7 @@ class DivergenceGuard(pl.Callback):
         cut = self.cut_policy
         context = DecisionContext(step=step, cuts_left=not cut.exhausted,
                                   cooling_down=not cut.can_cut(step),
-                                  amp=_grad_scaler(trainer) is not None,
+                                  amp=grad_scaler(trainer) is not None,
                                   amp_streak=self._amp_streak)
         self._amp_streak = self.policy.next_amp_streak(found, context)
         decision = self.policy.decide(found, context)

@@ -42,7 +42,7 @@ import torch
 from pytorch_lightning.utilities.data import extract_batch_size
 
 from lr_monitor._validation import check_int, check_real, check_str
-from lr_monitor.callbacks._compat import pl, rank_zero_warn
+from lr_monitor.callbacks._compat import grad_scaler, pl, rank_zero_warn
 from lr_monitor.callbacks._publisher import Publisher
 from lr_monitor.guard.signals import loss_scale
 from lr_monitor.recording.noise import NoiseScale, NoiseScaleEstimator
@@ -54,9 +54,6 @@ __all__ = ["GradientNoiseScale"]
 #: The statistic this callback logs.
 _STAT = NOISE_STATISTICS[0]
 
-
-def _grad_scaler(trainer: pl.Trainer) -> Any:
-    return getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
 
 
 class GradientNoiseScale(Publisher):
@@ -206,7 +203,7 @@ class GradientNoiseScale(Publisher):
         if est is None or size is None:
             return
         factor: torch.Tensor | float = float(trainer.accumulate_grad_batches)
-        scale = loss_scale(_grad_scaler(trainer))
+        scale = loss_scale(grad_scaler(trainer))
         if scale is not None:
             factor = factor / scale
         est.end_backward(size, factor)

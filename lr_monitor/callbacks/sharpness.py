@@ -78,7 +78,7 @@ from lr_monitor._validation import (
     check_str,
     invalid,
 )
-from lr_monitor.callbacks._compat import pl, rank_zero_warn
+from lr_monitor.callbacks._compat import logging_off, pl, rank_zero_warn
 from lr_monitor.callbacks._publisher import Publisher
 from lr_monitor.functional.curvature import DEFAULT_TOL, Curvature, LossFn, measure_curvature
 from lr_monitor.recording.record import StepRecord
@@ -90,25 +90,6 @@ __all__ = ["SharpnessMonitor"]
 MODES = ("train", "eval")
 
 
-def _no_log(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-@contextlib.contextmanager
-def _silenced(module: pl.LightningModule) -> Iterator[None]:
-    """``module.log`` and ``module.log_dict`` do nothing inside (instance attributes)."""
-    saved = {name: module.__dict__[name] for name in ("log", "log_dict")
-             if name in module.__dict__}
-    module.log = _no_log  # type: ignore[method-assign]
-    module.log_dict = _no_log  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for name in ("log", "log_dict"):
-            if name in saved:
-                module.__dict__[name] = saved[name]
-            else:
-                module.__dict__.pop(name, None)
 
 
 def training_step_loss(module: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -124,7 +105,7 @@ def training_step_loss(module: torch.nn.Module, batch: Any) -> torch.Tensor:
     Raises:
         ValueError: when ``training_step`` returns ``None`` or a dict without ``"loss"``.
     """
-    with _silenced(module):  # type: ignore[arg-type]
+    with logging_off(module):
         out = module.training_step(batch, 0)  # type: ignore[operator]
     if isinstance(out, Mapping):
         if "loss" not in out:

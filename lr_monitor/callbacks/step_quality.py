@@ -45,15 +45,15 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
 
 from lr_monitor._validation import check_callable, check_int, check_str
-from lr_monitor.callbacks._compat import pl, rank_zero_warn
+from lr_monitor.callbacks._compat import grad_scaler, logging_off, pl, rank_zero_warn
 from lr_monitor.callbacks._publisher import Publisher
 from lr_monitor.guard.signals import loss_scale
 from lr_monitor.recording.record import StepRecord
@@ -69,12 +69,6 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 _MEASURING = ("capture", "measure", "finish")
 
 
-def _grad_scaler(trainer: Any) -> Any:
-    """The enabled fp16 ``GradScaler`` of the trainer's precision plugin, or ``None``."""
-    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-    enabled = getattr(scaler, "is_enabled", None)
-    return scaler if scaler is not None and callable(enabled) and enabled() else None
-
 
 def _loss_of(output: Any, what: str) -> torch.Tensor:
     """The loss tensor in a ``training_step`` output (a tensor or a dict with ``"loss"``)."""
@@ -86,23 +80,6 @@ def _loss_of(output: Any, what: str) -> torch.Tensor:
     return output
 
 
-def _no_log(*args: Any, **kwargs: Any) -> None:
-    """Stands in for ``LightningModule.log``/``log_dict`` during the re-run."""
-
-
-@contextmanager
-def _logging_off(module: Any) -> Iterator[None]:
-    """``module.log`` and ``module.log_dict`` do nothing inside the block."""
-    names = ("log", "log_dict")
-    saved = {n: module.__dict__[n] for n in names if n in module.__dict__}
-    try:
-        for n in names:
-            module.__dict__[n] = _no_log
-        yield
-    finally:
-        for n in names:
-            module.__dict__.pop(n, None)
-        module.__dict__.update(saved)
 
 
 class StepQualityMonitor(Publisher):
@@ -251,7 +228,7 @@ class StepQualityMonitor(Publisher):
         if getattr(opt, "_step_supports_amp_scaling", False):
             # An optimizer that unscales inside step() (fused Adam): Lightning did not
             # unscale, so g still carries the loss scale.
-            scale = loss_scale(_grad_scaler(trainer))
+            scale = loss_scale(grad_scaler(trainer))
         self.meter.capture([p for g in opt.param_groups for p in g["params"]], scale)
 
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -285,7 +262,7 @@ class StepQualityMonitor(Publisher):
         context = getattr(precision, "train_step_context", None)
 
         def rerun() -> torch.Tensor:
-            with _logging_off(pl_module), (context() if callable(context)
+            with logging_off(pl_module), (context() if callable(context)
                                            else nullcontext()):
                 if self.loss_fn is not None:
                     return _loss_of(self.loss_fn(pl_module, batch), "loss_fn")
