@@ -102,7 +102,8 @@ _ORDER = (Action.LOG, Action.SKIP, Action.CUT, Action.ROLLBACK, Action.STOP)
 _ACTION_BY_VALUE = {a.value: a for a in Action}
 
 #: Every value of :attr:`Detection.kind`, one per detector.
-DETECTION_KINDS = ("nonfinite", "spike", "divergence", "oscillation", "update_ratio")
+DETECTION_KINDS = ("nonfinite", "spike", "divergence", "oscillation", "update_ratio",
+                   "overshoot")
 
 
 @dataclass(frozen=True)

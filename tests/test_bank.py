@@ -9,16 +9,18 @@ from typing import Any
 import pytest
 import torch
 
-from lr_monitor.guard.bank import DetectorBank
+from lr_monitor.guard.bank import OVERSHOOT_RULES, TREND_SPAN, DetectorBank
 from lr_monitor.guard.detectors import DivergenceDetector
 from lr_monitor.guard.signals import GRAD_NORM, LOSS, StepSignals, loss_scale
 from lr_monitor.recording.record import StepRecord
 from lr_monitor.tags import GLOBAL, STATISTICS
 
-#: The detector names of one stream: the guard's checkpoint format since 0.1.
+#: The detector names of one stream: the guard's checkpoint format since 0.1 (a state
+#: without the later names loads: those detectors start afresh).
 NAMES = {"nonfinite/loss", "nonfinite/grad_norm", "explosion/loss", "spike/loss",
          "spike/grad_norm", "divergence/loss", "oscillation/update_cosine",
-         "update_ratio/update_ratio"}
+         "update_ratio/update_ratio", "trend/loss", "overshoot/step_quality",
+         "overshoot/stability_ratio"}
 
 
 def warm(bank: DetectorBank, steps: int = 40, index: int = 0) -> None:
@@ -39,7 +41,7 @@ def test_a_stream_has_the_checkpointed_names_and_signals_by_name() -> None:
         assert name.split("/", 1)[1] == det.signal
     assert all(d.signal in STATISTICS for d in stream.recorded)  # read from a StepRecord
     assert [[d.signal for d in r] for r in stream.rounds] == [
-        [LOSS, GRAD_NORM], [LOSS], [LOSS, LOSS, GRAD_NORM]]
+        [LOSS, LOSS, GRAD_NORM], [LOSS], [LOSS, LOSS, GRAD_NORM]]
 
 
 def test_a_nonfinite_value_ends_the_round() -> None:
@@ -111,6 +113,71 @@ def test_recorded_statistics_are_read_from_the_global_row() -> None:
     assert bank.observe(0, 3, record(update_norm=1.0)) == []  # nothing it watches
     cosines = [bank.observe(0, t, record(update_cosine=-0.9)) for t in range(4, 24)]
     assert [(d.kind, d.signal) for h in cosines for d in h] == [("oscillation", "update_cosine")]
+
+
+def stuck(bank: DetectorBank, start: int, steps: int) -> None:
+    """Losses that neither fall nor rise (a run stuck at a bad level)."""
+    for t in range(start, start + steps):
+        bank.detect(0, t, {LOSS: 2.3 + 0.01 * (t % 2)})
+
+
+def test_overshoot_rules_fire_on_a_stuck_or_rising_loss_only() -> None:
+    bank = DetectorBank(overshoot_rules=list(OVERSHOOT_RULES))
+    overshooting = {"step_quality": -0.5, "step_slope": -1.0, "overshoot_frac": 0.9}
+    for t in range(100):  # a falling loss: the signals alone do not fire
+        bank.detect(0, t, {LOSS: 3.0 - 0.01 * t})
+        if t % 5 == 4:
+            assert bank.observe(0, t, record(**overshooting)) == []
+    stuck(bank, 100, 2 * TREND_SPAN)  # now it neither falls nor rises
+    hits = [h for t in range(200, 225, 5) for h in bank.observe(0, t, record(**overshooting))]
+    # ρ < 0 needs the loss not to fall; g·Δ > 0 needs it to rise
+    assert [(h.kind, h.signal) for h in hits] == [("overshoot", "step_quality")]
+    for t in range(225, 300):
+        bank.detect(0, t, {LOSS: 2.3 + 0.02 * (t - 224)})
+    hits = [h for t in range(300, 315, 5) for h in bank.observe(0, t, record(**overshooting))]
+    assert ("overshoot", "overshoot_frac") in [(h.kind, h.signal) for h in hits]
+
+
+def test_overshoot_rules_are_chosen_by_name() -> None:
+    assert "overshoot/overshoot_frac" not in DetectorBank().stream(0)  # opt-in
+    only = DetectorBank(overshoot_rules=("overshoot_frac",)).stream(0)
+    assert [n for n in only if n.startswith("overshoot/")] == ["overshoot/overshoot_frac"]
+    assert not [n for n in DetectorBank(overshoot_rules=()).stream(0)
+                if n.startswith("overshoot/")]
+    for bad in ("step_quality", ["rho"], [1], None):
+        with pytest.raises(ValueError, match=r"overshoot_rules=.* is invalid"):
+            DetectorBank(overshoot_rules=bad)  # type: ignore[arg-type]
+
+
+def test_step_quality_counts_on_descent_steps_only() -> None:
+    bank = DetectorBank()
+    stuck(bank, 0, 100)
+    for t in range(100, 200, 5):  # ρ < 0 on a step that pointed uphill: no overshoot
+        bank.detect(0, t, {LOSS: 2.3})
+        assert bank.observe(0, t, record(step_quality=-0.5, step_slope=1.0)) == []
+        assert bank.observe(0, t, record(step_quality=-0.5)) == []  # slope unknown
+
+
+def test_stability_ratio_needs_a_rising_loss() -> None:
+    bank = DetectorBank()
+    stuck(bank, 0, 60)
+    assert [bank.observe(0, t, record(stability_ratio=30.0)) for t in (40, 50, 59)] == [
+        [], [], []]
+    for t in range(60, 90):
+        bank.detect(0, t, {LOSS: 2.3 + 0.1 * (t - 59)})
+    hits = bank.observe(0, 89, record(stability_ratio=30.0))
+    assert [(h.kind, h.signal, h.threshold) for h in hits] == [
+        ("overshoot", "stability_ratio", 4.0)]
+
+
+def test_rebase_forgets_the_overshoot_values_of_the_old_learning_rate() -> None:
+    bank = DetectorBank(overshoot_rules=list(OVERSHOOT_RULES))
+    stuck(bank, 0, 60)
+    for t in (40, 45):
+        bank.observe(0, t, record(overshoot_frac=0.9))
+    assert bank.stream(0)["overshoot/overshoot_frac"].state_dict()["values"] == [0.9, 0.9]
+    bank.rebase()
+    assert bank.stream(0)["overshoot/overshoot_frac"].state_dict()["values"] == []
 
 
 def test_rebase_judges_the_new_regime_and_healthy_sees_the_climb() -> None:

@@ -15,8 +15,10 @@ from lr_monitor.events import Detection
 from lr_monitor.guard.detectors import (
     Detector,
     DivergenceDetector,
+    LossTrend,
     NonFiniteDetector,
     OscillationDetector,
+    OvershootDetector,
     SpikeDetector,
     UpdateRatioDetector,
 )
@@ -450,6 +452,9 @@ ROUND_TRIP = {
     "divergence": (DivergenceDetector, lambda: blowup_then_chance(1)),
     "oscillation": (OscillationDetector, lambda: cosines(1, 0.2, -0.8)),
     "update_ratio": (UpdateRatioDetector, lambda: ([1e-3] * 5 + [0.2] * 4) * 30),
+    "overshoot": (lambda: OvershootDetector("step_quality", threshold=0.0, direction="below",
+                                            loss="any", window=4, min_fraction=0.75),
+                  lambda: cosines(2, 0.3, -0.4)),
 }
 
 
@@ -515,6 +520,21 @@ BAD_ARGS = [
     (UpdateRatioDetector, {"threshold": -0.1}, "threshold=-0.1"),
     (UpdateRatioDetector, {"patience": 0}, "patience=0"),
     (NonFiniteDetector, {"signal": None}, "signal=None"),
+    (LossTrend, {"z": -1.0}, "z=-1.0"),
+    (LossTrend, {"rtol": math.nan}, "rtol=nan"),
+    (LossTrend, {"min_count": 0}, "min_count=0"),
+    (LossTrend, {"capacity": 5}, "capacity=5"),
+    (OvershootDetector, {"signal": "x", "threshold": math.inf, "direction": "above",
+                         "loss": "any"}, "threshold=inf"),
+    (OvershootDetector, {"signal": "x", "threshold": 0.0, "direction": "up", "loss": "any"},
+     "direction='up'"),
+    (OvershootDetector, {"signal": "x", "threshold": 0.0, "direction": "above", "window": 0,
+                         "loss": "any"}, "window=0"),
+    (OvershootDetector, {"signal": "x", "threshold": 0.0, "direction": "above",
+                         "min_fraction": 0.0, "loss": "any"}, "min_fraction=0.0"),
+    (OvershootDetector, {"signal": "x", "threshold": 0.0, "direction": "above",
+                         "loss": "down"}, "loss='down'"),
+    (OvershootDetector, {"signal": "x", "threshold": 0.0, "direction": "above"}, "trend=None"),
 ]
 
 
@@ -556,3 +576,93 @@ def test_divergence_progress_is_validated_and_saved() -> None:
     e = DivergenceDetector(warmup=3, progress=0.5)
     e.load_state_dict(d.state_dict())
     assert e.bound() == d.bound()
+
+
+# ------------------------------------------------------------------------------------------
+# loss trend and overshoot
+# ------------------------------------------------------------------------------------------
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def test_loss_trend_compares_the_medians_of_two_equal_spans() -> None:
+    rng = random.Random(0)
+    values = [rng.uniform(0, 10) for _ in range(60)]
+    trend = LossTrend()
+    feed(trend, values)
+    for since in (30, 45, 55):
+        span = 59 - since + 1
+        now, before = values[since:], values[since - span:since]
+        delta, se, m_before = trend.change(since)  # type: ignore[misc]
+        assert delta == pytest.approx(_median(now) - _median(before), abs=1e-12)
+        assert m_before == pytest.approx(_median(before), abs=1e-12)
+        assert se > 0
+
+
+def test_loss_trend_needs_history_and_ignores_nonfinite_values() -> None:
+    trend = LossTrend(min_count=3)
+    feed(trend, [1.0, 2.0, math.nan, 3.0, math.inf])
+    assert trend.change(3) is None  # two spans of < 3 values
+    assert not trend.rising(3) and not trend.not_falling(3)
+    assert trend.update(9, 5.0) is None  # it never fires
+    assert trend.state_dict()["values"] == [1.0, 2.0, 3.0, 5.0]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_loss_trend_tells_a_noisy_descent_from_a_rise(seed: int) -> None:
+    down = noisy_descent(seed, 400, sigma=0.3)
+    trend = LossTrend()
+    feed(trend, down)
+    assert not trend.not_falling(300)  # 100 steps of exp(-t/100): the median fell ~63 %
+    up = [2.0 * math.exp(0.3 * random.Random(seed).gauss(0, 1)) * (1 + t / 50)
+          for t in range(100)]
+    feed(trend, up, start=400)
+    assert trend.rising(450) and trend.not_falling(450)
+    flat = LossTrend()
+    feed(flat, [2.0 * math.exp(0.3 * g) for g in (random.Random(seed).gauss(0, 1)
+                                                   for _ in range(400))])
+    assert not flat.rising(300)  # noise is no rise (z = 2 standard errors)
+
+
+def test_overshoot_waits_for_the_loss_condition_and_clears_after_firing() -> None:
+    trend = LossTrend()
+    det = OvershootDetector("overshoot_frac", threshold=0.5, direction="above", window=3,
+                            min_fraction=1.0, loss="not_falling", trend=trend)
+    events = []
+    for t in range(60):
+        trend.update(t, 3.0 - 0.02 * t if t < 30 else 2.5)  # falls, then stops falling
+        if t % 5 == 0 and (e := det.update(t, 0.9)) is not None:
+            events.append(e)
+    # windows over falling steps are kept, and it fires once the median stops falling
+    assert [e.step for e in events] == [45]
+    assert events[0].kind == "overshoot" and events[0].value == 0.9
+    assert "the loss's median went" in events[0].message
+
+
+def test_loss_trend_state_round_trip() -> None:
+    values = noisy_descent(4, 300)
+    whole, first = LossTrend(capacity=100), LossTrend(capacity=100)
+    feed(whole, values)
+    feed(first, values[:120])
+    resumed = LossTrend(capacity=100)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    feed(resumed, values[120:], start=120)
+    assert resumed.state_dict() == whole.state_dict()
+    assert resumed.change(250) == whole.change(250)
+    resumed.reset()
+    assert resumed.state_dict() == LossTrend(capacity=100).state_dict()
+
+
+def test_overshoot_fraction_and_direction() -> None:
+    below = OvershootDetector("step_quality", threshold=0.0, direction="below", window=5,
+                              min_fraction=0.8, loss="any")
+    assert feed(below, [-0.1, -0.2, 0.5, -0.3, 0.4]) == []  # 3/5 below 0
+    assert [e.step for e in feed(below, [-0.1, -0.2, 0.5, -0.3, -0.4], start=5)] == [9]
+    above = OvershootDetector("stability_ratio", threshold=4.0, direction="above", window=2,
+                              min_fraction=1.0, loss="any")
+    assert feed(above, [5.0, 3.9, 5.0, 4.0]) == []  # never two in a row strictly above
+    assert [e.step for e in feed(above, [5.0, 6.0])] == [1]

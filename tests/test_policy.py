@@ -32,7 +32,7 @@ def test_old_public_names_are_importable_from_both_places() -> None:
     assert ACTIONS == GUARD_ACTIONS == ALL_ACTIONS
     assert DEFAULT_POLICY is GUARD_DEFAULT_POLICY
     assert DEFAULT_POLICY == {"nonfinite": "rollback", "spike": "skip", "divergence": "rollback",
-                              "oscillation": "cut", "update_ratio": "cut"}
+                              "oscillation": "cut", "update_ratio": "cut", "overshoot": "cut"}
 
 
 def test_defaults_map_every_kind_to_an_action() -> None:

@@ -53,7 +53,7 @@ from lr_monitor.callbacks._compat import (
 from lr_monitor.callbacks._publisher import Publisher
 from lr_monitor.events import Action, Detection, GuardEvent
 from lr_monitor.faults import FaultBarrier
-from lr_monitor.guard.bank import DetectorBank, DetectorStream
+from lr_monitor.guard.bank import DEFAULT_OVERSHOOT_RULES, DetectorBank, DetectorStream
 from lr_monitor.guard.interventions import LRCut, RollbackBuffer, learning_rates, skip_step
 from lr_monitor.guard.policy import (
     ACTIONS,
@@ -84,6 +84,15 @@ class DivergenceGuard(pl.Callback):
             (needs a :class:`~lr_monitor.StepSizeMonitor` recording ``update_cosine``).
         on_update_ratio: Action when ``update_ratio`` stays far above the usual 1e-3
             (needs a :class:`~lr_monitor.StepSizeMonitor`).
+        on_overshoot: Action when the steps overshoot while the loss does not fall: step
+            quality ρ < 0 (needs a :class:`~lr_monitor.StepQualityMonitor`), most new
+            gradients pointing back along the last update (a
+            ``StepSizeMonitor(consecutive=True)``) or the stability ratio far above 1 with
+            the loss rising (a :class:`~lr_monitor.SharpnessMonitor`); ``docs/guard.md``.
+        overshoot_rules: Which overshoot rules run, by signal: ``"step_quality"``,
+            ``"stability_ratio"`` (the default: no false intervention on the suite's
+            healthy runs) and ``"overshoot_frac"`` (opt-in: g·Δ > 0 on most steps with the
+            loss rising; it intervened on 2 of 60 long healthy runs).
         lr_factor: Multiplier of every learning rate per cut, in (0, 1); 0.1 is one decade,
             as a too-high LR is typically off by one or more (``docs/guard.md``).
         cooldown: Minimum optimizer steps between two ``cut`` actions (≥ 0). A rollback
@@ -129,6 +138,7 @@ class DivergenceGuard(pl.Callback):
         on_divergence: Action | str = DEFAULT_POLICY["divergence"],
         on_oscillation: Action | str = DEFAULT_POLICY["oscillation"],
         on_update_ratio: Action | str = DEFAULT_POLICY["update_ratio"],
+        on_overshoot: Action | str = DEFAULT_POLICY["overshoot"],
         lr_factor: float = 0.1,
         cooldown: int = 10,
         min_lr: float = 0.0,
@@ -140,6 +150,7 @@ class DivergenceGuard(pl.Callback):
         spike_threshold: float = 8.0,
         explosion_factor: float = 10.0,
         divergence_patience: int = 20,
+        overshoot_rules: Sequence[str] = DEFAULT_OVERSHOOT_RULES,
         watch_grad_norm: bool = True,
         amp_patience: int = 20,
         alerts: Sequence[AlertSink | Callable[[GuardEvent], object]] | None = None,
@@ -151,10 +162,11 @@ class DivergenceGuard(pl.Callback):
         self.policy = GuardPolicy(
             on_nonfinite=on_nonfinite, on_spike=on_spike, on_divergence=on_divergence,
             on_oscillation=on_oscillation, on_update_ratio=on_update_ratio,
-            escalate=escalate, amp_patience=amp_patience)
+            on_overshoot=on_overshoot, escalate=escalate, amp_patience=amp_patience)
         self.bank = DetectorBank(spike_window=spike_window, spike_threshold=spike_threshold,
                                  explosion_factor=explosion_factor,
-                                 divergence_patience=divergence_patience)
+                                 divergence_patience=divergence_patience,
+                                 overshoot_rules=overshoot_rules)
         self.signals = StepSignals(watch_grad_norm=watch_grad_norm)
         # Checked under the names the user typed; LRCut and RollbackBuffer check them again
         # under their own names.

@@ -13,9 +13,12 @@ optimizers, each optimizer's losses and gradients are judged on their own. Each 
   (no backward pass, gradient norm not watched) leaves its detectors alone;
 * the detectors of recorded statistics (``update_cosine`` →
   :class:`~lr_monitor.guard.detectors.OscillationDetector`, ``update_ratio`` →
-  :class:`~lr_monitor.guard.detectors.UpdateRatioDetector`), fed by
-  :meth:`DetectorBank.observe` from the ``global`` row of a
-  :class:`~lr_monitor.recording.record.StepRecord`.
+  :class:`~lr_monitor.guard.detectors.UpdateRatioDetector`, and the overshoot signals →
+  :class:`~lr_monitor.guard.detectors.OvershootDetector`, see :data:`OVERSHOOT_RULES`),
+  fed by :meth:`DetectorBank.observe` from the ``global`` row of a
+  :class:`~lr_monitor.recording.record.StepRecord`. The overshoot detectors ask the
+  stream's :class:`~lr_monitor.guard.detectors.LossTrend` (fed every step's loss in the
+  first round; it never fires) whether the loss fell over the steps they judge.
 
 State: :meth:`DetectorBank.state_dict` is a list with one ``{name: detector state}`` dict
 per stream (the names are the stream's keys, e.g. ``"spike/loss"``) — the format of the
@@ -34,16 +37,19 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from lr_monitor._validation import check_int, check_real
+from lr_monitor._validation import check_int, check_real, invalid
 from lr_monitor.events import Detection
 from lr_monitor.guard.detectors import (
     Detector,
     DivergenceDetector,
     ExplosionDetector,
+    LossTrend,
     NonFiniteDetector,
     OscillationDetector,
+    OvershootDetector,
     SpikeDetector,
     UpdateRatioDetector,
 )
@@ -52,10 +58,41 @@ from lr_monitor.guard.signals import GRAD_NORM, LOSS
 if TYPE_CHECKING:
     from lr_monitor.recording.record import StepRecord
 
-__all__ = ["DetectorBank", "DetectorStream"]
+__all__ = ["DEFAULT_OVERSHOOT_RULES", "OVERSHOOT_RULES", "TREND_SPAN", "DetectorBank",
+           "DetectorStream"]
 
 #: Warm-up (values) of the spike and divergence detectors, capped by the spike window.
 _WARMUP = 20
+
+#: The overshoot rules: signal → :class:`~lr_monitor.guard.detectors.OvershootDetector`
+#: arguments. Each is fed only when a callback records the signal
+#: (``StepQualityMonitor``; ``StepSizeMonitor(consecutive=True)``; ``SharpnessMonitor``);
+#: why these bounds and how often they fire on healthy runs: ``docs/guard.md``.
+OVERSHOOT_RULES: Mapping[str, Mapping[str, Any]] = MappingProxyType({
+    # ρ < 0 on descent steps: the step raised the loss of its own batch.
+    "step_quality": MappingProxyType(dict(threshold=0.0, direction="below", window=5,
+                                          min_fraction=0.8, loss="not_falling")),
+    # g_t·Δ_{t−1} > 0 on most steps of each recorded interval, and the loss going up
+    # (with "not falling" it fired on 29 of 60 long healthy runs: docs/guard.md).
+    "overshoot_frac": MappingProxyType(dict(threshold=0.5, direction="above", window=3,
+                                            min_fraction=1.0, loss="rising")),
+    # λ well beyond the optimizer's stability threshold, and the loss going up.
+    "stability_ratio": MappingProxyType(dict(threshold=4.0, direction="above", window=2,
+                                             min_fraction=1.0, loss="rising")),
+})
+
+#: The overshoot rules a guard uses unless told otherwise: the two without a false
+#: intervention on the healthy runs of the divergence suite (``docs/guard.md``).
+DEFAULT_OVERSHOOT_RULES = ("step_quality", "stability_ratio")
+
+#: Steps over which the loss trend is judged at least (against as many before): a
+#: mini-batch loss needs that many values before the median of a span stops following the
+#: noise; over fewer, the trend of a healthy run at a plateau reads "not falling" far too
+#: often (measured: ``docs/guard.md``).
+TREND_SPAN = 50
+
+#: ρ means "the step overshot" only when the step pointed downhill on its batch.
+_DESCENT_ONLY = ("step_quality", "step_slope")
 
 
 class DetectorStream(Mapping[str, Detector]):
@@ -102,25 +139,31 @@ class DetectorBank:
         explosion_factor: A loss this many times its starting level is a divergence at
             once (> 1).
         divergence_patience: Steps the smoothed loss must stay above its bound (int ≥ 1).
+        overshoot_rules: The signals of :data:`OVERSHOOT_RULES` whose overshoot detector
+            runs (each also needs a callback recording its signal).
 
     Raises:
         ValueError: If an argument is outside its range (the message names it).
     """
 
     def __init__(self, *, spike_window: int = 100, spike_threshold: float = 8.0,
-                 explosion_factor: float = 10.0, divergence_patience: int = 20) -> None:
+                 explosion_factor: float = 10.0, divergence_patience: int = 20,
+                 overshoot_rules: Sequence[str] = DEFAULT_OVERSHOOT_RULES) -> None:
         self.spike_window: int = check_int("spike_window", spike_window, 3)
         self.spike_threshold: float = check_real("spike_threshold", spike_threshold, low=0.0)
         self.explosion_factor: float = check_real("explosion_factor", explosion_factor,
                                                   low=1.0)
         self.divergence_patience: int = check_int("divergence_patience",
                                                   divergence_patience, 1)
+        self.overshoot_rules: tuple[str, ...] = check_rules("overshoot_rules", overshoot_rules)
         self.streams: list[DetectorStream] = [self._make_stream()]
 
     def _make_stream(self) -> DetectorStream:
         window, warmup = self.spike_window, min(_WARMUP, self.spike_window)
+        trend = LossTrend(LOSS, min_span=TREND_SPAN)
         rounds: list[dict[str, Detector]] = [
-            {"nonfinite/loss": NonFiniteDetector(LOSS),
+            {"trend/loss": trend,
+             "nonfinite/loss": NonFiniteDetector(LOSS),
              "nonfinite/grad_norm": NonFiniteDetector(GRAD_NORM)},
             {"explosion/loss": ExplosionDetector(LOSS, factor=self.explosion_factor)},
             {"spike/loss": SpikeDetector(LOSS, window=window, warmup=warmup,
@@ -135,6 +178,9 @@ class DetectorBank:
             "oscillation/update_cosine": OscillationDetector(),
             "update_ratio/update_ratio": UpdateRatioDetector(),
         }
+        for signal in self.overshoot_rules:
+            recorded[f"overshoot/{signal}"] = OvershootDetector(signal, trend=trend,
+                                                                **OVERSHOOT_RULES[signal])
         return DetectorStream(rounds, recorded)
 
     def stream(self, index: int) -> DetectorStream:
@@ -181,16 +227,21 @@ class DetectorBank:
         Returns:
             The detections, in the stream's order.
         """
-        return _feed(self.stream(index).recorded, step, record.value)
+        return _feed(self.stream(index).recorded, step, lambda signal: _recorded(record, signal))
 
     def rebase(self) -> None:
-        """After a cut that keeps the weights: every divergence detector judges the new regime.
+        """After a cut that keeps the weights: the detectors judge the new regime.
 
-        See :meth:`~lr_monitor.guard.detectors.DivergenceDetector.rebase`.
+        Every divergence detector rebases
+        (:meth:`~lr_monitor.guard.detectors.DivergenceDetector.rebase`) and every overshoot
+        detector forgets the values recorded at the old learning rate.
         """
         for stream in self.streams:
             for det in stream.divergence:
                 det.rebase()
+            for name in stream:
+                if isinstance(stream[name], OvershootDetector):
+                    stream[name].reset()
 
     def healthy(self) -> bool:
         """Whether no smoothed loss is above its divergence bound (a state to return to).
@@ -230,6 +281,36 @@ class DetectorBank:
             for name, det_state in saved.items():
                 if name in stream:
                     stream[name].load_state_dict(dict(det_state))
+
+
+def check_rules(arg: str, value: Any) -> tuple[str, ...]:
+    """``value`` as a tuple of :data:`OVERSHOOT_RULES` names (a list, tuple or set of them).
+
+    Raises:
+        ValueError: ``<arg>=<value> is invalid: must be ...`` for anything else.
+
+    Example:
+        >>> check_rules("overshoot_rules", ["step_quality"])
+        ('step_quality',)
+        >>> check_rules("overshoot_rules", "step_quality")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: overshoot_rules='step_quality' is invalid: must be a list of names from ...
+    """
+    allowed = tuple(OVERSHOOT_RULES)
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+            isinstance(v, str) and v in allowed for v in value):
+        raise invalid(arg, value, f"a list of names from {allowed}")
+    return tuple(v for v in allowed if v in value)
+
+
+def _recorded(record: StepRecord, signal: str) -> float | None:
+    """A recorded statistic for its detector; ρ only on descent steps (``step_slope < 0``)."""
+    if signal == _DESCENT_ONLY[0]:
+        slope = record.value(_DESCENT_ONLY[1])
+        if slope is None or not slope < 0.0:
+            return None
+    return record.value(signal)
 
 
 def _feed(detectors: Sequence[Detector], step: int,

@@ -13,6 +13,11 @@ Which detector watches what (default signal in brackets):
 * :class:`DivergenceDetector` (``loss``): the smoothed value stays far above its best.
 * :class:`OscillationDetector` (``update_cosine``): successive updates point back and forth.
 * :class:`UpdateRatioDetector` (``update_ratio``): ‖Δθ‖/‖θ‖ stays far above the usual ~1e-3.
+* :class:`OvershootDetector` (``step_quality``, ``overshoot_frac``, ``stability_ratio``): an
+  overshoot signal stays on the wrong side of its threshold while the loss, according to
+  a :class:`LossTrend`, is not falling (or is rising).
+* :class:`LossTrend` (``loss``) never fires: it keeps the recent losses and tells the
+  overshoot detectors whether the loss fell or rose over a span of steps.
 
 Only :class:`NonFiniteDetector` looks at non-finite values; all the others ignore them (they
 neither fire nor enter any statistic), so one ``nan`` cannot poison a baseline.
@@ -53,8 +58,10 @@ __all__ = [
     "Detector",
     "DivergenceDetector",
     "ExplosionDetector",
+    "LossTrend",
     "NonFiniteDetector",
     "OscillationDetector",
+    "OvershootDetector",
     "SpikeDetector",
     "UpdateRatioDetector",
 ]
@@ -78,6 +85,15 @@ def _median_mad(values: Iterable[float]) -> tuple[float, float]:
     s = sorted(values)
     med = _median(s)
     return med, _median(sorted(abs(v - med) for v in s))
+
+
+def _sigma(*groups: list[float]) -> float:
+    """Robust standard deviation (MAD × 1.4826) of the residuals about each group's median."""
+    residuals: list[float] = []
+    for g in groups:
+        med = _median(sorted(g))
+        residuals += [abs(v - med) for v in g]
+    return MAD_TO_SIGMA * _median(sorted(residuals))
 
 
 def _safe_exp(x: float) -> float:
@@ -890,3 +906,272 @@ class UpdateRatioDetector(Detector):
 
     def _set_state(self, state: dict[str, Any]) -> None:
         self._above = int(state["above"])
+
+
+#: The standard error of a median is about √(π/2) ≈ 1.2533 times that of a mean.
+_MEDIAN_SE = math.sqrt(math.pi / 2)
+
+LossCondition = Literal["rising", "not_falling", "any"]
+
+
+class LossTrend(Detector):
+    """The recent losses, and whether they rose or fell over a span of steps; never fires.
+
+    It answers one question for the overshoot detectors of its optimizer: over
+    the steps ``[since, t]`` (``t`` the last step it saw), did the loss rise or fall
+    compared with the equally long span just before? With the medians ``m_now``,
+    ``m_before`` of the two spans and their standard error ``se`` (``σ`` the robust
+    standard deviation of both spans about their medians, ``n`` the value counts)::
+
+        Δ = m_now − m_before,   se = 1.2533 · σ · √(1/n_now + 1/n_before)
+        rising      ⇔  Δ > z·se + rtol·|m_before|
+        not falling ⇔  Δ ≥ −rtol·|m_before|
+
+    Medians, so that one spike does not decide; "not falling" asks only that the loss did
+    not go down (by more than a rounding margin), which a noisy run stuck at a bad level
+    satisfies about half the time. Each span
+    needs ``min_count`` values, else the answer is "unknown" and both conditions are false:
+    the first steps of a run cannot vouch for a trend. Non-finite values are ignored.
+
+    Args:
+        signal: Name of the monitored quantity (default ``"loss"``).
+        capacity: Values kept (int ≥ 2·min_count); older ones are forgotten.
+        z: Standard errors the median must rise by to count as rising (> 0).
+        rtol: Relative margin of both conditions (≥ 0): a rise must also exceed it, a fall
+            must exceed it to count (for noise-free losses).
+        min_count: Values each span needs (int ≥ 1).
+
+    Raises:
+        ValueError: If an argument is outside its range (the message names it).
+
+    Example:
+        >>> trend = LossTrend()
+        >>> for t in range(20):
+        ...     _ = trend.update(t, 2.0 - 0.05 * t)  # falling
+        >>> trend.rising(10), trend.not_falling(10)
+        (False, False)
+        >>> for t in range(20, 30):
+        ...     _ = trend.update(t, 3.0 + 0.01 * (t % 2))  # up to a higher level
+        >>> trend.rising(20), trend.not_falling(20)
+        (True, True)
+        >>> round(trend.change(20)[0], 3)
+        1.73
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, signal: str = "loss", *, capacity: int = 1024, z: float = 2.0,
+                 rtol: float = 1e-3, min_count: int = 3, min_span: int = 1) -> None:
+        super().__init__(signal)
+        self.min_count: int = check_int("min_count", min_count, 1)
+        self.min_span: int = check_int("min_span", min_span, 1)
+        self.capacity: int = check_int("capacity", capacity, 2 * self.min_count)
+        self.z: float = check_real("z", z, low=0.0)
+        self.rtol: float = check_real("rtol", rtol, low=0.0, low_closed=True)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every value."""
+        self._steps: deque[int] = deque(maxlen=self.capacity)
+        self._values: deque[float] = deque(maxlen=self.capacity)
+
+    def update(self, step: int, value: float) -> Detection | None:
+        """Keep one finite value.
+
+        Args:
+            step: Optimizer step the value belongs to.
+            value: The loss; non-finite values are ignored.
+
+        Returns:
+            ``None``, always.
+        """
+        x = float(value)
+        if math.isfinite(x):
+            self._steps.append(int(step))
+            self._values.append(x)
+        return None
+
+    def change(self, since: int) -> tuple[float, float, float] | None:
+        """``(Δ, se, m_before)`` for the span from ``since`` to the last step (see above).
+
+        Args:
+            since: First step of the span judged.
+
+        Returns:
+            The change of the median, its standard error and the earlier median, or
+            ``None`` when a span has fewer than ``min_count`` values.
+        """
+        if not self._steps:
+            return None
+        last = self._steps[-1]
+        span = max(self.min_span, last - int(since) + 1)
+        since = last - span + 1
+        pairs = list(zip(self._steps, self._values, strict=True))
+        now = [v for s, v in pairs if s >= since]
+        before = [v for s, v in pairs if since - span <= s < since]
+        if len(now) < self.min_count or len(before) < self.min_count:
+            return None
+        m_now, m_before = _median(sorted(now)), _median(sorted(before))
+        se = _MEDIAN_SE * _sigma(now, before) * math.sqrt(1 / len(now) + 1 / len(before))
+        return m_now - m_before, se, m_before
+
+    def rising(self, since: int) -> bool:
+        """Whether the loss rose significantly from the span before ``since`` to the one after.
+
+        Args:
+            since: First step of the span judged.
+        """
+        c = self.change(since)
+        return c is not None and c[0] > self.z * c[1] + self.rtol * abs(c[2])
+
+    def not_falling(self, since: int) -> bool:
+        """Whether the median loss since ``since`` is at least that of the span before.
+
+        Args:
+            since: First step of the span judged.
+        """
+        c = self.change(since)
+        return c is not None and c[0] >= -self.rtol * abs(c[2])
+
+    def holds(self, condition: LossCondition, since: int) -> bool:
+        """Whether ``condition`` (``"rising"``, ``"not_falling"`` or ``"any"``) holds.
+
+        Args:
+            condition: The loss condition of an :class:`OvershootDetector`.
+            since: First step of the span judged.
+        """
+        if condition == "rising":
+            return self.rising(since)
+        if condition == "not_falling":
+            return self.not_falling(since)
+        return True
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"steps": list(self._steps), "values": list(self._values)}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self._steps = deque((int(s) for s in state["steps"]), maxlen=self.capacity)
+        self._values = deque((float(v) for v in state["values"]), maxlen=self.capacity)
+
+
+class OvershootDetector(Detector):
+    """Fires when an overshoot signal stays beyond its threshold and the loss does not fall.
+
+    Over the last ``window`` finite values ``x_i`` (recorded steps ``s_1 … s_w``), it fires
+    iff::
+
+        #{i : x_i beyond threshold} / window ≥ min_fraction   and
+        loss condition over [s_1, s_w]  (see :class:`LossTrend`)
+
+    where "beyond" is ``>`` for ``direction="above"`` and ``<`` for ``"below"``. The
+    signals it is made for (defaults in :class:`~lr_monitor.guard.bank.DetectorBank`):
+
+    * ``step_quality`` ρ below 0 on descent steps: the step raised the loss of the very
+      batch it was computed from;
+    * ``overshoot_frac`` above ½: on most steps the new gradient points back along the
+      last update (g_t·Δ_{t−1} > 0), i.e. each step jumped past the minimum along it;
+    * ``stability_ratio`` far above 1: the sharpness the optimizer sees is far beyond
+      what its step size can stably take.
+
+    Each of these also happens on healthy runs for a while (at the edge of stability the
+    ratio hovers around 1 and GD reverses every step while the loss keeps falling), which
+    is why the loss must not be falling (or must be rising) over the same steps. A window
+    whose loss condition fails is kept, so the detector fires on the next value once the
+    loss stops falling; after firing the window is cleared.
+
+    Args:
+        signal: Name of the monitored quantity.
+        threshold: The bound (finite).
+        direction: ``"above"`` or ``"below"``: which side of the bound is overshoot.
+        window: Values judged together (int ≥ 1).
+        min_fraction: Fraction of them that must be beyond the bound, in (0, 1].
+        loss: The loss condition: ``"not_falling"``, ``"rising"`` or ``"any"`` (no
+            condition).
+        trend: The optimizer's :class:`LossTrend` (required unless ``loss="any"``).
+
+    Raises:
+        ValueError: If an argument is outside its range, or ``trend`` is missing for a
+            loss condition (the message names it).
+
+    Example:
+        >>> trend = LossTrend()
+        >>> d = OvershootDetector("step_quality", threshold=0.0, direction="below",
+        ...                       window=3, trend=trend)
+        >>> for t in range(10):
+        ...     _ = trend.update(t, 1.0 - 0.01 * t)  # the loss falls: no detection
+        ...     assert d.update(t, -0.5) is None
+        >>> for t in range(10, 20):
+        ...     _ = trend.update(t, 2.0)  # the loss stopped falling
+        >>> e = d.update(20, -0.5)
+        >>> e.kind, e.signal, e.value
+        ('overshoot', 'step_quality', -0.5)
+    """
+
+    kind: ClassVar[str] = "overshoot"
+
+    def __init__(self, signal: str, *, threshold: float,
+                 direction: Literal["above", "below"], window: int = 5,
+                 min_fraction: float = 0.8, loss: LossCondition = "not_falling",
+                 trend: LossTrend | None = None) -> None:
+        super().__init__(signal)
+        self.threshold: float = check_real("threshold", threshold)
+        self.direction: str = check_choice("direction", direction, ("above", "below"))
+        self.window: int = check_int("window", window, 1)
+        self.min_fraction: float = check_real("min_fraction", min_fraction, low=0.0,
+                                              high=1.0, high_closed=True)
+        self.loss: str = check_choice("loss", loss, ("rising", "not_falling", "any"))
+        if loss != "any" and not isinstance(trend, LossTrend):
+            raise invalid("trend", trend, f"a LossTrend for loss={loss!r}")
+        self.trend = trend
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the window."""
+        self._steps: deque[int] = deque(maxlen=self.window)
+        self._values: deque[float] = deque(maxlen=self.window)
+
+    def _beyond(self, x: float) -> bool:
+        return x > self.threshold if self.direction == "above" else x < self.threshold
+
+    def update(self, step: int, value: float) -> Detection | None:
+        """Feed one value; return an ``"overshoot"`` detection when both conditions hold.
+
+        Args:
+            step: Optimizer step the value belongs to.
+            value: The signal's value; non-finite values are ignored.
+
+        Returns:
+            A detection (its value: the median of the window) or ``None``.
+        """
+        x = float(value)
+        if not math.isfinite(x):
+            return None
+        self._steps.append(int(step))
+        self._values.append(x)
+        if len(self._values) < self.window:
+            return None
+        fraction = sum(map(self._beyond, self._values)) / self.window
+        since = self._steps[0]
+        if fraction < self.min_fraction:
+            return None
+        if self.trend is not None and not self.trend.holds(self.loss, since):  # type: ignore[arg-type]
+            return None
+        med = _median(sorted(self._values))
+        change = None if self.trend is None else self.trend.change(since)
+        self.reset()
+        side = ">" if self.direction == "above" else "<"
+        loss_text = "" if change is None else (
+            f"; the loss's median went {change[2]:.4g} -> {change[2] + change[0]:.4g}")
+        return self._hit(
+            step, med, self.threshold,
+            f"{self.signal} {side} {self.threshold:g} on {fraction:.0%} of the last "
+            f"{self.window} values (steps {since}-{step}, median {med:.3g}){loss_text}: "
+            f"the steps overshoot",
+        )
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"steps": list(self._steps), "values": list(self._values)}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self._steps = deque((int(s) for s in state["steps"]), maxlen=self.window)
+        self._values = deque((float(v) for v in state["values"]), maxlen=self.window)

@@ -63,6 +63,7 @@ DEFAULT_POLICY: dict[str, str] = {
     "divergence": "rollback",
     "oscillation": "cut",
     "update_ratio": "cut",
+    "overshoot": "cut",
 }
 
 _ESCALATIONS = (Action.STOP.label, Action.LOG.label)
@@ -203,6 +204,8 @@ class GuardPolicy:
         on_divergence: Action on sustained divergence or an explosion of the loss.
         on_oscillation: Action when recorded updates keep reversing direction.
         on_update_ratio: Action when ``update_ratio`` stays far above the usual 1e-3.
+        on_overshoot: Action when an overshoot signal (step quality, g·Δ, stability
+            ratio) stays beyond its bound while the loss does not fall.
         escalate: What a cut or rollback becomes once every cut is used up: ``"stop"`` or
             ``"log"``.
         amp_patience: With an fp16 ``GradScaler``, non-finite steps in a row left to the
@@ -225,6 +228,7 @@ class GuardPolicy:
     on_divergence: Action | str = DEFAULT_POLICY["divergence"]
     on_oscillation: Action | str = DEFAULT_POLICY["oscillation"]
     on_update_ratio: Action | str = DEFAULT_POLICY["update_ratio"]
+    on_overshoot: Action | str = DEFAULT_POLICY["overshoot"]
     escalate: Action | str = Action.STOP
     amp_patience: int = 20
     actions: Mapping[str, Action] = field(init=False, repr=False, compare=False)
