@@ -9,16 +9,17 @@ built on ``lightning.pytorch``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
-__all__ = ["grad_scaler", "is_tensorboard_logger", "logging_off", "pl", "rank_zero_warn",
-           "run_dir"]
+__all__ = ["grad_scaler", "is_tensorboard_logger", "logging_off", "loss_tensor", "pl",
+           "rank_zero_warn", "run_dir"]
 
 
 def is_tensorboard_logger(logger: object) -> bool:
@@ -64,3 +65,28 @@ def logging_off(module: Any) -> Iterator[None]:
                 module.__dict__[n] = saved[n]
             else:
                 module.__dict__.pop(n, None)
+
+
+def loss_tensor(output: Any, what: str) -> torch.Tensor:
+    """The loss tensor in what ``training_step`` (or a ``loss_fn``) returned.
+
+    A tensor, or a dict with a ``"loss"`` tensor; for a callback that re-computes a step's
+    loss.
+
+    Args:
+        output: The return value.
+        what: Who returned it, for the message (``"training_step"``, ``"loss_fn"``).
+
+    Returns:
+        The loss tensor.
+
+    Raises:
+        TypeError: For anything else (``None``, a dict without ``"loss"``), naming ``what``.
+    """
+    loss = output.get("loss") if isinstance(output, Mapping) else output
+    if not isinstance(loss, torch.Tensor):
+        shown = "a dict without a 'loss' tensor" if isinstance(output, Mapping) \
+            else type(output).__name__
+        raise TypeError(f"{what} returned {shown}: a loss tensor or a dict with a 'loss' "
+                        "tensor is needed (pass loss_fn=fn(module, batch) otherwise)")
+    return loss

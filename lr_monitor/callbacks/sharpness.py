@@ -61,7 +61,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -78,7 +78,7 @@ from lr_monitor._validation import (
     check_str,
     invalid,
 )
-from lr_monitor.callbacks._compat import logging_off, pl, rank_zero_warn
+from lr_monitor.callbacks._compat import logging_off, loss_tensor, pl, rank_zero_warn
 from lr_monitor.callbacks._publisher import Publisher
 from lr_monitor.functional.curvature import DEFAULT_TOL, Curvature, LossFn, measure_curvature
 from lr_monitor.recording.record import StepRecord
@@ -103,17 +103,12 @@ def training_step_loss(module: torch.nn.Module, batch: Any) -> torch.Tensor:
         The loss tensor (``training_step``'s return, or its ``"loss"`` entry).
 
     Raises:
-        ValueError: when ``training_step`` returns ``None`` or a dict without ``"loss"``.
+        TypeError: when ``training_step`` returns neither a tensor nor a dict with a
+            ``"loss"`` tensor.
     """
     with logging_off(module):
         out = module.training_step(batch, 0)  # type: ignore[operator]
-    if isinstance(out, Mapping):
-        if "loss" not in out:
-            raise ValueError("training_step returned a dict without 'loss': pass loss_fn")
-        out = out["loss"]
-    if out is None:
-        raise ValueError("training_step returned None for the fixed batch: pass loss_fn")
-    return out  # type: ignore[no-any-return]
+    return loss_tensor(out, "training_step")
 
 
 @contextlib.contextmanager
@@ -228,9 +223,6 @@ class SharpnessMonitor(Publisher):
     def state_key(self) -> str:
         """Key in the checkpoint's ``callbacks`` dict (monitors with other prefixes coexist)."""
         return self._generate_state_key(prefix=self.prefix)
-
-    # -- listeners -----------------------------------------------------------------------
-
 
     # -- lifecycle -----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

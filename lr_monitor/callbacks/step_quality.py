@@ -53,7 +53,13 @@ import torch
 from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
 
 from lr_monitor._validation import check_callable, check_int, check_str
-from lr_monitor.callbacks._compat import grad_scaler, logging_off, pl, rank_zero_warn
+from lr_monitor.callbacks._compat import (
+    grad_scaler,
+    logging_off,
+    loss_tensor,
+    pl,
+    rank_zero_warn,
+)
 from lr_monitor.callbacks._publisher import Publisher
 from lr_monitor.guard.signals import loss_scale
 from lr_monitor.recording.record import StepRecord
@@ -67,18 +73,6 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 #: The stages whose fault switches measuring off (the ``log`` stage only stops logging).
 _MEASURING = ("capture", "measure", "finish")
-
-
-
-def _loss_of(output: Any, what: str) -> torch.Tensor:
-    """The loss tensor in a ``training_step`` output (a tensor or a dict with ``"loss"``)."""
-    if isinstance(output, Mapping):
-        output = output.get("loss")
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(f"{what} returned {type(output).__name__}; the step-quality re-run "
-                        "needs a loss tensor or a dict with a 'loss' tensor")
-    return output
-
 
 
 
@@ -139,9 +133,6 @@ class StepQualityMonitor(Publisher):
         self._failed = False
         self._stepped = False
         self._step = 0
-
-    # -- listeners -----------------------------------------------------------------------
-
 
     # -- lifecycle -----------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -265,11 +256,11 @@ class StepQualityMonitor(Publisher):
             with logging_off(pl_module), (context() if callable(context)
                                            else nullcontext()):
                 if self.loss_fn is not None:
-                    return _loss_of(self.loss_fn(pl_module, batch), "loss_fn")
+                    return loss_tensor(self.loss_fn(pl_module, batch), "loss_fn")
                 step = pl_module.training_step
                 if is_param_in_hook_signature(step, "batch_idx", min_args=2):
-                    return _loss_of(step(batch, batch_idx), "training_step")
-                return _loss_of(step(batch), "training_step")
+                    return loss_tensor(step(batch, batch_idx), "training_step")
+                return loss_tensor(step(batch), "training_step")
 
         return self.meter.measure(loss, rerun, pl_module)
 
