@@ -148,9 +148,6 @@ class StepSizeMonitor(Publisher):
         return self._generate_state_key(prefix=self.config.prefix,
                                         granularity=self.config.granularity)
 
-    # -- listeners -----------------------------------------------------------------------
-
-
     # -- lifecycle -----------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Attach one recorder per optimizer (after a checkpoint has been restored)."""
