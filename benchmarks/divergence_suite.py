@@ -29,6 +29,12 @@ Policies:
 * ``guard_monitor`` — ``StepSizeMonitor()`` + ``DivergenceGuard()`` as in the README (the
   monitor records every ``log_every_n_steps`` = 10 steps and feeds the oscillation and
   update-ratio detectors).
+* ``guard_overshoot`` — ``guard_monitor`` with the overshoot signals of the default
+  overshoot rules: ``StepQualityMonitor(5)`` (ρ every 5 steps) and
+  ``SharpnessMonitor(10, iters=10)`` (stability ratio every 10 steps, on the first batch).
+* ``guard_overshoot_all`` — ``guard_overshoot`` plus the opt-in g·Δ rule:
+  ``StepSizeMonitor(consecutive=True)`` and
+  ``DivergenceGuard(overshoot_rules=("step_quality", "overshoot_frac", "stability_ratio"))``.
 
 Usage::
 
@@ -65,7 +71,8 @@ OPTIMIZERS = ("adam", "adamw", "rmsprop", "adagrad", "sgd")
 LR_MULTS = (1, 10, 100, 1000)
 SWEEP = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 POLICIES = ("none", "early_stop", "lightning_spike", "plateau", "olmo_skip", "foundry_kill",
-            "guard", "guard_cut", "guard_skip", "guard_monitor")
+            "guard", "guard_cut", "guard_skip", "guard_monitor", "guard_overshoot",
+            "guard_overshoot_all")
 BLOWUP_FACTOR = 3.0
 WITHIN = 0.10
 
@@ -244,6 +251,7 @@ class RunResult:
     metric: float | None
     blowup_step: int | None
     interventions: list[tuple[int, str]] = field(default_factory=list)
+    causes: list[str] = field(default_factory=list)  # kind/signal of each guard intervention
     stopped: bool = False
     wall_s: float = 0.0
     error: str | None = None
@@ -309,9 +317,17 @@ def run_one(spec: RunSpec) -> RunResult:
         elif p == "guard_skip":
             kw = {f"on_{k}": "skip" for k in ("nonfinite", "spike", "divergence",
                                                "oscillation", "update_ratio")}
+        elif p == "guard_overshoot_all":
+            kw = {"overshoot_rules": ("step_quality", "overshoot_frac", "stability_ratio")}
         guard = DivergenceGuard(log_events=False, jsonl=False, **kw)
         if p == "guard_monitor":
             callbacks.append(StepSizeMonitor(custom_scalars=False))
+        elif p.startswith("guard_overshoot"):
+            from lr_monitor import SharpnessMonitor, StepQualityMonitor
+
+            callbacks += [StepSizeMonitor(custom_scalars=False, consecutive=p.endswith("all")),
+                          StepQualityMonitor(5),
+                          SharpnessMonitor(10, iters=10, raw_sharpness=False)]
         callbacks.append(guard)
     elif p not in ("none", "plateau"):
         raise ValueError(f"unknown policy {p!r}")
@@ -334,9 +350,11 @@ def run_one(spec: RunSpec) -> RunResult:
     steps_run = len(probe.losses)
     stopped = stopped or steps_run < spec.steps
     interventions: list[tuple[int, str]] = []
+    causes: list[str] = []
     if guard is not None:
-        interventions = [(e.step, "+".join(e.actions)) for e in guard.events
-                         if set(e.actions) - {"log"}]
+        acted = [e for e in guard.events if set(e.actions) - {"log"}]
+        interventions = [(e.step, "+".join(e.actions)) for e in acted]
+        causes = [f"{e.kind}/{e.signal}" for e in acted]
     elif p == "olmo_skip":
         interventions = [(s, "skip") for s in extra.skipped]
     elif p == "plateau":
@@ -355,7 +373,7 @@ def run_one(spec: RunSpec) -> RunResult:
         spec=spec, steps_run=steps_run, init_loss=init,
         final_train_loss=sum(tail) / len(tail) if tail else math.nan,
         metric=metric, blowup_step=blowup_step(probe.losses, init),
-        interventions=interventions, stopped=stopped,
+        interventions=interventions, causes=causes, stopped=stopped,
         wall_s=time.perf_counter() - t0, error=error)
 
 
@@ -429,6 +447,7 @@ def summarize(runs: list[RunResult], policies: list[str]) -> dict[str, Any]:
             "tuned_runs": len(tuned),
             "false_intervention_runs": len(false),
             "false_interventions": sum(len(r.interventions) for r in false),
+            "false_causes": dict(collections.Counter(c for r in false for c in r.causes)),
         }
         failing, detected, delays, never_blow_fail = 0, 0, [], 0
         per_mult: dict[str, dict[str, Any]] = {}
@@ -569,6 +588,7 @@ def _row(r: RunResult) -> dict[str, Any]:
     d["first_intervention"] = r.interventions[0][0] if r.interventions else None
     d["n_interventions"] = len(r.interventions)
     d["interventions"] = ";".join(f"{s}:{a}" for s, a in r.interventions)
+    d["causes"] = ";".join(r.causes)
     return d
 
 
@@ -628,6 +648,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="process pool size (default 2; 1 = in-process for --smoke)")
     ap.add_argument("--steps", type=int, default=None, help="override steps per run")
     ap.add_argument("--seeds", type=int, default=None, help="override number of seeds")
+    ap.add_argument("--mults", default=None,
+                    help="comma list overriding the LR multipliers (e.g. '1' for healthy runs)")
+    ap.add_argument("--tuned-from", type=Path, default=None,
+                    help="take the tuned LRs from this results JSON instead of sweeping")
     ap.add_argument("--tasks", default=None, help="comma list overriding the mode's tasks")
     ap.add_argument("--policies", default=None,
                     help="semicolon list overriding the mode's policies; 'guard:k=v,k=v' "
@@ -640,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
         mode.tasks = tuple(args.tasks.split(","))
     if args.policies:
         mode.policies = tuple(args.policies.split(";"))
+    if args.mults:
+        mode.mults = tuple(int(m) for m in args.mults.split(","))
     steps = args.steps or mode.steps
     workers = args.workers or (1 if name == "smoke" else 2)
     seeds = tuple(range(args.seeds)) if args.seeds else mode.seeds
@@ -648,7 +674,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     sweep_specs = [RunSpec(t, o, lr, 0, 0, "none", steps, "sweep")
                    for t in mode.tasks for o in mode.optimizers for lr in mode.sweep]
-    tuned = pick_tuned(run_many(sweep_specs, workers, "sweep"))
+    if args.tuned_from is not None:
+        sweep_specs = []
+        tuned = json.loads(args.tuned_from.read_text())["tuned"]
+    else:
+        tuned = pick_tuned(run_many(sweep_specs, workers, "sweep"))
     specs = [RunSpec(t, o, tuned[f"{t}/{o}"]["lr"] * m, m, s, p, steps)
              for t in mode.tasks for o in mode.optimizers for m in mode.mults
              for s in seeds for p in mode.policies]

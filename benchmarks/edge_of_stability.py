@@ -71,6 +71,7 @@ from lr_monitor.callbacks.guard import DivergenceGuard
 from lr_monitor.callbacks.monitor import StepSizeMonitor
 from lr_monitor.callbacks.sharpness import SharpnessMonitor
 from lr_monitor.callbacks.step_quality import StepQualityMonitor
+from lr_monitor.guard.bank import OVERSHOOT_RULES
 from lr_monitor.recording.record import StepRecord
 
 IMAGES = ROOT / "docs" / "img"
@@ -212,11 +213,13 @@ def log_only_guard() -> DivergenceGuard:
     """A ``DivergenceGuard`` with its default detectors whose every action is ``log``.
 
     It changes nothing in training; its events say what the default guard would have
-    acted on (defaults: spike → skip, divergence and non-finite → rollback, oscillation
-    and update ratio → cut).
+    acted on (defaults: spike → skip, divergence and non-finite → rollback, oscillation,
+    update ratio and overshoot → cut), with every overshoot rule on, the opt-in g·Δ rule
+    included.
     """
     return DivergenceGuard(on_nonfinite="log", on_spike="log", on_divergence="log",
-                           on_oscillation="log", on_update_ratio="log", log_events=False,
+                           on_oscillation="log", on_update_ratio="log", on_overshoot="log",
+                           overshoot_rules=tuple(OVERSHOOT_RULES), log_events=False,
                            jsonl=False)
 
 
