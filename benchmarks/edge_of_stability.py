@@ -715,10 +715,10 @@ def markdown(mode_name: str, mode: Mode, by_label: dict[str, list[FullBatchRun]]
     lines += [
         "",
         "**The guard on these healthy runs**: a `DivergenceGuard` with its default "
-        "detectors and every action set to `log` (training unchanged): what the default "
-        "guard would have acted on (spike → skip; divergence, non-finite → rollback; "
-        "oscillation, update ratio → cut). *ratio ≥ 1* is the first measurement at or "
-        "above the threshold.",
+        "detectors, every overshoot rule (the opt-in `overshoot_frac` one included) and "
+        "every action set to `log` (training unchanged): what the guard would have acted "
+        "on (spike → skip; divergence, non-finite → rollback; oscillation, update ratio, "
+        "overshoot → cut). *ratio ≥ 1* is the first measurement at or above the threshold.",
         "",
         "| run | t* | ratio ≥ 1 | detections (kind/signal ×count, steps) |",
         "|---|---|---|---|",

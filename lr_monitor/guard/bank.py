@@ -72,8 +72,9 @@ OVERSHOOT_RULES: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     # ρ < 0 on descent steps: the step raised the loss of its own batch.
     "step_quality": MappingProxyType(dict(threshold=0.0, direction="below", window=5,
                                           min_fraction=0.8, loss="not_falling")),
-    # g_t·Δ_{t−1} > 0 on most steps of each recorded interval, and the loss going up
-    # (with "not falling" it fired on 29 of 60 long healthy runs: docs/guard.md).
+    # g_t·Δ_{t−1} > 0 on most steps of each recorded interval, and the loss going up.
+    # Opt-in: with "not falling" it fired on 29 of 60 long healthy mini-batch runs, with
+    # "rising" on 9 of 12 healthy full-batch runs at the edge of stability (docs/guard.md).
     "overshoot_frac": MappingProxyType(dict(threshold=0.5, direction="above", window=3,
                                             min_fraction=1.0, loss="rising")),
     # λ well beyond the optimizer's stability threshold, and the loss going up.
@@ -81,8 +82,8 @@ OVERSHOOT_RULES: Mapping[str, Mapping[str, Any]] = MappingProxyType({
                                              min_fraction=1.0, loss="rising")),
 })
 
-#: The overshoot rules a guard uses unless told otherwise: the two without a false
-#: intervention on the healthy runs of the divergence suite (``docs/guard.md``).
+#: The overshoot rules a guard uses unless told otherwise: the two that never fired on a
+#: healthy run of the benchmarks (``docs/guard.md``).
 DEFAULT_OVERSHOOT_RULES = ("step_quality", "stability_ratio")
 
 #: Steps over which the loss trend is judged at least (against as many before): a
@@ -91,8 +92,9 @@ DEFAULT_OVERSHOOT_RULES = ("step_quality", "stability_ratio")
 #: often (measured: ``docs/guard.md``).
 TREND_SPAN = 50
 
-#: ρ means "the step overshot" only when the step pointed downhill on its batch.
-_DESCENT_ONLY = ("step_quality", "step_slope")
+#: ρ means "the step overshot" only when the step pointed downhill on its batch: the
+#: step-quality rule is fed only records whose slope g·Δ is negative.
+_RHO, _SLOPE = "step_quality", "step_slope"
 
 
 class DetectorStream(Mapping[str, Detector]):
@@ -306,8 +308,8 @@ def check_rules(arg: str, value: Any) -> tuple[str, ...]:
 
 def _recorded(record: StepRecord, signal: str) -> float | None:
     """A recorded statistic for its detector; ρ only on descent steps (``step_slope < 0``)."""
-    if signal == _DESCENT_ONLY[0]:
-        slope = record.value(_DESCENT_ONLY[1])
+    if signal == _RHO:
+        slope = record.value(_SLOPE)
         if slope is None or not slope < 0.0:
             return None
     return record.value(signal)
