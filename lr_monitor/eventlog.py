@@ -12,6 +12,12 @@ the file format, so the writer (:class:`~lr_monitor.alerts.JsonlSink`, through
   ``os.fsync``-s it, so a killed process loses at most the line being written.
 * **Torn tail.** A process killed mid-write leaves an incomplete last line. The reader skips
   it with a warning; a writer reopening the file removes it before appending.
+* **Hostile files.** The reader opens only regular files (:func:`open_regular`: a FIFO or
+  a device named ``events.jsonl`` is refused, never read), reads at most
+  :data:`MAX_LINE_BYTES` per line and :data:`MAX_FILE_BYTES` per file, and validates every
+  field of every line; a corrupt line raises :class:`EventFileError` naming file and line,
+  or, with ``errors="warn"`` (what ``lr-monitor report`` uses), is skipped with one
+  warning naming them.
 * **Rotation.** Before a line would take the file past ``max_bytes``, ``events.jsonl``
   becomes ``events.jsonl.1`` (``.1`` becomes ``.2``, ...; the oldest beyond
   ``backup_count`` is deleted), so the log never holds more than
@@ -38,11 +44,13 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from lr_monitor._validation import check_bool, check_int, check_path
+from lr_monitor._validation import check_bool, check_choice, check_int, check_path
 from lr_monitor.events import GuardEvent
 from lr_monitor.tags import EVENTS_FILENAME
 
@@ -50,12 +58,19 @@ __all__ = [
     "DEFAULT_BACKUP_COUNT",
     "DEFAULT_MAX_BYTES",
     "EVENTS_FILENAME",
+    "MAX_FILE_BYTES",
+    "MAX_LINE_BYTES",
+    "MAX_NAMED_LINES",
     "EventFileError",
     "EventLogWriter",
+    "NotRegularFileError",
     "backup_path",
     "decode_event",
     "encode_event",
+    "file_kind",
+    "open_regular",
     "read_events",
+    "rotated_paths",
 ]
 
 #: Default size at which :class:`EventLogWriter` rotates its file (50 MiB).
@@ -133,8 +148,9 @@ def decode_event(line: bytes | str) -> GuardEvent:
         The event (see :meth:`GuardEvent.from_dict`).
 
     Raises:
-        ValueError: If the line is not UTF-8, not JSON, not a JSON object, or a field has
-            a value no event can have.
+        ValueError: If the line is not UTF-8, not JSON (nested too deeply, an integer of
+            more than 4,300 digits, ...), not a JSON object, or a field has a value no
+            event can have (:meth:`GuardEvent.from_dict`).
         KeyError: If a required field (``step``, ``kind``, ``signal``) is missing.
 
     Example:
@@ -144,9 +160,16 @@ def decode_event(line: bytes | str) -> GuardEvent:
         Traceback (most recent call last):
         ...
         ValueError: expected a JSON object, got list
+        >>> decode_event(b"[" * 100_000)
+        Traceback (most recent call last):
+        ...
+        ValueError: nested too deeply
     """
     text = line.decode("utf-8") if isinstance(line, bytes) else line
-    obj = json.loads(text)
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     return GuardEvent.from_dict(obj)
@@ -347,60 +370,261 @@ def _last_line_start(f: BinaryIO, size: int) -> int:
 
 # --------------------------------------------------------------------------- reader
 
+#: The longest line :func:`read_events` decodes (1 MiB; an event is about 300 bytes, a few
+#: KiB with many parameter groups). A longer line is skipped like a corrupt one.
+MAX_LINE_BYTES = 1 << 20
+#: The most bytes :func:`read_events` reads from one file (1 GiB, about 3.5 million
+#: events); the rest of a larger file is skipped with a warning.
+MAX_FILE_BYTES = 1 << 30
+#: Corrupt lines named one by one per file; the rest are counted in one more warning.
+MAX_NAMED_LINES = 20
 
-def read_events(path: str | os.PathLike[str], *, include_rotated: bool = False) -> list[GuardEvent]:
-    r"""Read an event log written by :class:`EventLogWriter`.
+_ERRORS = ("raise", "warn")
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"),
+          (stat.S_ISREG, "a regular file"))
 
-    A corrupt or incomplete *last* line of a file -- what a process killed mid-write
-    leaves behind -- is skipped with a warning. Any other corrupt line is an error.
+
+class NotRegularFileError(OSError):
+    """A path that is not a regular file (a FIFO, a device, a socket, a directory).
+
+    Reading one could block forever (a FIFO with no writer) or never end (``/dev/zero``),
+    so the readers refuse it before opening it.
+
+    Attributes:
+        filename: The path.
+        kind: What it is instead (:func:`file_kind`), e.g. ``"a FIFO"``.
+
+    Example:
+        >>> err = NotRegularFileError("run/events.jsonl", "a FIFO")
+        >>> str(err)
+        'run/events.jsonl: not a regular file (a FIFO)'
+        >>> isinstance(err, OSError), err.strerror
+        (True, 'not a regular file (a FIFO)')
+    """
+
+    def __init__(self, path: str | os.PathLike[str], kind: str) -> None:
+        super().__init__(f"not a regular file ({kind})")
+        self.filename = os.fspath(path)
+        self.strerror = f"not a regular file ({kind})"
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+def file_kind(mode: int) -> str:
+    """What a file of ``st_mode`` ``mode`` is, for a message: ``"a FIFO"``, ``"a socket"``, ...
+
+    Args:
+        mode: ``os.stat(path).st_mode``.
+
+    Returns:
+        ``"a regular file"``, ``"a directory"``, ``"a FIFO"``, ``"a character device"``,
+        ``"a block device"``, ``"a socket"`` or ``"a symbolic link"``.
+
+    Example:
+        >>> file_kind(os.stat("/dev/null").st_mode)
+        'a character device'
+    """
+    return next((name for test, name in _KINDS if test(mode)), "an unknown kind of file")
+
+
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a regular file for reading in binary mode, refusing anything that could block.
+
+    ``path`` is checked with :func:`os.stat` (symbolic links followed) *before* it is
+    opened, so a FIFO, a device or a socket is never opened; it is then opened
+    non-blocking and checked again with :func:`os.fstat`, so a file swapped in between
+    cannot slip through either.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The open file (the caller closes it).
+
+    Raises:
+        NotRegularFileError: If ``path`` is not a regular file.
+        OSError: If it cannot be opened (missing, permission denied, name too long, a
+            symbolic-link loop, ...).
+
+    Example:
+        >>> open_regular("/dev/null")
+        Traceback (most recent call last):
+        ...
+        lr_monitor.eventlog.NotRegularFileError: /dev/null: not a regular file (a character device)
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(path, file_kind(mode))
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(path, file_kind(mode))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def rotated_paths(path: str | os.PathLike[str]) -> list[Path]:
+    """The rotated files of ``path`` that exist, oldest first: ``path.N`` ... ``path.1``.
+
+    A name that exists as anything (a broken symbolic link, a FIFO) counts, so that the
+    reader can say why it skipped it.
+
+    Args:
+        path: The event log, e.g. ``run/events.jsonl``.
+
+    Returns:
+        ``[path.N, ..., path.1]``, the consecutive rotated names that exist.
+
+    Example:
+        >>> rotated_paths("/nonexistent/events.jsonl")
+        []
+    """
+    found: list[Path] = []
+    index = 1
+    while os.path.lexists(backup_path(path, index)):
+        found.append(backup_path(path, index))
+        index += 1
+    return found[::-1]
+
+
+def read_events(
+    path: str | os.PathLike[str], *, include_rotated: bool = False, errors: str = "raise"
+) -> list[GuardEvent]:
+    r"""Read an event log written by :class:`EventLogWriter`, never blocking, never unbounded.
+
+    Guarantees, whatever the file holds:
+
+    * Only regular files are opened (:func:`open_regular`): a FIFO, a device or a socket
+      named ``events.jsonl`` raises :class:`NotRegularFileError` instead of hanging.
+    * Reads are bounded: a line longer than :data:`MAX_LINE_BYTES` is not decoded (it is
+      a corrupt line), and reading a file stops after :data:`MAX_FILE_BYTES` with a
+      warning.
+    * A line is an event only if :meth:`GuardEvent.from_dict` accepts every field; deep
+      nesting, huge numbers or bytes that are not UTF-8 make a corrupt line, never
+      another exception.
+    * A corrupt or incomplete *last* line -- what a process killed mid-write leaves
+      behind -- is skipped with a warning on the ``lr_monitor.eventlog`` logger.
+    * Any other corrupt line raises :class:`EventFileError` (``errors="raise"``) or is
+      skipped with one warning naming the file and the line (``errors="warn"``; after
+      :data:`MAX_NAMED_LINES` in one file the rest are counted in one more warning);
+      every other line is kept.
 
     Args:
         path: The ``events.jsonl`` file.
         include_rotated: Also read the rotated files ``path.N`` ... ``path.1`` that exist,
-            oldest first, so the result is in chronological order.
+            oldest first, so the result is in chronological order. With
+            ``errors="warn"``, a rotated file that cannot be read is skipped with a
+            warning.
+        errors: ``"raise"`` or ``"warn"``, what to do about a corrupt line that is not the
+            last one.
 
     Returns:
         The events, in file order.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        EventFileError: For a corrupt line that is not the last one, naming file and line.
+        NotRegularFileError: If ``path`` is not a regular file.
+        OSError: If ``path`` (or, with ``errors="raise"``, a rotated file) cannot be read.
+        EventFileError: With ``errors="raise"``, for a corrupt line that is not the last
+            one, naming file and line.
+        ValueError: For an ``errors`` other than ``"raise"`` or ``"warn"``.
 
     Example:
         >>> import os, tempfile
         >>> with tempfile.TemporaryDirectory() as d:
         ...     path = os.path.join(d, EVENTS_FILENAME)
         ...     with open(path, "w") as f:
-        ...         _ = f.write('{"step": 1, "kind": "spike", "signal": "loss"}\n{"step": 2, "ki')
-        ...     [e.step for e in read_events(path)]  # the torn last line is skipped
-        [1]
+        ...         _ = f.write('{"step": 1, "kind": "spike", "signal": "loss"}\n'
+        ...                     '{"step": "one", "kind": "spike", "signal": "loss"}\n'
+        ...                     '{"step": 3, "kind": "spike", "signal": "loss"}\n{"step": 4, "ki')
+        ...     [e.step for e in read_events(path, errors="warn")]  # line 2 and 4 skipped
+        [1, 3]
     """
-    files: list[Path] = []
-    if include_rotated:
-        i = 1
-        while backup_path(path, i).exists():
-            files.append(backup_path(path, i))
-            i += 1
-        files.reverse()
-    files.append(Path(path))
+    check_choice("errors", errors, _ERRORS)
+    files = [*rotated_paths(path), Path(path)] if include_rotated else [Path(path)]
     events: list[GuardEvent] = []
     for file in files:
-        events.extend(_read_one(file))
+        try:
+            events.extend(_read_one(file, strict=errors == "raise"))
+        except OSError as exc:
+            if file == files[-1] or errors == "raise":
+                raise
+            _log.warning("%s: skipped (%s)", file, exc.strerror or exc)
     return events
 
 
-def _read_one(path: Path) -> list[GuardEvent]:
-    lines = path.read_bytes().split(b"\n")
-    numbered = [(n, raw) for n, raw in enumerate(lines, start=1) if raw.strip(_BLANK)]
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"missing key {exc}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _lines(file: BinaryIO, path: Path) -> Iterator[tuple[int, bytes | None]]:
+    """``(line number, line)`` up to :data:`MAX_FILE_BYTES`; ``None`` for an over-long line."""
+    read = 0
+    lineno = 0
+    while True:
+        if read >= MAX_FILE_BYTES:
+            rest = os.fstat(file.fileno()).st_size - read
+            if rest > 0:
+                _log.warning("%s: read the first %d bytes (the limit per file); the last %d "
+                             "bytes were skipped", path, MAX_FILE_BYTES, rest)
+            return
+        line = file.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        lineno += 1
+        read += len(line)
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):  # skip to the end of this line
+                line = file.readline(65536)
+                read += len(line)
+            yield lineno, None
+        else:
+            yield lineno, line
+
+
+def _read_one(path: Path, *, strict: bool) -> list[GuardEvent]:
     events: list[GuardEvent] = []
-    for index, (lineno, raw) in enumerate(numbered):
-        try:
-            events.append(decode_event(raw))
-        except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            if index == len(numbered) - 1:
-                _log.warning("%s, line %d: ignoring an incomplete last line (%s)", path,
-                             lineno, exc)
-                break
-            detail = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
-            raise EventFileError(path, lineno, detail) from exc
+    pending: tuple[int, str] | None = None  # a corrupt line, unless it turns out to be the last
+    unnamed = 0
+    named = 0
+    with open_regular(path) as file:
+        for lineno, raw in _lines(file, path):
+            if raw is not None and not raw.strip(_BLANK + b"\n"):
+                continue
+            if pending is not None:
+                if strict:
+                    raise EventFileError(path, *pending)
+                if named < MAX_NAMED_LINES:
+                    _log.warning("%s, line %d: skipped a corrupt event record (%s)", path,
+                                 *pending)
+                    named += 1
+                else:
+                    unnamed += 1
+                pending = None
+            if raw is None:
+                pending = (lineno, f"longer than {MAX_LINE_BYTES} bytes, the limit for one "
+                                   "event record")
+                continue
+            try:
+                events.append(decode_event(raw.rstrip(b"\n")))
+            except (ValueError, KeyError, TypeError, RecursionError, OverflowError) as exc:
+                pending = (lineno, _describe(exc))
+    if unnamed:
+        _log.warning("%s: %d more corrupt lines skipped (only the first %d are named)", path,
+                     unnamed, MAX_NAMED_LINES)
+    if pending is not None:
+        _log.warning("%s, line %d: skipped an incomplete last line, as an interrupted write "
+                     "leaves it (%s)", path, *pending)
     return events

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time as _time
 from collections.abc import Iterable, Mapping
@@ -153,11 +154,16 @@ def _actions(value: object) -> tuple[Action | str, ...]:
 # Readers of a stored event (GuardEvent.from_dict): each raises ValueError naming the key.
 
 
-def _read_int(key: str, x: object) -> int:
+def _read_int(key: str, x: object, low: int) -> int:
+    """A stored integer in ``[low, 2**63 - 1]`` (an integral float such as ``3.0`` too).
+
+    ``step`` starts at -1 (a fault before the first step), ``epoch`` at 0; the top is
+    int64's, so every stored step fits the readers' arrays.
+    """
     if isinstance(x, float) and math.isfinite(x) and x.is_integer():
-        return int(x)
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise invalid(key, x, "an integer")
+        x = int(x)
+    if isinstance(x, bool) or not isinstance(x, int) or not low <= x < 2**63:
+        raise invalid(key, x, f"an integer in [{low}, 2**63 - 1]")
     return x
 
 
@@ -174,6 +180,16 @@ def _read_float(key: str, x: object, *, null: bool = False) -> float:
         except (ValueError, OverflowError):
             pass
     raise invalid(key, x, 'a number, "nan", "inf" or "-inf"' + (" or null" if null else ""))
+
+
+def _read_finite(key: str, x: object, low: float = -math.inf) -> float:
+    """A stored finite number ``>= low`` (``lr_scale``, ``time``)."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        with contextlib.suppress(OverflowError):
+            value = float(x)
+            if math.isfinite(value) and value >= low:
+                return value
+    raise invalid(key, x, "a finite number" + (f" >= {low:g}" if low > -math.inf else ""))
 
 
 def _read_str(key: str, x: object, *, allow_none: bool = False) -> Any:
@@ -214,7 +230,8 @@ class GuardEvent:
         run: Run name/version (e.g. ``"lightning_logs/version_3"``), when known.
 
     Raises:
-        ValueError: If ``actions`` is not a sequence of strings.
+        ValueError: If ``actions`` is not a sequence of strings, ``step`` is not an integer
+            ≥ −1, ``epoch`` one ≥ 0, or ``lr_scale`` (≥ 0) or ``time`` is not finite.
 
     Example:
         >>> e = GuardEvent(step=3, kind="spike", signal="loss", value=9.0, threshold=3.0,
@@ -240,7 +257,13 @@ class GuardEvent:
     run: str | None = None
 
     def __post_init__(self) -> None:
+        # The same checks as a stored event gets: every event can be written and read back.
         object.__setattr__(self, "actions", _actions(self.actions))
+        object.__setattr__(self, "step", _read_int("step", self.step, -1))
+        if self.epoch is not None:
+            object.__setattr__(self, "epoch", _read_int("epoch", self.epoch, 0))
+        object.__setattr__(self, "lr_scale", _read_finite("lr_scale", self.lr_scale, low=0.0))
+        object.__setattr__(self, "time", _read_finite("time", self.time))
 
     @property
     def acted(self) -> bool:
@@ -286,17 +309,20 @@ class GuardEvent:
 
         Raises:
             KeyError: If ``step``, ``kind`` or ``signal`` is missing.
-            ValueError: If a known key has a value no event can have, naming the key.
+            ValueError: If a known key has a value no event can have, naming the key: a
+                wrong type, ``step`` outside ``[-1, 2**63 - 1]``, ``epoch`` outside
+                ``[0, 2**63 - 1]``, a non-finite ``time``, a negative or non-finite
+                ``lr_scale``.
 
         Example:
             >>> GuardEvent.from_dict({"step": 1e400, "kind": "spike", "signal": "loss"})
             Traceback (most recent call last):
             ...
-            ValueError: step=inf is invalid: must be an integer
+            ValueError: step=inf is invalid: must be an integer in [-1, 2**63 - 1]
         """
         epoch = d.get("epoch")
         return cls(
-            step=_read_int("step", d["step"]),
+            step=_read_int("step", d["step"], -1),
             kind=_read_str("kind", d["kind"]),
             signal=_read_str("signal", d["signal"]),
             value=_read_float("value", d.get("value"), null=True),
@@ -305,9 +331,9 @@ class GuardEvent:
             actions=_actions(d.get("actions", ())),
             lr_before=_read_lrs("lr_before", d.get("lr_before", {})),
             lr_after=_read_lrs("lr_after", d.get("lr_after", {})),
-            lr_scale=_read_float("lr_scale", d.get("lr_scale", 1.0)),
-            epoch=None if epoch is None else _read_int("epoch", epoch),
-            time=_read_float("time", d.get("time", 0.0)),
+            lr_scale=_read_finite("lr_scale", d.get("lr_scale", 1.0), low=0.0),
+            epoch=None if epoch is None else _read_int("epoch", epoch, 0),
+            time=_read_finite("time", d.get("time", 0.0)),
             run=_read_str("run", d.get("run"), allow_none=True),
         )
 

@@ -109,7 +109,9 @@ BASE = {"step": 3, "kind": "spike", "signal": "loss"}
      ("signal", None), ("value", [1]), ("value", "high"), ("threshold", {}), ("message", 3),
      ("actions", [1]), ("actions", "skip"), ("actions", {"a": 1}), ("lr_before", [1]),
      ("lr_after", {"Adam/pg0": "fast"}), ("lr_scale", None), ("lr_scale", True),
-     ("epoch", 0.5), ("time", "noon"), ("run", 7)],
+     ("epoch", 0.5), ("time", "noon"), ("run", 7), ("step", -2), ("step", 2**63),
+     ("step", 1e300), ("epoch", -1), ("lr_scale", -0.5), ("lr_scale", math.inf),
+     ("lr_scale", "0.5"), ("time", math.nan), ("time", -math.inf)],
     ids=lambda x: repr(x),
 )
 def test_from_dict_rejects_malformed_values_naming_the_key(key: str, value: Any) -> None:
@@ -152,6 +154,23 @@ def test_reader_turns_malformed_middle_lines_into_event_file_errors(tmp_path: Pa
         read_events(path)
     assert info.value.line == 2 and info.value.path == str(path)
     assert isinstance(info.value, ValueError)
+
+
+def test_reader_warns_and_keeps_the_other_lines(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / EVENTS_FILENAME
+    path.write_bytes(good_line(0) + b'{"step": -7, "kind": "spike", "signal": "loss"}\n'
+                     + good_line(2) + b"[" * 100_000 + b"\n" + good_line(4))
+    assert [e.step for e in read_events(path, errors="warn")] == [0, 2, 4]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}, line 2: skipped a corrupt event record (step=-7 is invalid: must be an "
+        "integer in [-1, 2**63 - 1])",
+        f"{path}, line 4: skipped a corrupt event record (nested too deeply)"]
+
+
+def test_fault_events_keep_step_minus_one() -> None:
+    assert GuardEvent.from_dict({**BASE, "step": -1}).step == -1
+    assert GuardEvent.from_dict({**BASE, "step": 2**63 - 1, "epoch": 0}).step == 2**63 - 1
 
 
 def test_reader_skips_a_malformed_last_line(tmp_path: Path,
