@@ -253,8 +253,6 @@ def _garbage_event_file(root: Path) -> Path:
         ("missing", lambda root: root / "does-not-exist", "no such file or directory"),
         ("empty", lambda root: root / "too-high" / "version_0" / "empty-subdir",
          "no TensorBoard event files"),
-        ("corrupt-jsonl", _corrupt_middle_line, "line 2: corrupt event record"),
-        ("garbage-tfevents", _garbage_event_file, "not a readable TensorBoard event file"),
         ("not-an-event-file", lambda root: root / "too-high" / "version_0" / "events.jsonl",
          "not a TensorBoard event file"),
     ],
@@ -265,8 +263,7 @@ def test_errors_are_one_line_naming_the_file(logdir: Path, tmp_path: Path,
     root = copy_logdir(logdir, tmp_path / "logs")
     (root / "too-high" / "version_0" / "empty-subdir").mkdir()
     bad = make(root)
-    target = bad if case in ("missing", "empty", "not-an-event-file") else root
-    argv = [command, str(target)]
+    argv = [command, str(bad)]
     if command == "plot":
         argv += ["-o", str(tmp_path / "out.png")]
     assert main(argv) == 2
@@ -280,12 +277,45 @@ def test_errors_are_one_line_naming_the_file(logdir: Path, tmp_path: Path,
     assert not (tmp_path / "out.png").exists()
 
 
+@pytest.mark.parametrize("command", ["report", "plot"])
+@pytest.mark.parametrize(
+    ("case", "make", "expected"),
+    [
+        ("corrupt-jsonl", _corrupt_middle_line, "line 2: skipped a corrupt event record"),
+        ("garbage-tfevents", _garbage_event_file,
+         "not a TensorBoard event file (no intact record in its 1024 bytes), skipped"),
+    ],
+)
+def test_damage_is_one_warning_line_and_the_rest_is_read(
+        logdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str,
+        case: str, make: Any, expected: str) -> None:
+    root = copy_logdir(logdir, tmp_path / "logs")
+    bad = make(root)
+    argv = [command, str(root)]
+    argv += ["-o", str(tmp_path / "out.png")] if command == "plot" else ["--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith(f"lr-monitor {command}: warning: {bad}")
+    assert expected in captured.err
+    if command == "report":
+        runs = by_name(json.loads(captured.out))
+        assert runs["healthy/version_0"]["steps"] == HEALTHY_STEPS
+        events = [e["step"] for e in runs["too-high/version_0"]["events"]]
+        assert events == ([3, 17, 25] if case == "corrupt-jsonl" else [3, 9, 17, 25])
+    else:
+        assert png_size(tmp_path / "out.png")[0] > 500
+
+
 def test_usage_errors_exit_2_and_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
-    assert "COMMAND" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("lr-monitor: error: the following arguments are "
+                                       "required: COMMAND (see lr-monitor --help)\n")
     assert main(["report"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1  # one line, not usage + error
     assert main(["demo", "--epochs", "0"]) == 2
-    assert "must be >= 1" in capsys.readouterr().err
+    assert capsys.readouterr().err == ("lr-monitor demo: error: --epochs=0 is invalid: must be "
+                                       "an int in [1, 10000]\n")
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(c in out for c in ("demo", "report", "plot"))
@@ -331,7 +361,7 @@ def test_plot_run_without_monitor_tags(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("output", "expected"),
-    [("missing-dir/run.png", "does not exist"), ("run.pdf", "must be a .png file")],
+    [("missing-dir/run.png", "in a directory that exists"), ("run.pdf", "must be a .png file")],
 )
 def test_plot_bad_output(logdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                          output: str, expected: str) -> None:
@@ -363,10 +393,13 @@ def test_console_script_report_and_error(logdir: Path, tmp_path: Path) -> None:
     root = copy_logdir(logdir, tmp_path / "logs")
     bad = _corrupt_middle_line(root)
     done = run_cli("report", str(root))
+    assert done.returncode == 0 and "run too-high/version_0" in done.stdout
+    assert done.stderr.count("\n") == 1 and f"warning: {bad}, line 2: skipped" in done.stderr
+    done = run_cli("report", str(root / "missing"))
     assert done.returncode == 2
     assert done.stdout == ""
-    assert done.stderr.count("\n") == 1 and str(bad) in done.stderr
-    assert "Traceback" not in done.stderr
+    assert done.stderr == (f"lr-monitor report: error: {root / 'missing'}: no such file or "
+                           "directory\n")
 
 
 def test_module_entry_point(logdir: Path) -> None:
@@ -501,3 +534,32 @@ def test_report_names_come_from_tags_and_actions() -> None:
     assert report.EVENTS_JSONL == tags.EVENTS_FILENAME
     assert set(report.GUARD_ACTIONS) == {a.value for a in Action} - {"log", "disable"}
     assert set(report.ACTION_LABELS) == set(report.GUARD_ACTIONS)
+
+
+@pytest.mark.parametrize(("field", "value"), [("step", -5), ("lr_scale", float("nan")),
+                                              ("time", float("inf")), ("epoch", -1)])
+def test_no_event_is_built_that_no_events_jsonl_line_could_hold(field: str,
+                                                                value: float) -> None:
+    """Every event can be written and read back: the reader's checks run at construction."""
+    kwargs: dict[str, Any] = {"step": 2, "kind": "spike", "signal": "loss", "value": 9.0,
+                              "threshold": 3.0, "time": 0.0, field: value}
+    with pytest.raises(ValueError, match=f"{field}=.* is invalid"):
+        GuardEvent(**kwargs)
+
+
+@pytest.mark.parametrize("rich", [True, False], ids=["rich", "plain"])
+def test_events_built_in_code_are_rendered(rich: bool, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """An event built in code gets its line (the table used to re-read every event)."""
+    from lr_monitor.cli.report import RunData, build_report, render_reports
+
+    if not rich:
+        monkeypatch.setitem(sys.modules, "rich.console", None)
+    events = [GuardEvent(step=-1, kind="spike", signal="loss", value=9.0, threshold=3.0,
+                         time=0.0),
+              GuardEvent(step=2, kind="spike", signal="loss", value=9.0, threshold=3.0,
+                         actions=("skip",), time=0.0)]
+    render_reports([build_report(RunData("r", Path("r"), (), events=events))])
+    out = capsys.readouterr().out
+    assert "step -1: spike on loss" in out
+    assert "step 2: spike on loss = 9 (threshold 3) -> skip" in out

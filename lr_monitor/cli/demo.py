@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from lr_monitor._validation import check_int
+from lr_monitor._validation import check_bool, check_int, check_path, invalid
 from lr_monitor.cli.report import build_report, format_value, load_run
 from lr_monitor.events import GuardEvent
 from lr_monitor.tags import EVENTS_FILENAME, TENSORBOARD_FILE_MARK
@@ -259,12 +259,25 @@ def run_demo(
         The result.
 
     Raises:
-        ValueError: If ``epochs < 1``.
+        ValueError: If ``out`` is not a path, ``epochs`` not an int ``>= 1`` or ``None``,
+            ``seed`` not an int in ``[0, 2**32 - 1]``, or a flag not a bool (each named).
+        OSError: If ``out`` cannot be created or written.
         ImportError: If Lightning, scikit-learn or the lr_monitor callbacks are missing.
+
+    Example:
+        >>> run_demo("runs", seed=-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: seed=-1 is invalid: must be an int in [0, 4294967295]
     """
+    out_dir = check_path("out", out)
+    assert out_dir is not None
     check_int("epochs", epochs, 1, allow_none=True)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise invalid("seed", seed, f"an int in [0, {2**32 - 1}]")
+    for name, flag in (("quick", quick), ("plot", plot), ("progress_bar", progress_bar)):
+        check_bool(name, flag)
     n_epochs = epochs if epochs is not None else (_QUICK_EPOCHS if quick else DEFAULT_EPOCHS)
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: list[DemoRun] = []
     with _quiet_lightning():

@@ -9,8 +9,15 @@
 * ``lr-monitor plot LOGDIR [-o FILE] [--per-run] [--prefix P]`` draws the runs to PNG
   (see :mod:`lr_monitor.cli.plot`).
 
-Exit codes: 0 on success, 2 for a usage error or a file that cannot be read or
-written (one line on stderr naming the file, no traceback), 130 on Ctrl-C.
+Every option is checked before anything runs, with the project's one message format
+naming the option as typed: ``--seed=-1 is invalid: must be an int in [0, 4294967295]``.
+While ``report`` and ``plot`` read, what they skip (an unreadable file, a corrupt line or
+record) is one ``lr-monitor <command>: warning: ...`` line on stderr each; names are
+printed terminal-safe (:func:`lr_monitor.cli.report.terminal_safe`).
+
+Exit codes: 0 on success (warnings included), 2 for a usage error, a bad option or a
+run that cannot be read or written (one line on stderr naming the file or the option,
+no traceback), 130 on Ctrl-C.
 ``report`` and ``plot`` only read the log files; only ``demo`` imports Lightning.
 
 Example:
@@ -21,12 +28,19 @@ Example:
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, NoReturn
 
-__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "build_parser", "main"]
+from lr_monitor._validation import invalid
+
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "MAX_EPOCHS", "MAX_SEED", "build_parser",
+           "main"]
 
 #: Success.
 EXIT_OK = 0
@@ -42,14 +56,145 @@ class _CliError(Exception):
     """An error to report as one line on stderr with :data:`EXIT_ERROR`."""
 
 
-def _positive_int(text: str) -> int:
+class _UsageError(Exception):
+    """argparse's complaint about the command line, to print as one line."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``main`` prints it), not usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self.prog, message)
+
+
+class _Store(argparse.Action):
+    """Store the value and the option string the user typed (``-o`` or ``--output``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_flag", option_string)
+
+
+#: Largest ``--seed``: seeds are unsigned 32-bit for numpy.
+MAX_SEED = 2**32 - 1
+#: Largest ``--epochs`` (23 optimizer steps each).
+MAX_EPOCHS = 10_000
+_SHOWN = 100  # characters of a bad value shown in a message, at each end
+
+
+def _shown(text: str) -> str:
+    """A value for a message: its middle left out when it is very long."""
+    return text if len(text) <= 2 * _SHOWN else f"{text[:_SHOWN]}…{text[-_SHOWN:]}"
+
+
+def _int_option(option: str, text: str, low: int, high: int) -> int:
+    """``int(text)`` if it is an integer in ``[low, high]``, else the one-line error."""
+    allowed = f"an int in [{low}, {high}]"
     try:
-        value = int(text)
+        value = int(text, 10)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+        raise invalid(option, _shown(text), allowed) from None
+    if not low <= value <= high:
+        raise invalid(option, value if len(text) <= 2 * _SHOWN else _shown(text), allowed)
     return value
+
+
+def _path_option(option: str, text: str, what: str) -> str:
+    """``text`` if it is a non-empty path without NUL bytes, else the one-line error."""
+    if not text:
+        raise invalid(option, text, what)
+    if "\0" in text:
+        raise invalid(option, _shown(text), f"{what} (without NUL bytes)")
+    return text
+
+
+def _unwritable(directory: str) -> str | None:
+    """Why files cannot be created in ``directory`` (created if missing), or ``None``."""
+    probe = directory
+    while True:
+        try:
+            mode = os.stat(probe).st_mode
+        except (FileNotFoundError, NotADirectoryError):  # look at the parent
+            parent = os.path.dirname(os.path.normpath(probe))
+            if parent in ("", probe):
+                return None
+            probe = parent
+            continue
+        except OSError as exc:  # name too long, a symbolic-link loop, permission denied
+            return f"{_shown(probe)}: {exc.strerror or exc}"
+        break
+    if not stat.S_ISDIR(mode):
+        from lr_monitor.eventlog import file_kind
+
+        return f"{_shown(probe)} is {file_kind(mode)}, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{_shown(probe)} is not writable"
+    return None
+
+
+def _check_out_dir(option: str, text: str) -> str:
+    """``--out``: a directory that exists and is writable, or can be created."""
+    what = "a directory to write the runs to"
+    _path_option(option, text, what)
+    problem = _unwritable(text)
+    if problem is not None:
+        raise invalid(option, _shown(text), f"{what} ({problem})")
+    return text
+
+
+def _check_png(option: str, text: str, per_run: bool) -> str:
+    """``-o/--output``: a new or writable ``.png`` file in a writable directory."""
+    what = "a .png file to write"
+    _path_option(option, text, what)
+    if Path(text).suffix.lower() != ".png":
+        raise invalid(option, _shown(text), what + " (ending in .png)")
+    if not per_run:  # with --per-run, FILE is only the pattern of the names
+        try:
+            mode = os.stat(text).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as exc:
+            raise invalid(option, _shown(text), f"{what} ({exc.strerror or exc})") from None
+        if mode is not None and not stat.S_ISREG(mode):
+            from lr_monitor.eventlog import file_kind
+
+            raise invalid(option, _shown(text), f"{what} (it is {file_kind(mode)})")
+        if mode is not None and not os.access(text, os.W_OK):
+            raise invalid(option, _shown(text), f"{what} (it is not writable)")
+    parent = os.path.dirname(text) or "."
+    if not os.path.isdir(parent):
+        raise invalid(option, _shown(text), f"{what} in a directory that exists "
+                                            f"({_shown(parent)} does not)")
+    problem = _unwritable(parent)
+    if problem is not None:
+        raise invalid(option, _shown(text), f"{what} ({problem})")
+    return text
+
+
+def _check_prefix(text: str) -> str:
+    if not text or text.startswith("/") or "\0" in text:
+        raise invalid("--prefix", _shown(text), "a non-empty string not starting with '/'")
+    return text
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Check every option of ``args`` (in place: ints parsed); ValueError names the option."""
+    if args.command == "demo":
+        args.out = _check_out_dir(getattr(args, "out_flag", None) or "--out", args.out)
+        if args.epochs is not None:
+            args.epochs = _int_option("--epochs", args.epochs, 1, MAX_EPOCHS)
+        args.seed = _int_option("--seed", args.seed, 0, MAX_SEED)
+        return
+    _path_option("LOGDIR", args.logdir, "a log directory, run directory or event file")
+    args.prefix = _check_prefix(args.prefix)
+    if args.command == "plot":
+        flag = getattr(args, "output_flag", None) or "--output"
+        args.output = _check_png(flag, args.output, args.per_run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lr_monitor import __version__
     from lr_monitor.cli.demo import DEFAULT_EPOCHS, DEFAULT_OUT
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=_PROG,
         description="See the step each weight takes under adaptive optimizers, and what "
                     "the divergence guard did about it.",
@@ -79,14 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "and lr=1.0) with StepSizeMonitor and DivergenceGuard, then print what "
                     "was detected, where the logs are and how to open them.",
     )
-    demo.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+    demo.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", action=_Store,
                       help="log directory (default: %(default)s)")
-    demo.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
-                      help=f"epochs per run (default: {DEFAULT_EPOCHS}; 2 with --quick)")
+    demo.add_argument("--epochs", default=None, metavar="N",
+                      help=f"epochs per run, 1 to {MAX_EPOCHS} (default: {DEFAULT_EPOCHS}; "
+                           "2 with --quick)")
     demo.add_argument("--quick", action="store_true",
                       help="a few steps only (8 batches per epoch), for tests")
-    demo.add_argument("--seed", type=int, default=0, metavar="N",
-                      help="random seed (default: %(default)s)")
+    demo.add_argument("--seed", default="0", metavar="N",
+                      help=f"random seed, 0 to {MAX_SEED} (default: %(default)s)")
     demo.add_argument("--no-progress", action="store_true",
                       help="hide Lightning's progress bar")
 
@@ -109,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "effective-lr p05-p95 band and p50, update ratio, gradient norm.",
     )
     _add_run_arguments(plot)
-    plot.add_argument("-o", "--output", default="run.png", metavar="FILE",
+    plot.add_argument("-o", "--output", default="run.png", metavar="FILE", action=_Store,
                       help="PNG to write (default: %(default)s)")
     plot.add_argument("--per-run", action="store_true",
                       help="write one PNG per run, FILE's stem + '-<run>.png'")
@@ -139,29 +285,27 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from lr_monitor.cli.report import load_runs
+    from lr_monitor.cli.report import display_path, load_runs
 
     try:
         from lr_monitor.cli.plot import plot_runs
     except ImportError as exc:  # matplotlib is an optional dependency
         raise _CliError(f"plot needs matplotlib ({exc}); pip install 'lr-monitor[cli]'") from exc
     output = Path(args.output)
-    if output.suffix.lower() != ".png":
-        raise _CliError(f"{output}: the output must be a .png file")
-    if not output.parent.is_dir():
-        raise _CliError(f"{output}: directory {output.parent} does not exist")
     runs = load_runs(args.logdir)
     try:
         written = plot_runs(runs, output, per_run=args.per_run, prefix=args.prefix)
     except OSError as exc:
-        raise _CliError(f"{exc.filename or output}: cannot write ({exc.strerror or exc})") \
-            from exc
+        where = display_path(exc.filename or output)
+        raise _CliError(f"{where}: cannot write ({exc.strerror or exc})") from exc
     for path in written:
-        print(f"wrote {path}")
+        print(f"wrote {display_path(path)}")
     return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from lr_monitor.cli.report import display_path
+
     try:
         from lr_monitor.cli.demo import print_summary, run_demo
 
@@ -170,8 +314,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise _CliError(f"the demo needs Lightning, scikit-learn and the lr_monitor "
                         f"callbacks: {exc}") from exc
+    except OSError as exc:  # e.g. the disk filled up, or --out changed under us
+        where = display_path(exc.filename or args.out)
+        raise _CliError(f"{where}: cannot write ({exc.strerror or exc})") from exc
     print_summary(result)
     return EXIT_OK
+
+
+class _WarningLine(logging.Formatter):
+    """``lr-monitor report: warning: <message>``, one terminal-safe line."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        from lr_monitor.cli.report import terminal_safe
+
+        return f"{self.prefix}: warning: {terminal_safe(' '.join(record.getMessage().split()))}"
+
+
+@contextmanager
+def _warnings_on_stderr(prefix: str) -> Iterator[None]:
+    """Print what the readers skip (``lr_monitor`` warnings) as lines on stderr."""
+    logger = logging.getLogger("lr_monitor")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_WarningLine(prefix))
+    handler.setLevel(logging.WARNING)
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -184,18 +363,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         The exit code: :data:`EXIT_OK`, :data:`EXIT_ERROR` or :data:`EXIT_INTERRUPTED`
         (``--help`` and ``--version`` return 0).
     """
-    from lr_monitor.cli.report import ReportError
+    from lr_monitor.cli.report import ReportError, terminal_safe
 
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits on --help, --version and usage errors
+        _check_args(args)
+    except SystemExit as exc:  # argparse exits on --help and --version
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    except _UsageError as exc:
+        message = terminal_safe(" ".join(str(exc).split()))
+        print(f"{exc.prog}: error: {message} (see {exc.prog} --help)", file=sys.stderr)
+        return EXIT_ERROR
+    except ValueError as exc:  # an option's value, in the one message format
+        message = terminal_safe(" ".join(str(exc).split()))
+        print(f"{_PROG} {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
     handler = {"demo": _cmd_demo, "report": _cmd_report, "plot": _cmd_plot}[args.command]
     try:
-        return handler(args)
+        if args.command == "demo":  # the guard's own log lines stay as they are
+            return handler(args)
+        with _warnings_on_stderr(f"{_PROG} {args.command}"):
+            return handler(args)
     except (ReportError, _CliError) as exc:
-        message = " ".join(str(exc).split())
+        message = terminal_safe(" ".join(str(exc).split()))
         print(f"{_PROG} {args.command}: error: {message}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -14,7 +14,10 @@ column and the y axis within a row, so runs compare at a glance:
 
 Guard events are marked on every row; non-finite points are left out of log-scale rows.
 matplotlib is imported lazily and drawn through its object-oriented Agg canvas, so the
-process-wide pyplot backend is never touched. This module only reads
+process-wide pyplot backend is never touched. Names from the files (runs, tags, actions)
+are drawn as plain text: control characters escaped
+(:func:`~lr_monitor.cli.safe_text.terminal_safe`), ``$`` never starting mathtext, very long
+run names shortened in the middle. This module only reads
 :class:`~lr_monitor.cli.report.RunData`; it does not import Lightning.
 
 Example:
@@ -30,15 +33,19 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lr_monitor.cli.report import RunData, Series
+from lr_monitor.cli.report import RunData
+from lr_monitor.cli.safe_text import terminal_safe
+from lr_monitor.cli.tfevents import Series
 from lr_monitor.events import Action
 from lr_monitor.tags import (
     DEFAULT_PREFIX,
@@ -72,13 +79,25 @@ _ACTION_ORDER = tuple(sorted((a for a in ACTION_COLORS if a is not Action.LOG),
 _MAX_LABELLED_EVENTS = 12
 _MIN_LABEL_GAP = 0.03  # event labels closer than this fraction of the step range overlap
 _ROWS = ("loss", "learning rate", "effective lr (eff_lr)", "update ratio", "grad norm")
+_MAX_TITLE = 60  # characters of a run name in a column title
+_MAX_FILE_STEM = 100  # characters of a run name in a --per-run file name
+
+
+def _label(text: str, limit: int | None = None) -> str:
+    """A name from the files as figure text: terminal-safe, shortened past ``limit``."""
+    text = terminal_safe(text)
+    if limit is not None and len(text) > limit:
+        half = (limit - 1) // 2
+        text = f"{text[:half]}…{text[-half:]}"
+    return text
 
 
 def per_run_path(output: str | os.PathLike[str], run_name: str) -> Path:
     """The file of one run when plotting one PNG per run: ``<stem>-<run>.png``.
 
     Characters other than letters, digits, ``.``, ``_`` and ``-`` in the run name
-    become ``_``.
+    become ``_``; a name longer than 100 characters keeps its first 80 and a short hash
+    of the whole name, so every file name stays valid.
 
     Args:
         output: The ``-o`` path, e.g. ``run.png``.
@@ -87,9 +106,14 @@ def per_run_path(output: str | os.PathLike[str], run_name: str) -> Path:
     Example:
         >>> per_run_path("plots/run.png", "too-high-lr1/version_0").as_posix()
         'plots/run-too-high-lr1_version_0.png'
+        >>> len(per_run_path("run.png", "z" * 300).name)
+        101
     """
     out = Path(output)
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", run_name).strip("_") or "run"
+    if len(safe) > _MAX_FILE_STEM:
+        digest = hashlib.sha1(run_name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        safe = f"{safe[:_MAX_FILE_STEM - 20]}-{digest}"
     return out.with_name(f"{out.stem}-{safe}{out.suffix or '.png'}")
 
 
@@ -122,18 +146,29 @@ def plot_runs(
     if not runs:
         raise ValueError("no runs to plot")
     if per_run:
-        return [
-            _save(_figure([run], prefix=prefix), per_run_path(output, run.name), dpi)
-            for run in runs
-        ]
-    return [_save(_figure(list(runs), prefix=prefix), Path(output), dpi)]
+        written: list[Path] = []
+        for run in runs:
+            path = per_run_path(output, run.name)
+            if path in written:  # two names that differ only in replaced characters
+                digest = hashlib.sha1(run.name.encode("utf-8", "surrogateescape"))
+                path = path.with_name(f"{path.stem}-{digest.hexdigest()[:12]}{path.suffix}")
+            written.append(_save([run], path, dpi, prefix))
+        return written
+    return [_save(list(runs), Path(output), dpi, prefix)]
 
 
-def _save(fig: Any, path: Path, dpi: int) -> Path:
+def _save(runs: list[RunData], path: Path, dpi: int, prefix: str) -> Path:
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=dpi, format="png")
+    # Names are text, never mathtext or LaTeX: a run named "$\frac{a}$" is drawn as typed.
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}), \
+            warnings.catch_warnings():
+        # a name in a script the font lacks is drawn as boxes; say nothing about it
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)
+        fig = _figure(runs, prefix=prefix)
+        FigureCanvasAgg(fig)
+        fig.savefig(path, dpi=dpi, format="png")
     return path
 
 
@@ -210,7 +245,7 @@ def _plot_lr(run: RunData, ax: Axes, lrs: dict[tuple[str, str], Series],
     for (opt, group), series in sorted(lrs.items()):
         steps, values = _positive(series)
         if len(steps):
-            ax.plot(steps, values, lw=2.2, alpha=0.6, label=f"lr {opt}/{group}",
+            ax.plot(steps, values, lw=2.2, alpha=0.6, label=_label(f"lr {opt}/{group}"),
                     drawstyle="steps-post")
     if lrs:
         ax.set_yscale("log")
@@ -252,11 +287,11 @@ def _plot_eff_lr(run: RunData, ax: Axes, lrs: dict[tuple[str, str], Series],
         if lo is not None and hi is not None and np.array_equal(lo.steps, hi.steps):
             ok = np.isfinite(lo.values) & np.isfinite(hi.values) & (lo.values > 0)
             ax.fill_between(lo.steps[ok], lo.values[ok], hi.values[ok], color=color,
-                            alpha=0.25, lw=0, label=f"{opt} p05–p95")
-        ax.plot(*_positive(p50), color=color, lw=1.2, label=f"{opt} p50")
+                            alpha=0.25, lw=0, label=_label(f"{opt} p05–p95"))
+        ax.plot(*_positive(p50), color=color, lw=1.2, label=_label(f"{opt} p50"))
     for (opt, group), series in sorted(lrs.items())[:3]:  # the nominal lr, for reference
-        ax.plot(*_positive(series), color="0.4", ls=":", lw=1.0, label=f"lr {opt}/{group}",
-                drawstyle="steps-post")
+        ax.plot(*_positive(series), color="0.4", ls=":", lw=1.0,
+                label=_label(f"lr {opt}/{group}"), drawstyle="steps-post")
     if p50s:
         ax.set_yscale("log")
         ax.legend(fontsize=7, loc="best")
@@ -267,7 +302,7 @@ def _plot_eff_lr(run: RunData, ax: Axes, lrs: dict[tuple[str, str], Series],
 def _plot_stat(run: RunData, ax: Axes, stat: str, prefix: str) -> None:
     found = run.global_tags(stat, prefix)
     for i, (opt, series) in enumerate(sorted(found.items())):
-        ax.plot(*_positive(series), color=f"C{i % 10}", lw=1.0, label=opt)
+        ax.plot(*_positive(series), color=f"C{i % 10}", lw=1.0, label=_label(opt))
     if found:
         ax.set_yscale("log")
         if len(found) > 1:
@@ -308,7 +343,7 @@ def _mark_events(run: RunData, axes: list[Axes]) -> set[str]:
             continue
         placed.append(event.step)
         _, color = _event_color(event.actions)
-        ax_loss.annotate(_event_label(event.actions), xy=(event.step, 1.0),
+        ax_loss.annotate(_label(_event_label(event.actions)), xy=(event.step, 1.0),
                          xycoords=("data", "axes fraction"), xytext=(3, -3),
                          textcoords="offset points", rotation=90, va="top", ha="left",
                          fontsize=7, color=color,
@@ -320,7 +355,7 @@ def _plot_run(run: RunData, axes: list[Axes], *, prefix: str) -> tuple[Axes, flo
     """Draw one run into its column; returns the lr row's twin axis and initial lr."""
     ax_loss, ax_lr, ax_eff, ax_ratio, ax_grad = axes
     n_events = len(run.events)
-    title = f"{run.name}\n{n_events} guard event{'s' if n_events != 1 else ''}"
+    title = f"{_label(run.name, _MAX_TITLE)}\n{n_events} guard event{'s' if n_events != 1 else ''}"
     loss = run.scalars.get(TRAIN_LOSS)
     if loss is not None and len(loss):
         title += f", final train loss {loss.last()[1]:.3g}"

@@ -8,12 +8,22 @@ was attached, the same directory also holds ``events.jsonl``, one
 
 :func:`load_runs` finds every run below a directory, :func:`build_report` reduces one run
 to a JSON-serialisable dict, and :func:`render_reports` prints reports as tables (with
-``rich`` when it is installed, plain text otherwise). Every problem with the files on
-disk -- a missing path, no event files, an unreadable event file, a corrupt
-``events.jsonl`` line other than a truncated last one -- raises :class:`ReportError`,
-whose one-line message names the file.
+``rich`` when it is installed, plain text otherwise).
 
-This module only reads files; it does not import Lightning.
+Nothing on disk can make the readers hang, crash or read without bound: only regular
+files are opened, event files are read record by record with every CRC checked
+(:func:`lr_monitor.cli.tfevents.read_scalars`), ``events.jsonl`` line by line with every
+field checked (:func:`lr_monitor.eventlog.read_events`). What cannot be read -- a FIFO or
+a device named like an event file, an unreadable file or directory, a corrupt line or
+record -- is skipped with one warning naming it (file, line, record and byte offset) on
+the ``lr_monitor.cli.report``, ``lr_monitor.cli.tfevents`` or ``lr_monitor.eventlog``
+logger, and the rest is read. Only what leaves nothing to report -- a missing path, no
+event files, none readable -- raises :class:`ReportError`, whose one-line message names
+the path. Names are printed :func:`~lr_monitor.cli.safe_text.terminal_safe`.
+
+:class:`~lr_monitor.cli.tfevents.Series` and :func:`~lr_monitor.cli.safe_text.terminal_safe`
+/ :func:`~lr_monitor.cli.safe_text.display_path` are importable from here too, for
+existing callers. This module only reads files; it does not import Lightning.
 
 Example:
     >>> import tempfile
@@ -34,8 +44,10 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +55,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from lr_monitor.eventlog import EventFileError, read_events
+from lr_monitor.cli.safe_text import display_path, terminal_safe
+from lr_monitor.cli.tfevents import Series, read_scalars
+from lr_monitor.eventlog import file_kind, read_events
 from lr_monitor.events import Action, GuardEvent
 from lr_monitor.tags import (
     DEFAULT_PREFIX,
@@ -68,6 +82,7 @@ __all__ = [
     "RunData",
     "Series",
     "build_report",
+    "display_path",
     "find_event_files",
     "format_value",
     "load_run",
@@ -75,7 +90,10 @@ __all__ = [
     "parse_monitor_tag",
     "render_reports",
     "reports_to_json",
+    "terminal_safe",
 ]
+
+_log = logging.getLogger("lr_monitor.cli.report")
 
 #: Name of the guard's event log in a run directory (:data:`lr_monitor.tags.EVENTS_FILENAME`).
 EVENTS_JSONL = EVENTS_FILENAME
@@ -115,47 +133,8 @@ class ReportError(Exception):
     def __init__(self, path: str | os.PathLike[str], message: str) -> None:
         self.path = os.fspath(path)
         one_line = " ".join(message.split())
-        super().__init__(one_line if self.path in one_line else f"{self.path}: {one_line}")
-
-
-@dataclass(frozen=True, eq=False)
-class Series:
-    """One scalar tag of a run: steps and values in logging order.
-
-    Args:
-        steps: Global steps, as logged.
-        values: The values (``float64``; may contain ``nan``/``inf``).
-    """
-
-    steps: np.ndarray
-    values: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def last(self) -> tuple[int, float]:
-        """The last ``(step, value)`` pair.
-
-        Raises:
-            IndexError: If the series is empty.
-
-        Example:
-            >>> Series(np.array([0, 1]), np.array([3.0, 2.5])).last()
-            (1, 2.5)
-        """
-        if not len(self.steps):
-            raise IndexError("empty series")
-        return int(self.steps[-1]), float(self.values[-1])
-
-    def finite(self) -> Series:
-        """The points whose value is finite.
-
-        Example:
-            >>> len(Series(np.array([0, 1, 2]), np.array([1.0, np.nan, np.inf])).finite())
-            1
-        """
-        keep = np.isfinite(self.values)
-        return Series(self.steps[keep], self.values[keep])
+        named = self.path in one_line or display_path(self.path) in one_line
+        super().__init__(one_line if named else f"{display_path(self.path)}: {one_line}")
 
 
 @dataclass(eq=False)
@@ -226,7 +205,12 @@ class RunData:
 
 
 def find_event_files(logdir: str | os.PathLike[str]) -> list[Path]:
-    """Every TensorBoard event file below ``logdir`` (recursively), sorted.
+    """Every TensorBoard event file name below ``logdir`` (recursively), sorted.
+
+    Names only: a name that is not a regular file (a FIFO, a device, ...) is listed too,
+    and :func:`load_run` skips it with a warning. A directory that cannot be listed is
+    skipped with a warning on the ``lr_monitor.cli.report`` logger; symbolic links to
+    directories are not followed.
 
     Args:
         logdir: The directory to search.
@@ -234,9 +218,22 @@ def find_event_files(logdir: str | os.PathLike[str]) -> list[Path]:
     Returns:
         Paths of TensorBoard event files (:func:`lr_monitor.tags.is_tensorboard_file`),
         sorted by path.
+
+    Raises:
+        ReportError: If ``logdir`` itself cannot be listed.
     """
+    top = os.fspath(logdir)
+
+    def unlistable(exc: OSError) -> None:
+        where = exc.filename if exc.filename is not None else top
+        if os.path.normpath(os.fspath(where)) == os.path.normpath(top):
+            raise ReportError(top, f"{display_path(top)}: cannot list the directory "
+                                   f"({exc.strerror or exc})")
+        _log.warning("%s: skipped, cannot list the directory (%s)", display_path(where),
+                     exc.strerror or exc)
+
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(logdir):
+    for dirpath, dirnames, filenames in os.walk(top, onerror=unlistable):
         dirnames.sort()
         found.extend(Path(dirpath, f) for f in filenames if is_tensorboard_file(f))
     return sorted(found)
@@ -245,38 +242,75 @@ def find_event_files(logdir: str | os.PathLike[str]) -> list[Path]:
 def load_runs(logdir: str | os.PathLike[str]) -> list[RunData]:
     """Load every run below ``logdir``: one per directory that holds event files.
 
+    Nothing below ``logdir`` can make this hang, crash or read without bound (see
+    :func:`~lr_monitor.cli.tfevents.read_scalars` and :func:`lr_monitor.eventlog.read_events`):
+    an event file or ``events.jsonl`` that cannot be read is skipped with one warning
+    naming it, a corrupt line or record with one warning naming its line or record and
+    byte offset, and the rest is read. Warnings go to the ``lr_monitor.cli.report``,
+    ``lr_monitor.cli.tfevents`` and ``lr_monitor.eventlog`` loggers (``lr-monitor`` prints
+    them on stderr).
+
     Args:
         logdir: A log directory (searched recursively), a single run directory, or a
             single event file.
 
     Returns:
-        The runs, sorted by name.
+        The runs, sorted by name. A directory whose event files could all not be opened
+        is not a run.
 
     Raises:
-        ReportError: If ``logdir`` does not exist, holds no event files, or a file in it
-            is unreadable or corrupt.
+        ReportError: If ``logdir`` is empty, does not exist, cannot be listed, is neither
+            a directory nor a regular event file, or no event file below it could be
+            opened.
     """
+    if not os.fspath(logdir):
+        raise ReportError("", "logdir='' is invalid: must be a log directory, run directory "
+                              "or event file")
     root = Path(logdir)
-    if not root.exists():
-        raise ReportError(root, f"{root}: no such file or directory")
-    if root.is_file():
+    mode = _stat_mode(root)
+    if stat.S_ISREG(mode):
         if not is_tensorboard_file(root.name):
-            raise ReportError(root, f"{root}: not a TensorBoard event file or a directory")
-        return [load_run(root.parent, name=root.parent.name or str(root.parent), files=[root])]
-    files = find_event_files(root)
-    if not files:
-        raise ReportError(
-            root, f"{root}: no TensorBoard event files (events.out.tfevents.*) found below it"
-        )
+            raise ReportError(root, f"{display_path(root)}: not a TensorBoard event file or a "
+                                    "directory")
+        files = [root]
+    elif stat.S_ISDIR(mode):
+        files = find_event_files(root)
+        if not files:
+            raise ReportError(root, f"{display_path(root)}: no TensorBoard event files "
+                                    "(events.out.tfevents.*) found below it")
+    else:
+        raise ReportError(root, f"{display_path(root)}: not a directory or a regular file "
+                                f"({file_kind(mode)})")
     by_dir: dict[Path, list[Path]] = {}
     for f in files:
         by_dir.setdefault(f.parent, []).append(f)
     runs = []
     for run_dir, run_files in by_dir.items():
-        rel = run_dir.relative_to(root).as_posix()
-        name = rel if rel != "." else (root.resolve().name or str(root))
-        runs.append(load_run(run_dir, name=name, files=run_files))
+        if stat.S_ISREG(mode):
+            name = root.parent.name or str(root.parent)
+        else:
+            rel = run_dir.relative_to(root).as_posix()
+            name = rel if rel != "." else (root.resolve().name or str(root))
+        run = load_run(run_dir, name=name, files=run_files)
+        if run.event_files:
+            runs.append(run)
+    if not runs:
+        raise ReportError(root, f"{display_path(root)}: no readable TensorBoard event files "
+                                f"({len(files)} skipped, see the warnings above)")
     return sorted(runs, key=lambda r: r.name)
+
+
+def _stat_mode(path: Path) -> int:
+    """``os.stat(path).st_mode``, or :class:`ReportError` with one line saying why not."""
+    try:
+        return os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ReportError(path, f"{display_path(path)}: no such file or directory") from None
+    except OSError as exc:  # name too long, permission denied, a symbolic-link loop, ...
+        raise ReportError(path, f"{display_path(path)}: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL byte in the path
+        raise ReportError(path, f"{display_path(path)}: not a valid path (it holds a NUL "
+                                "byte)") from None
 
 
 def load_run(
@@ -287,83 +321,51 @@ def load_run(
 ) -> RunData:
     """Load one run: its scalars and, if present, its ``events.jsonl``.
 
+    Event files are read with :func:`~lr_monitor.cli.tfevents.read_scalars` (as one run, in
+    name order); ``events.jsonl`` and its rotated files with
+    :func:`lr_monitor.eventlog.read_events` (``errors="warn"``). Whatever they hold, this
+    returns: what could not be read is skipped with a warning naming it.
+
     Args:
         run_dir: The run directory.
         name: Display name (default: the directory's name).
-        files: The event files to read (default: every TensorBoard event file directly in
-            ``run_dir``). When given, only these are read.
+        files: The event files to read (default: every TensorBoard event file name
+            directly in ``run_dir``). When given, only these are read.
 
     Returns:
-        The run.
-
-    Raises:
-        ReportError: If an event file is not a readable TensorBoard event file, or
-            ``events.jsonl`` has a corrupt line other than a truncated last one.
+        The run; ``event_files`` holds the event files that could be opened (empty when
+        none could).
     """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     path = Path(run_dir)
-    in_dir = sorted(p for p in path.iterdir() if p.is_file() and is_tensorboard_file(p.name))
-    event_files = in_dir if files is None else sorted(Path(f) for f in files)
-    for f in event_files:
-        _check_event_file(f)
-
-    # The accumulator reads a directory's files in order and handles restarts (purges);
-    # a subset of a directory's files is read file by file.
-    sources = [path] if event_files == in_dir else event_files
-    raw: dict[str, tuple[list[int], list[float]]] = {}
-    for source in sources:
+    if files is None:
         try:
-            acc = EventAccumulator(str(source), size_guidance={"scalars": 0})
-            acc.Reload()
-            for tag in acc.Tags().get("scalars", []):
-                steps, values = raw.setdefault(tag, ([], []))
-                for ev in acc.Scalars(tag):
-                    steps.append(int(ev.step))
-                    values.append(float(ev.value))
-        except Exception as exc:  # third-party reader: report, never a traceback
-            raise ReportError(source, f"{source}: cannot read TensorBoard events ({exc})") from exc
-    scalars = {
-        tag: Series(np.asarray(s, dtype=np.int64), np.asarray(v, dtype=np.float64))
-        for tag, (s, v) in sorted(raw.items())
-    }
+            names = sorted(n for n in os.listdir(path) if is_tensorboard_file(n))
+        except OSError as exc:
+            _log.warning("%s: skipped, cannot list the directory (%s)", display_path(path),
+                         exc.strerror or exc)
+            names = []
+        event_files = [path / n for n in names]
+    else:
+        event_files = sorted(Path(f) for f in files)
+    opened: list[Path] = []
+    scalars = read_scalars(event_files, opened=opened)
 
     jsonl = path / EVENTS_JSONL
-    events_path = jsonl if jsonl.is_file() else None
-    events = _read_guard_events(jsonl) if events_path is not None else []
+    events: list[GuardEvent] = []
+    events_path = jsonl if os.path.lexists(jsonl) else None
+    if events_path is not None:
+        try:
+            events = read_events(jsonl, include_rotated=True, errors="warn")
+        except OSError as exc:
+            _log.warning("%s: skipped (%s)", display_path(jsonl), exc.strerror or exc)
     return RunData(
         name=name if name is not None else path.name,
         path=path,
-        event_files=tuple(event_files),
+        event_files=tuple(opened),
         scalars=scalars,
         events=events,
         events_path=events_path,
     )
-
-
-def _check_event_file(path: Path) -> None:
-    """Raise :class:`ReportError` unless ``path`` starts with a readable event record."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-    try:
-        if path.stat().st_size == 0:
-            return  # a writer that has not flushed yet: nothing to read, nothing wrong
-        first = next(iter(EventFileLoader(str(path)).Load()), None)
-    except OSError as exc:
-        raise ReportError(path, f"{path}: {exc.strerror or exc}") from exc
-    except Exception as exc:  # third-party reader
-        raise ReportError(path, f"{path}: not a readable TensorBoard event file ({exc})") from exc
-    if first is None:
-        raise ReportError(path, f"{path}: not a readable TensorBoard event file (no records)")
-
-
-def _read_guard_events(path: Path) -> list[GuardEvent]:
-    try:
-        return read_events(path, include_rotated=True)
-    except EventFileError as exc:
-        raise ReportError(exc.path, str(exc)) from exc
-    except OSError as exc:
-        raise ReportError(path, f"{path}: {exc.strerror or exc}") from exc
 
 
 # ------------------------------------------------------------------------------- report
@@ -600,11 +602,23 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _event_summary(event: Mapping[str, Any]) -> str:
+    """:meth:`GuardEvent.summary` of a report's event, or its step, kind and signal.
+
+    An event built in code may hold what no event file can (``lr_scale=nan``, ``step=-5``):
+    :meth:`GuardEvent.from_dict` refuses it, and the table still gets its line.
+    """
+    try:
+        return GuardEvent.from_dict(dict(event)).summary()
+    except (KeyError, TypeError, ValueError):
+        return f"step {event.get('step')}: {event.get('kind')} on {event.get('signal')}"
+
+
 def _event_lines(report: Mapping[str, Any], limit: int = 10) -> list[str]:
-    events = [GuardEvent.from_dict(d) for d in report["events"]]
-    lines = [e.summary() for e in events[:limit]]
-    if len(events) > limit:
-        lines.append(f"… and {len(events) - limit} more (lr-monitor report --json lists all)")
+    lines = [terminal_safe(_event_summary(d)) for d in report["events"][:limit]]
+    if len(report["events"]) > limit:
+        lines.append(f"… and {len(report['events']) - limit} more (lr-monitor report --json "
+                     "lists all)")
     return lines
 
 
@@ -623,11 +637,12 @@ def render_reports(reports: Iterable[Mapping[str, Any]], file: IO[str] | None = 
     try:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
     except ImportError:  # rich is optional: plain text
         for report in reports:
-            rows = _rows(report)
+            rows = _safe_rows(report)
             width = max(len(k) for k, _ in rows)
-            print(f"run {report['run']}", file=out)
+            print(f"run {terminal_safe(str(report['run']))}", file=out)
             for key, value in rows:
                 print(f"  {key:<{width}}  {value}", file=out)
             for line in _event_lines(report):
@@ -635,14 +650,21 @@ def render_reports(reports: Iterable[Mapping[str, Any]], file: IO[str] | None = 
             print(file=out)
         return
 
+    # Text objects, never markup: a run named "[/]" is a name, not a closing tag.
     console = Console(file=out, highlight=False, soft_wrap=False)
     for report in reports:
-        table = Table(title=f"run {report['run']}", title_justify="left", show_header=False)
+        title = Text(f"run {terminal_safe(str(report['run']))}")
+        table = Table(title=title, title_justify="left", show_header=False)
         table.add_column("", style="bold", no_wrap=True)
         table.add_column("", overflow="fold")
-        for key, value in _rows(report):
-            table.add_row(key, value)
+        for key, value in _safe_rows(report):
+            table.add_row(Text(key), Text(value))
         console.print(table)
         for line in _event_lines(report):
-            console.print(f"  • {line}", markup=False, soft_wrap=True)
+            console.print(Text(f"  • {line}"), soft_wrap=True)
         console.print()
+
+
+def _safe_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """:func:`_rows` with every cell terminal-safe (names come from files)."""
+    return [(terminal_safe(k), terminal_safe(v)) for k, v in _rows(report)]
