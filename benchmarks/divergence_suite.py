@@ -535,6 +535,10 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _row_md(cells: Iterable[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     pols: list[str] = doc["config"]["policies"]
     summ = doc["summary"]
@@ -554,16 +558,17 @@ def markdown(doc: dict[str, Any]) -> str:
               "intervened; delay = median steps from the unguarded blow-up to the first "
               "intervention (negative: before); within 10 % = share of runs ending within "
               "10 % of the tuned run's validation metric.", "",
-              "| policy | false (runs/tuned) | detected | delay | "
-              + " | ".join(f"within 10% {m}" for m in mults) + " |",
-              "|---|---|---|---|" + "---|" * len(mults)]
+              _row_md(["policy", "false (runs/tuned)", "false: causes", "detected", "delay",
+                       *(f"within 10% {m}" for m in mults)]),
+              _row_md(["---"] * (5 + len(mults)))]
     for p in pols:
         s = summ[p]
         within = [_fmt(s["per_mult"].get(m, {}).get("within_10pct_share"), 2) for m in mults]
-        lines.append(
-            f"| {p} | {s['false_intervention_runs']}/{s['tuned_runs']} | "
-            f"{s['detected']}/{s['failing_unguarded']} ({_fmt(s['detected_share'], 2)}) | "
-            f"{_fmt(s['median_steps_blowup_to_detection'])} | " + " | ".join(within) + " |")
+        causes = ", ".join(f"{k} ×{v}" for k, v in sorted(s.get("false_causes", {}).items()))
+        lines.append(_row_md([
+            p, f"{s['false_intervention_runs']}/{s['tuned_runs']}", causes or "–",
+            f"{s['detected']}/{s['failing_unguarded']} ({_fmt(s['detected_share'], 2)})",
+            _fmt(s["median_steps_blowup_to_detection"]), *within]))
     fail = summ.get("none", {})
     if fail:
         lines += ["", f"Unguarded too-high-LR runs that fail: {fail['failing_unguarded']} of "
