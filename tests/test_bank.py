@@ -20,7 +20,7 @@ from lr_monitor.tags import GLOBAL, STATISTICS
 NAMES = {"nonfinite/loss", "nonfinite/grad_norm", "explosion/loss", "spike/loss",
          "spike/grad_norm", "divergence/loss", "oscillation/update_cosine",
          "update_ratio/update_ratio", "trend/loss", "overshoot/step_quality",
-         "overshoot/stability_ratio"}
+         "overshoot/stability_ratio", "recovery/loss"}
 
 
 def warm(bank: DetectorBank, steps: int = 40, index: int = 0) -> None:
@@ -41,7 +41,7 @@ def test_a_stream_has_the_checkpointed_names_and_signals_by_name() -> None:
         assert name.split("/", 1)[1] == det.signal
     assert all(d.signal in STATISTICS for d in stream.recorded)  # read from a StepRecord
     assert [[d.signal for d in r] for r in stream.rounds] == [
-        [LOSS, LOSS, GRAD_NORM], [LOSS], [LOSS, LOSS, GRAD_NORM]]
+        [LOSS, LOSS, GRAD_NORM], [LOSS], [LOSS, LOSS, GRAD_NORM, LOSS]]
 
 
 def test_a_nonfinite_value_ends_the_round() -> None:
@@ -280,3 +280,19 @@ def test_loss_scale_of_an_enabled_scaler_only() -> None:
     assert loss_scale(torch.amp.GradScaler("cpu", enabled=False)) is None
     scale = loss_scale(torch.amp.GradScaler("cpu", init_scale=8.0))
     assert scale is not None and float(scale) == 8.0
+
+
+def test_after_a_cut_the_recovery_is_watched_with_the_best_before_the_trouble() -> None:
+    bank = DetectorBank(divergence_patience=5)
+    for t in range(60):  # a healthy descent to ~0.5, then stuck at chance (2.3)
+        bank.detect(0, t, {LOSS: 2.3 * math.exp(-t / 10) + 0.5 if t < 40 else 2.3})
+    best = bank.stream(0)["divergence/loss"].best
+    bank.after_cut(60, rebase=True)  # the new regime is 2.3; best before it ~0.5
+    watch = bank.stream(0)["recovery/loss"].state_dict()
+    assert watch["since"] == 60 and watch["best"] == best < 0.7
+    assert watch["start"] == pytest.approx(2.3 * math.exp(-2 / 10) + 0.5)  # min of 3
+    assert not bank.healthy()  # no snapshot while recovering
+    found = [d for t in range(61, 71) for d in bank.detect(0, t, {LOSS: 2.3})]
+    assert [(d.kind, d.step) for d in found] == [("divergence", 70)]
+    assert "did not resume falling" in found[0].message
+    assert bank.healthy()

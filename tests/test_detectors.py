@@ -15,10 +15,12 @@ from lr_monitor.events import Detection
 from lr_monitor.guard.detectors import (
     Detector,
     DivergenceDetector,
+    ExplosionDetector,
     LossTrend,
     NonFiniteDetector,
     OscillationDetector,
     OvershootDetector,
+    RecoveryWatch,
     SpikeDetector,
     UpdateRatioDetector,
 )
@@ -666,3 +668,146 @@ def test_overshoot_fraction_and_direction() -> None:
                               min_fraction=1.0, loss="any")
     assert feed(above, [5.0, 3.9, 5.0, 4.0]) == []  # never two in a row strictly above
     assert [e.step for e in feed(above, [5.0, 6.0])] == [1]
+
+
+# ------------------------------------------------------------------------------------------
+# explosion: a level a blow-up cannot enter, a factor from the signal's own noise
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_first_blowup_under_the_bound_does_not_disarm_the_rule() -> None:
+    # nanoGPT under DDP at AdamW lr 1.0: 4.4, then 40.9 (< 10 × 4.4), then a climb to 125
+    det = ExplosionDetector()
+    events = feed(det, [4.4, 40.9, 44.0, 60.0, 90.0, 125.0])
+    assert det.level == 4.4  # the minimum: the blow-up did not enter it
+    assert [e.step for e in events] == [3, 4, 5]  # above 10x: at once
+
+
+def lognormal_descent(seed: int, sigma: float, n: int = 400) -> list[float]:
+    rng = random.Random(seed)
+    return [(2.0 * math.exp(-t / 80) + 0.3) * math.exp(sigma * rng.gauss(0, 1))
+            for t in range(n)]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_explosion_factor_follows_the_noise(seed: int) -> None:
+    quiet, noisy = ExplosionDetector(), ExplosionDetector()
+    assert feed(quiet, lognormal_descent(seed, 0.01)) == []
+    assert feed(noisy, lognormal_descent(seed, 0.5)) == []  # batch-8-like noise: no alarm
+    assert quiet.factor_now() == 4.0
+    assert noisy.factor_now() == 10.0
+    level = quiet.level
+    assert level is not None
+    # 5x the start: one batch is a spike, three in a row a blow-up — when the loss is quiet
+    assert [quiet.update(400 + t, 5.0 * level) is not None for t in range(3)] == [
+        False, False, True]
+    assert feed(noisy, [5.0 * noisy.level] * 3, start=400) == []  # type: ignore[operator]
+
+
+def test_the_factor_is_the_largest_until_the_noise_is_known() -> None:
+    det = ExplosionDetector(noise_values=10)
+    for t, v in enumerate([2.3] * 9):
+        assert det.update(t, v) is None
+        assert det.factor_now() == 10.0  # 8 changes so far
+    det.update(9, 2.3)
+    det.update(10, 2.3)
+    assert det.factor_now() == 4.0
+
+
+def test_explosion_state_round_trip() -> None:
+    values = lognormal_descent(3, 0.05, 60) + [10.0, 2.0, 11.0, 12.0, 13.0, 50.0]
+    reference = feed(ExplosionDetector(), values)
+    assert [e.step for e in reference] == [64, 65]  # 3 in a row above 4x; 50 above 10x
+    first = ExplosionDetector()
+    events = feed(first, values[:30])
+    resumed = ExplosionDetector()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    events += feed(resumed, values[30:], start=30)
+    assert events == reference
+
+
+# ------------------------------------------------------------------------------------------
+# divergence: a run that gave back its progress
+# ------------------------------------------------------------------------------------------
+
+
+def one_cycle_blowup(seed: int) -> list[float]:
+    """The OneCycleLR CNN: 2.29 -> 1.33 in warm-up, 4.6 as the LR peaks, then chance (2.3)."""
+    rng = random.Random(seed)
+    down = [2.29 - 0.96 * t / 100 for t in range(100)]
+    up = [4.6] * 10
+    chance = [2.3] * 340
+    return [v * math.exp(0.02 * rng.gauss(0, 1)) for v in (*down, *up, *chance)]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_giving_back_the_progress_is_divergence(seed: int) -> None:
+    values = one_cycle_blowup(seed)
+    assert feed(DivergenceDetector(patience=20, progress=0.25), values) == []  # 2.3 < 2×1.33
+    events = feed(DivergenceDetector(patience=20, progress=0.25, giveback=0.9), values)
+    assert events and 110 <= events[0].step <= 110 + 60
+
+
+def test_progress_within_the_noise_is_nothing_to_give_back() -> None:
+    # warm-up at 2.30, a dip to 2.28 (less than the noise), back to 2.305 ± 0.05
+    values = [2.30] * 20 + [2.28] * 30 + [2.305 + 0.05 * (-1) ** t for t in range(100)]
+    assert feed(DivergenceDetector(patience=20, giveback=0.9), values) == []
+    quiet = [2.30] * 20 + [2.28] * 30 + [2.305] * 100  # the same dip is progress here
+    assert feed(DivergenceDetector(patience=20, giveback=0.9), quiet)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_no_progress_to_give_back_on_a_loss_that_never_moved(seed: int) -> None:
+    rng = random.Random(seed)  # a long healthy plateau: the loss wanders within its noise
+    values = [2.3 * math.exp(0.05 * rng.gauss(0, 1)) for _ in range(3000)]
+    assert feed(DivergenceDetector(patience=20, progress=0.25, giveback=0.9), values) == []
+    assert feed(DivergenceDetector(patience=20, progress=0.25, giveback=0.9),
+                noisy_descent_to_floor(seed, 3000)) == []
+
+
+# ------------------------------------------------------------------------------------------
+# recovery after a cut
+# ------------------------------------------------------------------------------------------
+
+
+def watch_after(values: list[float], *, best: float | None, start: float | None,
+                window: int = 40) -> list[Detection]:
+    watch = RecoveryWatch(window=window)
+    watch.arm(100, best=best, start=start)
+    return feed(watch, values, start=101)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_recovery_stuck_at_chance_after_a_cut_fires_once(seed: int) -> None:
+    rng = random.Random(seed)
+    stuck = [2.3 * math.exp(0.03 * rng.gauss(0, 1)) for _ in range(100)]
+    events = watch_after(stuck, best=0.4, start=2.3)
+    assert [e.step for e in events] == [140]  # once, at the end of the window
+    assert "did not resume falling" in events[0].message
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_recovery_a_falling_loss_or_a_run_back_at_its_best_is_healthy(seed: int) -> None:
+    rng = random.Random(seed)
+    falling = [(2.3 * math.exp(-t / 30) + 0.3) * math.exp(0.2 * rng.gauss(0, 1))
+               for t in range(40)]
+    assert watch_after(falling, best=0.4, start=2.3) == []
+    at_floor = [0.3 * math.exp(0.2 * rng.gauss(0, 1)) for _ in range(40)]
+    assert watch_after(at_floor, best=0.3, start=2.3) == []  # cut near the floor: fine
+    # ... but at the starting level, "best = start" is no progress to be back at
+    at_start = [2.3 * math.exp(0.01 * rng.gauss(0, 1)) for _ in range(40)]
+    assert watch_after(at_start, best=2.3, start=2.3)
+    assert watch_after(at_start, best=None, start=None)
+
+
+def test_recovery_is_silent_unless_armed_and_round_trips() -> None:
+    assert feed(RecoveryWatch(window=10), [5.0] * 50) == []
+    values = [2.3] * 25
+    reference = watch_after(values, best=0.4, start=2.3, window=20)
+    first = RecoveryWatch(window=20)
+    first.arm(100, best=0.4, start=2.3)
+    events = feed(first, values[:7], start=101)
+    resumed = RecoveryWatch(window=20)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    events += feed(resumed, values[7:], start=108)
+    assert events == reference and len(events) == 1

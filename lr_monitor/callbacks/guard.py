@@ -344,8 +344,9 @@ class DivergenceGuard(pl.Callback):
                 done.append(action)
             else:
                 done.append(action)
-        if decision.action is Action.CUT:
-            self.bank.rebase()  # same weights, smaller steps: judge the new regime
+        if Action.CUT in done:  # watch that the loss falls again; after a plain cut (same
+            # weights, smaller steps) the detectors judge the new regime
+            self.bank.after_cut(decision.step, rebase=decision.action is Action.CUT)
         self._record(trainer, decision.event(
             done, lr_before=lr_before, lr_after=learning_rates(optimizers), lr_scale=self.lr_scale,
             epoch=trainer.current_epoch, run=self._run_name(trainer)), decision.step)

@@ -50,6 +50,7 @@ from lr_monitor.guard.detectors import (
     NonFiniteDetector,
     OscillationDetector,
     OvershootDetector,
+    RecoveryWatch,
     SpikeDetector,
     UpdateRatioDetector,
 )
@@ -63,6 +64,10 @@ __all__ = ["DEFAULT_OVERSHOOT_RULES", "OVERSHOOT_RULES", "TREND_SPAN", "Detector
 
 #: Warm-up (values) of the spike and divergence detectors, capped by the spike window.
 _WARMUP = 20
+
+#: A run that has given back this share of its progress (smoothed loss back near the
+#: starting level) has diverged, wherever its best was.
+_GIVEBACK = 0.9
 
 #: The overshoot rules: signal → :class:`~lr_monitor.guard.detectors.OvershootDetector`
 #: arguments. Each is fed only when a callback records the signal
@@ -171,10 +176,12 @@ class DetectorBank:
             {"spike/loss": SpikeDetector(LOSS, window=window, warmup=warmup,
                                          threshold=self.spike_threshold, min_rel_increase=1.0),
              "divergence/loss": DivergenceDetector(LOSS, patience=self.divergence_patience,
-                                                   warmup=_WARMUP, progress=0.25),
+                                                   warmup=_WARMUP, progress=0.25,
+                                                   giveback=_GIVEBACK),
              "spike/grad_norm": SpikeDetector(GRAD_NORM, window=window, warmup=warmup,
                                               threshold=self.spike_threshold,
-                                              min_rel_increase=2.0)},
+                                              min_rel_increase=2.0),
+             "recovery/loss": RecoveryWatch(LOSS, window=2 * self.divergence_patience)},
         ]
         recorded: dict[str, Detector] = {
             "oscillation/update_cosine": OscillationDetector(),
@@ -231,6 +238,29 @@ class DetectorBank:
         """
         return _feed(self.stream(index).recorded, step, lambda signal: _recorded(record, signal))
 
+    def after_cut(self, step: int, *, rebase: bool) -> None:
+        """A cut was made at ``step``: watch the recovery, and rebase after a plain cut.
+
+        Each stream's :class:`~lr_monitor.guard.detectors.RecoveryWatch` is armed with the
+        best smoothed loss of its divergence detector (before any rebase: after a rollback,
+        the best the restored snapshot had) and the explosion rule's starting level.
+
+        Args:
+            step: The step of the cut.
+            rebase: Also :meth:`rebase` (a cut that keeps the weights; a rollback restored
+                the detectors with the weights instead).
+        """
+        for stream in self.streams:
+            divergence = stream.divergence
+            explosion = stream.get("explosion/loss")
+            watch = stream.get("recovery/loss")
+            if isinstance(watch, RecoveryWatch):
+                watch.arm(step, best=divergence[0].best if divergence else None,
+                          start=explosion.level if isinstance(explosion, ExplosionDetector)
+                          else None)
+        if rebase:
+            self.rebase()
+
     def rebase(self) -> None:
         """After a cut that keeps the weights: the detectors judge the new regime.
 
@@ -260,6 +290,8 @@ class DetectorBank:
                 bound, smoothed = det.bound(), det.smoothed
                 if bound is not None and smoothed is not None and smoothed > bound:
                     return False
+            if any(isinstance(d, RecoveryWatch) and d.armed for d in stream.values()):
+                return False  # still recovering from a cut
         return True
 
     def state_dict(self) -> list[dict[str, dict[str, Any]]]:

@@ -16,6 +16,7 @@ Which detector watches what (default signal in brackets):
 * :class:`OvershootDetector` (``step_quality``, ``overshoot_frac``, ``stability_ratio``): an
   overshoot signal stays on the wrong side of its threshold while the loss, according to
   a :class:`LossTrend`, is not falling (or is rising).
+* :class:`RecoveryWatch` (``loss``): after a cut, the loss did not resume falling.
 * :class:`LossTrend` (``loss``) never fires: it keeps the recent losses and tells the
   overshoot detectors whether the loss fell or rose over a span of steps.
 
@@ -62,6 +63,7 @@ __all__ = [
     "NonFiniteDetector",
     "OscillationDetector",
     "OvershootDetector",
+    "RecoveryWatch",
     "SpikeDetector",
     "UpdateRatioDetector",
 ]
@@ -408,6 +410,10 @@ class SpikeDetector(Detector):
         self._run = [float(v) for v in state["run"]]
 
 
+#: Progress counts for the give-back rule when it exceeds this many noise deviations.
+_PROGRESS_SIGMAS = 3.0
+
+
 class DivergenceDetector(Detector):
     """Fires when the smoothed signal stays far above the best smoothed value seen so far.
 
@@ -460,6 +466,13 @@ class DivergenceDetector(Detector):
             (0, 1], or ``None`` (off). A healthy run near a tiny loss wobbles by multiples of
             its best (0.01 → 0.03) without losing any real progress; this keeps such wobbles
             quiet while "back at chance level" (r) still fires.
+        giveback: Fire also when the smoothed value has given back this fraction of the
+            progress, whatever the ratio rule says: ``bound = min(above, b + giveback·(r −
+            b))``, in (0, 1], or ``None`` (off). A run that went from 2.29 to 1.33 and sits
+            at chance (2.3) again has lost everything, though 2.3 < 2 × 1.33. Only progress
+            that stands out from the noise counts: ``r − b > 3·σ``, with ``σ`` the robust
+            standard deviation (1.4826·MAD) of the last ``patience`` raw values — a loss
+            that never really moved has nothing to give back.
 
     Raises:
         ValueError: If an argument is outside its range (the message names it).
@@ -493,11 +506,15 @@ class DivergenceDetector(Detector):
         *,
         clip: float | None = 4.0,
         progress: float | None = None,
+        giveback: float | None = None,
     ) -> None:
         super().__init__(signal)
         if progress is not None:
             progress = check_real("progress", progress, low=0.0, high=1.0, high_closed=True)
         self.progress = progress
+        if giveback is not None:
+            giveback = check_real("giveback", giveback, low=0.0, high=1.0, high_closed=True)
+        self.giveback = giveback
         self.ema: float = check_real("ema", ema, low=0.0, high=1.0, low_closed=True)
         self.ratio: float = check_real("ratio", ratio, low=1.0, low_closed=True)
         self.patience: int = check_int("patience", patience, 1)
@@ -543,8 +560,13 @@ class DivergenceDetector(Detector):
 
     def _bound(self, best: float) -> float:
         bound = best + (self.ratio - 1.0) * abs(best) + self.min_delta
-        if self.progress is not None and self._reference is not None:
-            bound = max(bound, best + self.progress * (self._reference - best))
+        ref = self._reference
+        if self.progress is not None and ref is not None:
+            bound = max(bound, best + self.progress * (ref - best))
+        if self.giveback is not None and ref is not None and len(self._recent) >= 3:
+            _, mad = _median_mad(self._recent)
+            if ref - best > _PROGRESS_SIGMAS * MAD_TO_SIGMA * mad:
+                bound = min(bound, best + self.giveback * (ref - best))
         return bound
 
     def rebase(self) -> None:
@@ -629,22 +651,46 @@ class DivergenceDetector(Detector):
 
 
 class ExplosionDetector(Detector):
-    """Fires when a value exceeds ``factor ×`` its starting level — from the second step on.
+    """Fires when a value exceeds a multiple of its starting level — from the second step on.
 
-    The starting level ``r`` is the median of the first ``reference_steps`` finite values
-    (before that, the median of the values seen so far, from the second value on). A value
-    ``x > factor·r`` (with ``r > 0``) is a ``"divergence"``.
+    The starting level ``r`` is the *minimum* of the first ``reference_steps`` finite values:
+    a blow-up in those steps cannot raise it (a median could take in a first blow-up just
+    under the bound, and the rule would then never fire). A value ``x > f·r`` (with
+    ``r > 0``) is a ``"divergence"`` at once when ``x > factor·r``, and when
+    ``persist`` values in a row are above ``f·r``, where the factor ``f`` follows the
+    signal's own noise::
+
+        σ = 1.4826 · MAD(ln x_t − ln x_{t−1}) / √2        (over the last ``window`` steps)
+        f = clamp(exp(z·σ), min_factor, factor)           once ``noise_values`` are seen
+        f = factor                                        before
+
+    A single batch between the two bounds is a spike (one bad batch: skipped by the guard,
+    not worth a rollback and a cut); staying there is a blow-up.
+
+    Differences of logarithms take out the descent of the loss (its trend) and leave the
+    step-to-step noise, relative to the loss: a batch of 8 regression samples moves the
+    loss by ~50 % from one step to the next (σ ≈ 0.5, so ``f`` = ``factor``), a batch of
+    512 images by ~1 % (σ ≈ 0.01, so ``f`` = ``min_factor``). One default thus fits both: a
+    loss 4× its start is a blow-up when the loss is quiet, and only 10× is when single
+    batches already vary that much. Values above the bound enter neither the level nor the
+    noise.
 
     This is the rule for the first steps of a run, where every windowed detector is still
     warming up: on digits at lr 1.0, Adam's loss jumps from 2.3 to ~3e4 at step 1 and then
     sits at chance level — the run's best loss *is* its starting loss, so "well above its
-    best" never holds afterwards. A loss ten times its starting level is a blow-up in any
+    best" never holds afterwards. A loss many times its starting level is a blow-up in any
     task whose loss starts near its worst value (classification, regression from scratch).
 
     Args:
         signal: Name of the monitored quantity (default ``"loss"``).
-        factor: Multiple of the starting level that counts as an explosion (> 1).
-        reference_steps: Values whose median is the starting level (int ≥ 1).
+        factor: The largest factor, used until the noise is known (> 1).
+        reference_steps: Values whose minimum is the starting level (int ≥ 1).
+        min_factor: The smallest factor, for a quiet signal (in (1, factor]).
+        z: Robust standard deviations of the step-to-step log change in the factor (> 0).
+        noise_values: Log changes needed before the noise sets the factor (int ≥ 2).
+        window: Log changes kept for the noise estimate (int ≥ noise_values).
+        persist: Values in a row above the noise bound (but below ``factor·r``) that make
+            a blow-up (int ≥ 1).
 
     Raises:
         ValueError: If an argument is outside its range (the message names it).
@@ -655,31 +701,54 @@ class ExplosionDetector(Detector):
         [None, None]
         >>> e = d.update(2, 3.4e4)
         >>> e.kind, round(e.threshold, 1)
-        ('divergence', 22.5)
+        ('divergence', 22.0)
+        >>> quiet = ExplosionDetector()
+        >>> for t in range(20):  # ~1 % noise: the factor comes down to min_factor
+        ...     _ = quiet.update(t, 2.3 * (1 + 0.01 * (-1) ** t))
+        >>> round(quiet.factor_now(), 1), [quiet.update(20 + t, 9.5) for t in range(2)]
+        (4.0, [None, None])
+        >>> quiet.update(22, 9.5).kind  # the third in a row above 4x
+        'divergence'
     """
 
     kind: ClassVar[str] = "divergence"
 
     def __init__(self, signal: str = "loss", factor: float = 10.0,
-                 reference_steps: int = 3) -> None:
+                 reference_steps: int = 3, *, min_factor: float = 4.0, z: float = 8.0,
+                 noise_values: int = 10, window: int = 50, persist: int = 3) -> None:
         super().__init__(signal)
         self.factor: float = check_real("factor", factor, low=1.0)
         self.reference_steps: int = check_int("reference_steps", reference_steps, 1)
+        self.min_factor: float = check_real("min_factor", min_factor, low=1.0,
+                                            high=self.factor, high_closed=True)
+        self.z: float = check_real("z", z, low=0.0)
+        self.noise_values: int = check_int("noise_values", noise_values, 2)
+        self.window: int = check_int("window", window, self.noise_values)
+        self.persist: int = check_int("persist", persist, 1)
         self.reset()
 
     @property
     def level(self) -> float | None:
         """The starting level (``None`` before the first value)."""
-        if not self._first:
-            return None
-        return _median(sorted(self._first))
+        return min(self._first) if self._first else None
+
+    def factor_now(self) -> float:
+        """The factor of the current bound: ``factor`` until the noise is known."""
+        if len(self._changes) < self.noise_values:
+            return self.factor
+        _, mad = _median_mad(self._changes)
+        sigma = MAD_TO_SIGMA * mad / math.sqrt(2.0)
+        return min(self.factor, max(self.min_factor, _safe_exp(self.z * sigma)))
 
     def reset(self) -> None:
-        """Forget the starting level."""
+        """Forget the starting level and the noise."""
         self._first: list[float] = []
+        self._changes: deque[float] = deque(maxlen=self.window)
+        self._last_log: float | None = None
+        self._above = 0
 
     def update(self, step: int, value: float) -> Detection | None:
-        """Feed one value; return a detection if it exceeds ``factor ×`` the starting level.
+        """Feed one value; return a detection if it exceeds the factor × the starting level.
 
         Args:
             step: Optimizer step the value belongs to.
@@ -692,22 +761,38 @@ class ExplosionDetector(Detector):
         if not math.isfinite(x):
             return None
         level = self.level
-        bound = None if level is None or level <= 0 else self.factor * level
-        if bound is None or x <= bound:
-            if len(self._first) < self.reference_steps:
-                self._first.append(x)  # explosions never enter the starting level
-            return None
-        return self._hit(
-            step, x, bound,
-            f"{self.signal} exploded to {x:.4g}, more than {self.factor:g}x its "
-            f"starting level {level:.4g}",
-        )
+        factor = self.factor_now()
+        if level is not None and level > 0 and x > factor * level:
+            self._above += 1
+            if x <= self.factor * level and self._above < self.persist:
+                return None  # one batch up there is a spike, not (yet) a blow-up
+            self._above = 0
+            return self._hit(
+                step, x, factor * level,
+                f"{self.signal} exploded to {x:.4g}, more than {factor:.3g}x its "
+                f"starting level {level:.4g}",
+            )
+        self._above = 0
+        if len(self._first) < self.reference_steps:
+            self._first.append(x)  # values above the bound never enter the starting level
+        if x > 0.0:
+            log = math.log(x)
+            if self._last_log is not None:
+                self._changes.append(log - self._last_log)
+            self._last_log = log
+        return None
 
     def _get_state(self) -> dict[str, Any]:
-        return {"first": list(self._first)}
+        return {"first": list(self._first), "changes": list(self._changes),
+                "last_log": self._last_log, "above": self._above}
 
     def _set_state(self, state: dict[str, Any]) -> None:
         self._first = [float(v) for v in state["first"]]
+        self._changes = deque((float(v) for v in state.get("changes", [])),
+                              maxlen=self.window)
+        last = state.get("last_log")
+        self._last_log = None if last is None else float(last)
+        self._above = int(state.get("above", 0))
 
 
 class OscillationDetector(Detector):
@@ -1175,3 +1260,122 @@ class OvershootDetector(Detector):
     def _set_state(self, state: dict[str, Any]) -> None:
         self._steps = deque((int(s) for s in state["steps"]), maxlen=self.window)
         self._values = deque((float(v) for v in state["values"]), maxlen=self.window)
+
+
+class RecoveryWatch(Detector):
+    """After a cut: fires when the loss does not resume falling within ``window`` steps.
+
+    A cut of the learning rate (with or without a rollback) is a bet that shorter steps
+    fix the run; one cut of ×0.1 leaves a ×100 learning rate still ×10 too high, and the
+    run may then sit at a bad level without a spike or a divergence, because the
+    divergence rule judges the new regime after the cut. :meth:`arm` starts the watch;
+    over the next ``window`` finite values, with the medians ``m₁``, ``m₂`` of their first
+    and second half and ``σ`` their robust standard deviation (1.4826·MAD about each
+    half's median), the run has recovered iff::
+
+        m₁ − m₂ > z·1.2533·σ·√(4/window)        (it resumed falling), or
+        m₂ ≤ best + z·σ  and  start − best > z·σ (it is back at its healthy best)
+
+    where ``best`` and ``start`` are the run's best smoothed loss before the trouble and its
+    starting level, given to :meth:`arm`. Otherwise it fires once (``"divergence"``; the
+    guard's next cut arms it again, so recovery goes on until the run is healthy or
+    ``max_cuts`` escalates). "Back at its best" keeps a run that was cut when it was
+    already near its floor (it cannot fall much further) from being cut again and again;
+    it counts only when there was progress to be back at.
+
+    Args:
+        signal: Name of the monitored quantity (default ``"loss"``).
+        window: Steps watched after a cut (int ≥ 4).
+        z: Noise deviations a fall, or the distance to the best, is judged by (> 0).
+
+    Raises:
+        ValueError: If an argument is outside its range (the message names it).
+
+    Example:
+        >>> watch = RecoveryWatch(window=10)
+        >>> watch.arm(100, best=0.4, start=2.3)
+        >>> [watch.update(100 + t, 2.3) for t in range(9)] == [None] * 9
+        True
+        >>> watch.update(109, 2.3).kind  # stuck at chance after the cut
+        'divergence'
+        >>> watch.arm(110, best=0.4, start=2.3)
+        >>> any(watch.update(110 + t, 2.3 - 0.1 * t) for t in range(10))  # falls again
+        False
+    """
+
+    kind: ClassVar[str] = "divergence"
+
+    def __init__(self, signal: str = "loss", window: int = 40, z: float = 3.0) -> None:
+        super().__init__(signal)
+        self.window: int = check_int("window", window, 4)
+        self.z: float = check_real("z", z, low=0.0)
+        self.reset()
+
+    @property
+    def armed(self) -> bool:
+        """Whether a watch is running."""
+        return self._since is not None
+
+    def reset(self) -> None:
+        """Stop watching."""
+        self._since: int | None = None
+        self._best: float | None = None
+        self._start: float | None = None
+        self._values: list[float] = []
+
+    def arm(self, step: int, *, best: float | None, start: float | None) -> None:
+        """Start watching the steps after a cut at ``step``.
+
+        Args:
+            step: The step of the cut.
+            best: The run's best smoothed loss before the trouble (``None``: unknown).
+            start: The run's starting level (``None``: unknown).
+        """
+        self._since, self._values = int(step), []
+        self._best = None if best is None or not math.isfinite(best) else float(best)
+        self._start = None if start is None or not math.isfinite(start) else float(start)
+
+    def update(self, step: int, value: float) -> Detection | None:
+        """Feed one value; at the end of the watch, fire unless the run recovered.
+
+        Args:
+            step: Optimizer step the value belongs to.
+            value: The loss; non-finite values are ignored.
+
+        Returns:
+            A ``"divergence"`` detection or ``None``.
+        """
+        x = float(value)
+        if self._since is None or not math.isfinite(x):
+            return None
+        self._values.append(x)
+        if len(self._values) < self.window:
+            return None
+        half = self.window // 2
+        first, second = self._values[:half], self._values[half:]
+        since, best, start = self._since, self._best, self._start
+        self.reset()
+        m1, m2 = _median(sorted(first)), _median(sorted(second))
+        sigma = _sigma(first, second)
+        if m1 - m2 > self.z * _MEDIAN_SE * sigma * math.sqrt(4.0 / self.window):
+            return None  # falling again
+        if (best is not None and start is not None and start - best > self.z * sigma
+                and m2 <= best + self.z * sigma):
+            return None  # back where it was healthy
+        best_text = "" if best is None else f", best before {best:.4g}"
+        return self._hit(
+            step, m2, m1,
+            f"{self.signal} did not resume falling in the {self.window} steps after the cut "
+            f"at step {since}: median {m1:.4g} -> {m2:.4g}{best_text}",
+        )
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"since": self._since, "best": self._best, "start": self._start,
+                "values": list(self._values)}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        since = state.get("since")
+        self._since = None if since is None else int(since)
+        self._best = None if state.get("best") is None else float(state["best"])
+        self._start = None if state.get("start") is None else float(state["start"])
+        self._values = [float(v) for v in state.get("values", [])]
