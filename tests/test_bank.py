@@ -20,7 +20,7 @@ from lr_monitor.tags import GLOBAL, STATISTICS
 NAMES = {"nonfinite/loss", "nonfinite/grad_norm", "explosion/loss", "spike/loss",
          "spike/grad_norm", "divergence/loss", "oscillation/update_cosine",
          "update_ratio/update_ratio", "trend/loss", "overshoot/step_quality",
-         "overshoot/stability_ratio", "recovery/loss"}
+         "overshoot/stability_ratio", "recovery/loss", "dead/grad_norm"}
 
 
 def warm(bank: DetectorBank, steps: int = 40, index: int = 0) -> None:
@@ -41,7 +41,7 @@ def test_a_stream_has_the_checkpointed_names_and_signals_by_name() -> None:
         assert name.split("/", 1)[1] == det.signal
     assert all(d.signal in STATISTICS for d in stream.recorded)  # read from a StepRecord
     assert [[d.signal for d in r] for r in stream.rounds] == [
-        [LOSS, LOSS, GRAD_NORM], [LOSS], [LOSS, LOSS, GRAD_NORM, LOSS]]
+        [LOSS, LOSS, GRAD_NORM], [LOSS], [LOSS, LOSS, GRAD_NORM, LOSS, GRAD_NORM]]
 
 
 def test_a_nonfinite_value_ends_the_round() -> None:

@@ -13,6 +13,7 @@ import torch
 
 from lr_monitor.events import Detection
 from lr_monitor.guard.detectors import (
+    DeadStartDetector,
     Detector,
     DivergenceDetector,
     ExplosionDetector,
@@ -797,7 +798,8 @@ def test_recovery_a_falling_loss_or_a_run_back_at_its_best_is_healthy(seed: int)
     # ... but at the starting level, "best = start" is no progress to be back at
     at_start = [2.3 * math.exp(0.01 * rng.gauss(0, 1)) for _ in range(40)]
     assert watch_after(at_start, best=2.3, start=2.3)
-    assert watch_after(at_start, best=None, start=None)
+    assert watch_after(at_start, best=None, start=2.3)
+    assert watch_after(at_start, best=None, start=None) == []  # no level to judge by
 
 
 def test_recovery_is_silent_unless_armed_and_round_trips() -> None:
@@ -811,3 +813,60 @@ def test_recovery_is_silent_unless_armed_and_round_trips() -> None:
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     events += feed(resumed, values[7:], start=108)
     assert events == reference and len(events) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# a network killed at the start
+# ------------------------------------------------------------------------------------------
+
+
+def feed_pairs(losses: list[float], grads: list[float], **kwargs: object) -> list[Detection]:
+    trend = LossTrend()
+    dead = DeadStartDetector(trend=trend, **kwargs)  # type: ignore[arg-type]
+    events = []
+    for t, (loss, grad) in enumerate(zip(losses, grads, strict=True)):
+        trend.update(t, loss)
+        if (e := dead.update(t, grad)) is not None:
+            events.append(e)
+    return events
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dead_at_start_fires_once_per_window(seed: int) -> None:
+    # the digits CNN at SGD lr 5: loss ~2.3 (+ noise) for ever, gradient 0.6 -> ~0.1
+    rng = random.Random(seed)
+    losses = [2.29] + [2.3 + 0.05 * rng.gauss(0, 1) for _ in range(219)]
+    grads = [0.6, 7.3] + [0.1 * math.exp(0.3 * rng.gauss(0, 1)) for _ in range(218)]
+    events = feed_pairs(losses, grads)
+    assert [e.step for e in events] == [99, 199]
+    assert "the network died" in events[0].message
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_shrinking_gradient_with_progress_or_a_slow_start_is_no_death(seed: int) -> None:
+    rng = random.Random(seed)
+    losses = [2.3 * math.exp(-t / 30) * math.exp(0.1 * rng.gauss(0, 1)) for t in range(200)]
+    grads = [2.0 * math.exp(-t / 40) for t in range(200)]  # collapses 100x, but with progress
+    assert feed_pairs(losses, grads) == []
+    flat = [2.3 + 0.05 * rng.gauss(0, 1) for _ in range(200)]  # no progress yet ...
+    steady = [0.6 * math.exp(0.1 * rng.gauss(0, 1)) for _ in range(200)]  # ... but alive
+    assert feed_pairs(flat, steady) == []
+    # a noisy regression at a sound LR: the gradient halves within 20 steps while the loss
+    # falls slowly through its noise (the diabetes task): falling, so not dead
+    slow = [1.0 * math.exp(-t / 150) * math.exp(0.3 * rng.gauss(0, 1)) for t in range(300)]
+    halving = [2.0 * (0.3 + 0.7 * math.exp(-t / 8)) for t in range(300)]
+    assert feed_pairs(slow, halving) == []
+
+
+def test_dead_start_needs_a_trend_and_round_trips() -> None:
+    with pytest.raises(ValueError, match="trend=None is invalid"):
+        DeadStartDetector(trend=None)  # type: ignore[arg-type]
+    trend = LossTrend()
+    det = DeadStartDetector(trend=trend, window=4)
+    for t, g in enumerate([0.6, 0.1, 0.1]):
+        trend.update(t, 2.3)
+        det.update(t, g)
+    clone = DeadStartDetector(trend=trend, window=4)
+    clone.load_state_dict(json.loads(json.dumps(det.state_dict())))
+    trend.update(3, 2.3)
+    assert det.update(3, 0.1) == clone.update(3, 0.1) is not None

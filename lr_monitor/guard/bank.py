@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from lr_monitor._validation import check_int, check_real, invalid
 from lr_monitor.events import Detection
 from lr_monitor.guard.detectors import (
+    DeadStartDetector,
     Detector,
     DivergenceDetector,
     ExplosionDetector,
@@ -181,7 +182,8 @@ class DetectorBank:
              "spike/grad_norm": SpikeDetector(GRAD_NORM, window=window, warmup=warmup,
                                               threshold=self.spike_threshold,
                                               min_rel_increase=2.0),
-             "recovery/loss": RecoveryWatch(LOSS, window=2 * self.divergence_patience)},
+             "recovery/loss": RecoveryWatch(LOSS, window=2 * self.divergence_patience),
+             "dead/grad_norm": DeadStartDetector(GRAD_NORM, trend=trend)},
         ]
         recorded: dict[str, Detector] = {
             "oscillation/update_cosine": OscillationDetector(),

@@ -17,6 +17,8 @@ Which detector watches what (default signal in brackets):
   overshoot signal stays on the wrong side of its threshold while the loss, according to
   a :class:`LossTrend`, is not falling (or is rising).
 * :class:`RecoveryWatch` (``loss``): after a cut, the loss did not resume falling.
+* :class:`DeadStartDetector` (``grad_norm``): the gradient collapsed and the loss never
+  moved from its start (a network killed in its first steps).
 * :class:`LossTrend` (``loss``) never fires: it keeps the recent losses and tells the
   overshoot detectors whether the loss fell or rose over a span of steps.
 
@@ -56,6 +58,7 @@ from lr_monitor._validation import (
 from lr_monitor.events import Detection
 
 __all__ = [
+    "DeadStartDetector",
     "Detector",
     "DivergenceDetector",
     "ExplosionDetector",
@@ -1055,10 +1058,20 @@ class LossTrend(Detector):
         self.rtol: float = check_real("rtol", rtol, low=0.0, low_closed=True)
         self.reset()
 
+    @property
+    def start(self) -> float | None:
+        """The first finite value (the loss before any step; ``None`` before it)."""
+        return self._start
+
+    def recent(self, n: int) -> list[float]:
+        """The last ``n`` values kept (fewer at the start of a run)."""
+        return list(self._values)[-n:]
+
     def reset(self) -> None:
         """Forget every value."""
         self._steps: deque[int] = deque(maxlen=self.capacity)
         self._values: deque[float] = deque(maxlen=self.capacity)
+        self._start: float | None = None
 
     def update(self, step: int, value: float) -> Detection | None:
         """Keep one finite value.
@@ -1072,6 +1085,8 @@ class LossTrend(Detector):
         """
         x = float(value)
         if math.isfinite(x):
+            if self._start is None:
+                self._start = x
             self._steps.append(int(step))
             self._values.append(x)
         return None
@@ -1132,11 +1147,123 @@ class LossTrend(Detector):
         return True
 
     def _get_state(self) -> dict[str, Any]:
-        return {"steps": list(self._steps), "values": list(self._values)}
+        return {"steps": list(self._steps), "values": list(self._values),
+                "start": self._start}
 
     def _set_state(self, state: dict[str, Any]) -> None:
         self._steps = deque((int(s) for s in state["steps"]), maxlen=self.capacity)
         self._values = deque((float(v) for v in state["values"]), maxlen=self.capacity)
+        start = state.get("start")
+        self._start = None if start is None else float(start)
+
+
+class DeadStartDetector(Detector):
+    """Fires when the gradient has collapsed and the loss never moved from its start.
+
+    A learning rate far too high can kill a network in its first step without a NaN or a
+    spike: SGD at lr 5 on a ReLU CNN switches every unit off, the loss sits at ln 10 from
+    then on and only the output bias still gets a gradient (0.2–0.25 of the first one on
+    the digits CNN, 5 seeds). Over the last ``window`` values, with ``g₀`` the first gradient norm
+    (taken before any step, so it does not depend on the learning rate), ``L₀`` the first
+    loss, ``m`` the median of the last ``window`` losses and ``σ`` their robust standard
+    deviation, it fires iff::
+
+        median(gradient norms) ≤ collapse·g₀,   L₀ − m₂ < max(3σ, 5 %·|L₀|)
+        and  m₁ − m₂ ≤ 2·se                 (the loss is flat)
+
+    with ``m₁``, ``m₂`` the medians of the first and second half of the losses and ``se``
+    the standard error of their difference. A healthy run whose gradient shrinks has moved
+    its loss far from ``L₀``, or is still moving it; a run that sits at ``L₀`` with a
+    gradient that has not collapsed may just be slow. The window is long (100 steps): a
+    regression at a sound learning rate halves its gradient within 20 steps while its
+    noisy loss has not yet moved by 3σ (the divergence suite's diabetes task, batch 64),
+    and over 50 steps its slow fall can still hide in the noise; a dead network is
+    caught a little later, and rolled back to the snapshot taken before its first step. After
+    firing the window is cleared (a rollback restores the detector with the weights).
+
+    Args:
+        signal: Name of the monitored quantity (default ``"grad_norm"``).
+        trend: The optimizer's :class:`LossTrend` (the losses).
+        collapse: Fraction of the first gradient norm that counts as collapsed, in (0, 1).
+        window: Values judged together (int ≥ 3).
+
+    Raises:
+        ValueError: If an argument is outside its range (the message names it).
+
+    Example:
+        >>> trend = LossTrend()
+        >>> dead = DeadStartDetector(trend=trend, window=5)
+        >>> events = []
+        >>> for t, (loss, grad) in enumerate([(2.30, 0.6)] + [(2.31, 0.1)] * 5):
+        ...     _ = trend.update(t, loss)
+        ...     events.append(dead.update(t, grad))
+        >>> [(e.step, e.kind, e.signal) for e in events if e]
+        [(4, 'divergence', 'grad_norm')]
+    """
+
+    kind: ClassVar[str] = "divergence"
+
+    def __init__(self, signal: str = "grad_norm", *, trend: LossTrend,
+                 collapse: float = 0.5, window: int = 100) -> None:
+        super().__init__(signal)
+        if not isinstance(trend, LossTrend):
+            raise invalid("trend", trend, "a LossTrend")
+        self.trend = trend
+        self.collapse: float = check_real("collapse", collapse, low=0.0, high=1.0)
+        self.window: int = check_int("window", window, 3)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the first gradient norm and the window."""
+        self._first: float | None = None
+        self._values: deque[float] = deque(maxlen=self.window)
+
+    def update(self, step: int, value: float) -> Detection | None:
+        """Feed one gradient norm; fire when it collapsed and the loss did not move.
+
+        Args:
+            step: Optimizer step the value belongs to.
+            value: The gradient norm; non-finite values are ignored.
+
+        Returns:
+            A ``"divergence"`` detection or ``None``.
+        """
+        x = float(value)
+        if not math.isfinite(x):
+            return None
+        if self._first is None:
+            self._first = x
+        self._values.append(x)
+        start, first = self.trend.start, self._first
+        if len(self._values) < self.window or start is None or first <= 0.0:
+            return None
+        grad = _median(sorted(self._values))
+        losses = self.trend.recent(self.window)
+        if grad > self.collapse * first or len(losses) < 4:
+            return None
+        half = len(losses) // 2
+        m1, m2 = _median(sorted(losses[:half])), _median(sorted(losses[half:]))
+        sigma = _sigma(losses[:half], losses[half:])
+        se = _MEDIAN_SE * sigma * math.sqrt(1.0 / half + 1.0 / (len(losses) - half))
+        if m1 - m2 > 2.0 * se:
+            return None  # still falling: a slow run, not a dead one
+        if start - m2 >= max(3.0 * sigma, 0.05 * abs(start)):
+            return None  # the loss moved from its start: a shrinking gradient is no death
+        self._values.clear()
+        return self._hit(
+            step, grad, self.collapse * first,
+            f"{self.signal} collapsed to {grad:.3g} ({grad / first:.2g}x its first value "
+            f"{first:.3g}) while the loss stayed at {m2:.4g} (start {start:.4g}) for "
+            f"{self.window} steps: the network died",
+        )
+
+    def _get_state(self) -> dict[str, Any]:
+        return {"first": self._first, "values": list(self._values)}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        first = state.get("first")
+        self._first = None if first is None else float(first)
+        self._values = deque((float(v) for v in state.get("values", [])), maxlen=self.window)
 
 
 class OvershootDetector(Detector):
@@ -1273,15 +1400,16 @@ class RecoveryWatch(Detector):
     and second half and ``σ`` their robust standard deviation (1.4826·MAD about each
     half's median), the run has recovered iff::
 
-        m₁ − m₂ > z·1.2533·σ·√(4/window)        (it resumed falling), or
-        m₂ ≤ best + z·σ  and  start − best > z·σ (it is back at its healthy best)
+        m₁ − m₂ > z·1.2533·σ·√(4/window)        (it resumed falling)
 
     where ``best`` and ``start`` are the run's best smoothed loss before the trouble and its
     starting level, given to :meth:`arm`. Otherwise it fires once (``"divergence"``; the
     guard's next cut arms it again, so recovery goes on until the run is healthy or
-    ``max_cuts`` escalates). "Back at its best" keeps a run that was cut when it was
-    already near its floor (it cannot fall much further) from being cut again and again;
-    it counts only when there was progress to be back at.
+    ``max_cuts`` escalates) — but only at a bad level: nearer ``start`` than ``best``
+    (``m₂ > best + ½·(start − best)``), or, without progress before the trouble, no lower
+    than ``start − z·σ``. A run that was cut when it was already near its floor cannot
+    fall much further and is left alone; so is a run that merely falls slowly at the new,
+    smaller learning rate through a noisy loss.
 
     Args:
         signal: Name of the monitored quantity (default ``"loss"``).
@@ -1359,9 +1487,13 @@ class RecoveryWatch(Detector):
         sigma = _sigma(first, second)
         if m1 - m2 > self.z * _MEDIAN_SE * sigma * math.sqrt(4.0 / self.window):
             return None  # falling again
-        if (best is not None and start is not None and start - best > self.z * sigma
-                and m2 <= best + self.z * sigma):
-            return None  # back where it was healthy
+        if start is None:
+            return None  # nothing to judge the level by
+        if best is not None and start - best > self.z * sigma:
+            if m2 <= best + 0.5 * (start - best):
+                return None  # nearer its healthy best than its start: recovering
+        elif m2 < start - self.z * sigma:
+            return None  # no progress before the trouble, but some now
         best_text = "" if best is None else f", best before {best:.4g}"
         return self._hit(
             step, m2, m1,
