@@ -296,3 +296,13 @@ def test_after_a_cut_the_recovery_is_watched_with_the_best_before_the_trouble() 
     assert [(d.kind, d.step) for d in found] == [("divergence", 70)]
     assert "did not resume falling" in found[0].message
     assert bank.healthy()
+
+
+def test_a_spike_far_below_the_starting_level_is_left_alone() -> None:
+    bank = DetectorBank()
+    for t in range(200):  # from 2.3 down to ~1e-3 with a little multiplicative noise
+        level = max(2.3 * math.exp(-t / 15), 1e-3) * (1 + 0.05 * (t % 3 - 1))
+        bank.detect(0, t, {LOSS: level, GRAD_NORM: 1.0 + 0.01 * (t % 2)})
+    assert bank.detect(0, 200, {LOSS: 0.05, GRAD_NORM: 1.0}) == []  # 50x, but 2 % of 2.3
+    found = bank.detect(0, 201, {LOSS: 1.0, GRAD_NORM: 1.0})
+    assert [(d.kind, d.signal) for d in found] == [("spike", LOSS)]  # 43 % of the start

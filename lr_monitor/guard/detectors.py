@@ -1213,6 +1213,11 @@ class DeadStartDetector(Detector):
         self.window: int = check_int("window", window, 3)
         self.reset()
 
+    @property
+    def first(self) -> float | None:
+        """The first value (the gradient norm before any step; ``None`` before it)."""
+        return self._first
+
     def reset(self) -> None:
         """Forget the first gradient norm and the window."""
         self._first: float | None = None
