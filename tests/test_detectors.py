@@ -716,7 +716,7 @@ def test_the_factor_is_the_largest_until_the_noise_is_known() -> None:
 
 
 def test_explosion_state_round_trip() -> None:
-    values = lognormal_descent(3, 0.05, 60) + [10.0, 2.0, 11.0, 12.0, 13.0, 50.0]
+    values = [*lognormal_descent(3, 0.05, 60), 10.0, 2.0, 11.0, 12.0, 13.0, 50.0]
     reference = feed(ExplosionDetector(), values)
     assert [e.step for e in reference] == [64, 65]  # 3 in a row above 4x; 50 above 10x
     first = ExplosionDetector()

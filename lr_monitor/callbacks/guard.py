@@ -108,10 +108,12 @@ class DivergenceGuard(pl.Callback):
             one least likely to already contain the beginning of the blow-up.
         spike_window: Values in the spike detectors' robust baseline (median/MAD).
         spike_threshold: Robust z-score above which a value is a spike.
-        explosion_factor: A loss this many times its level in the first steps is a
-            divergence immediately, even during the detectors' warm-up (> 1). 4 recovers
-            more runs with large batches, but a small noisy batch can reach 4x on a healthy
-            run; raise it when the loss starts far below its typical level (fine-tuning).
+        explosion_factor: A loss this many times its starting level (the minimum of the
+            first three) is a divergence at once, even during the detectors' warm-up
+            (> 1). Three losses in a row above a factor set by the loss's own step-to-step
+            noise — 4 for a quiet loss, up to ``explosion_factor`` for a noisy one — are
+            one too. Raise it when the loss starts far below its typical level
+            (fine-tuning).
         divergence_patience: Steps the smoothed loss must stay above its bound.
         watch_grad_norm: Also watch the gradient norm (one ``foreach`` norm per step).
         amp_patience: With an fp16 ``GradScaler`` (``precision="16-mixed"`` on GPU),

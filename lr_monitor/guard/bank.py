@@ -66,6 +66,10 @@ __all__ = ["DEFAULT_OVERSHOOT_RULES", "OVERSHOOT_RULES", "SPIKE_FLOOR", "TREND_S
 #: Warm-up (values) of the spike and divergence detectors, capped by the spike window.
 _WARMUP = 20
 
+#: The explosion factor of a quiet loss (the noise sets it between this and
+#: ``explosion_factor``): the sensitivity sweep's best (``docs/guard.md``).
+_MIN_EXPLOSION_FACTOR = 4.0
+
 #: A spike of the loss (gradient norm) below this share of its starting level (first
 #: value) is left alone: too small to hurt the weights (see ``_harmless_spike``).
 SPIKE_FLOOR = 0.1
@@ -149,7 +153,8 @@ class DetectorBank:
         spike_window: Values in the spike detectors' robust baseline (int ≥ 3).
         spike_threshold: Robust z-score above which a value is a spike (> 0).
         explosion_factor: A loss this many times its starting level is a divergence at
-            once (> 1).
+            once; three in a row above the noise-relative factor (at least
+            ``min(4, explosion_factor)``) are too (> 1).
         divergence_patience: Steps the smoothed loss must stay above its bound (int ≥ 1).
         overshoot_rules: The signals of :data:`OVERSHOOT_RULES` whose overshoot detector
             runs (each also needs a callback recording its signal).
@@ -177,7 +182,9 @@ class DetectorBank:
             {"trend/loss": trend,
              "nonfinite/loss": NonFiniteDetector(LOSS),
              "nonfinite/grad_norm": NonFiniteDetector(GRAD_NORM)},
-            {"explosion/loss": ExplosionDetector(LOSS, factor=self.explosion_factor)},
+            {"explosion/loss": ExplosionDetector(
+                LOSS, factor=self.explosion_factor,
+                min_factor=min(_MIN_EXPLOSION_FACTOR, self.explosion_factor))},
             {"spike/loss": SpikeDetector(LOSS, window=window, warmup=warmup,
                                          threshold=self.spike_threshold, min_rel_increase=1.0),
              "divergence/loss": DivergenceDetector(LOSS, patience=self.divergence_patience,
