@@ -92,7 +92,7 @@ class DivergenceGuard(pl.Callback):
         overshoot_rules: Which overshoot rules run, by signal: ``"step_quality"``,
             ``"stability_ratio"`` (the default: they never fired on a healthy benchmark
             run) and ``"overshoot_frac"`` (opt-in: g·Δ > 0 on most steps with the loss
-            rising; it fired on 2 of 60 long healthy mini-batch runs and on 9 of 12
+            rising; it cut 5 of 100 long healthy mini-batch runs and fired on 9 of 12
             healthy full-batch runs at the edge of stability).
         lr_factor: Multiplier of every learning rate per cut, in (0, 1); 0.1 is one decade,
             as a too-high LR is typically off by one or more (``docs/guard.md``).
