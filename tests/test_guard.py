@@ -291,3 +291,34 @@ def test_recorded_statistics_reach_the_guard_without_log_global(tmp_path: Path) 
     assert ratio[0].step == 2 and ratio[0].actions == ()
     assert guard.lr_scale == 1.0
     assert len(monitor._listeners) == 0  # unsubscribed at teardown
+
+
+@pytest.mark.integration
+def test_an_event_storm_keeps_the_guard_bounded(tmp_path: Path) -> None:
+    """A NaN loss at every step, only recorded: 2,100 events, at most 2,000 in memory."""
+    from torch.utils.data import DataLoader
+
+    class AlwaysNaN(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return (self.w * batch).sum() * float("nan")
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    steps = 2100
+    guard = DivergenceGuard(on_nonfinite="log", jsonl=False, log_events=False,
+                            watch_grad_norm=False)
+    tr = trainer(tmp_path, max_steps=steps, logger=False, callbacks=[guard])
+    tr.fit(AlwaysNaN(), DataLoader(torch.ones(steps, 1), batch_size=1))
+    assert guard.event_total == steps and guard.event_counts == {"nonfinite": steps}
+    assert 1000 <= len(guard.events) <= 2000
+    assert guard.events[-1].step == steps - 1  # the most recent ones are kept
+    state = guard.state_dict()
+    assert len(state["events"]) == 1000 and state["event_counts"] == {"nonfinite": steps}
+    resumed = DivergenceGuard()
+    resumed.load_state_dict(state)
+    assert resumed.event_total == steps

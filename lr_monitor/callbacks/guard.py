@@ -27,7 +27,7 @@ Example::
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -70,6 +70,11 @@ __all__ = ["ACTIONS", "DEFAULT_POLICY", "DivergenceGuard"]
 
 #: Recorded steps held between two batches at most (a guard whose stage failed drops more).
 _QUEUE = 1024
+
+#: Events held in memory: the most recent ``_KEEP_EVENTS`` at least, ``2 × _KEEP_EVENTS`` at
+#: most (an event storm cannot grow the guard without bound); the checkpoint keeps the
+#: most recent ``_KEEP_EVENTS``. ``events.jsonl`` has every one.
+_KEEP_EVENTS = 1000
 
 
 
@@ -188,7 +193,10 @@ class DivergenceGuard(pl.Callback):
         self.name: str = check_str("name", name, allow_empty=True)
         self.extra_sinks = as_sinks("alerts", alerts)
         self.events_dir = check_path("events_dir", events_dir, allow_none=True)
+        #: The most recent events (at least 1,000 of them; :attr:`event_counts` counts all).
         self.events: list[GuardEvent] = []
+        #: Every event of the run by kind (``"spike"``, ``"divergence"``, ...).
+        self.event_counts: Counter[str] = Counter()
         self.sinks: list[AlertSink] = []
         self.stop_reason: str | None = None
         self._trainer: pl.Trainer | None = None
@@ -217,6 +225,11 @@ class DivergenceGuard(pl.Callback):
     def state_key(self) -> str:
         """Key in the checkpoint's ``callbacks`` dict (set ``name`` to run two guards)."""
         return self._generate_state_key(name=self.name)
+
+    @property
+    def event_total(self) -> int:
+        """Events of the run so far (the scalar :data:`~lr_monitor.tags.GUARD_EVENTS`)."""
+        return sum(self.event_counts.values())
 
     @property
     def lr_scale(self) -> float:
@@ -368,6 +381,9 @@ class DivergenceGuard(pl.Callback):
 
     def _record(self, trainer: pl.Trainer, event: GuardEvent, step: int) -> None:
         self.events.append(event)
+        self.event_counts[event.kind] += 1
+        if len(self.events) > 2 * _KEEP_EVENTS:
+            del self.events[:-_KEEP_EVENTS]
         self._last_event_step = step
         dispatch(self.sinks, event)
         self._log_scalars(trainer, step)
@@ -376,7 +392,7 @@ class DivergenceGuard(pl.Callback):
         if trainer.is_global_zero:
             for lg in trainer.loggers:
                 lg.log_metrics({GUARD_LR_SCALE: self.lr_scale,
-                                GUARD_EVENTS: float(len(self.events))}, step=step)
+                                GUARD_EVENTS: float(self.event_total)}, step=step)
 
     # -- after the step ------------------------------------------------------------------
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -430,7 +446,8 @@ class DivergenceGuard(pl.Callback):
         return {
             "detectors": self.bank.state_dict(),
             "cut_policy": self.cut_policy.state_dict(),
-            "events": [e.to_dict() for e in self.events[-1000:]],
+            "events": [e.to_dict() for e in self.events[-_KEEP_EVENTS:]],
+            "event_counts": dict(self.event_counts),
             "last_event_step": self._last_event_step,
             "stop_reason": self.stop_reason,
         }
@@ -441,5 +458,8 @@ class DivergenceGuard(pl.Callback):
         if "cut_policy" in state_dict:
             self.cut_policy.load_state_dict(state_dict["cut_policy"])
         self.events = [GuardEvent.from_dict(e) for e in state_dict.get("events", [])]
+        saved = state_dict.get("event_counts")
+        self.event_counts = Counter({str(k): int(v) for k, v in saved.items()}) \
+            if isinstance(saved, dict) else Counter(e.kind for e in self.events)
         self._last_event_step = int(state_dict.get("last_event_step", -(10**9)))
         self.stop_reason = state_dict.get("stop_reason")
