@@ -999,6 +999,19 @@ class UpdateRatioDetector(Detector):
 #: The standard error of a median is about √(π/2) ≈ 1.2533 times that of a mean.
 _MEDIAN_SE = math.sqrt(math.pi / 2)
 
+
+def _median_shift(before: list[float], after: list[float]) -> tuple[float, float, float, float]:
+    """How far the median moved from ``before`` to ``after``, and how noisy that is.
+
+    Returns:
+        ``(m_before, m_after, σ, se)``: the two medians, the robust standard deviation of
+        both groups about their medians and the standard error of ``m_after − m_before``,
+        ``1.2533·σ·√(1/n_before + 1/n_after)``.
+    """
+    sigma = _sigma(before, after)
+    se = _MEDIAN_SE * sigma * math.sqrt(1.0 / len(before) + 1.0 / len(after))
+    return _median(sorted(before)), _median(sorted(after)), sigma, se
+
 LossCondition = Literal["rising", "not_falling", "any"]
 
 
@@ -1111,8 +1124,7 @@ class LossTrend(Detector):
         before = [v for s, v in pairs if since - span <= s < since]
         if len(now) < self.min_count or len(before) < self.min_count:
             return None
-        m_now, m_before = _median(sorted(now)), _median(sorted(before))
-        se = _MEDIAN_SE * _sigma(now, before) * math.sqrt(1 / len(now) + 1 / len(before))
+        m_before, m_now, _, se = _median_shift(before, now)
         return m_now - m_before, se, m_before
 
     def rising(self, since: int) -> bool:
@@ -1247,9 +1259,7 @@ class DeadStartDetector(Detector):
         if grad > self.collapse * first or len(losses) < 4:
             return None
         half = len(losses) // 2
-        m1, m2 = _median(sorted(losses[:half])), _median(sorted(losses[half:]))
-        sigma = _sigma(losses[:half], losses[half:])
-        se = _MEDIAN_SE * sigma * math.sqrt(1.0 / half + 1.0 / (len(losses) - half))
+        m1, m2, sigma, se = _median_shift(losses[:half], losses[half:])
         if m1 - m2 > 2.0 * se:
             return None  # still falling: a slow run, not a dead one
         if start - m2 >= max(3.0 * sigma, 0.05 * abs(start)):
@@ -1405,7 +1415,7 @@ class RecoveryWatch(Detector):
     and second half and ``σ`` their robust standard deviation (1.4826·MAD about each
     half's median), the run has recovered iff::
 
-        m₁ − m₂ > z·1.2533·σ·√(4/window)        (it resumed falling)
+        m₁ − m₂ > z·1.2533·σ·√(1/n₁ + 1/n₂)     (it resumed falling; = √(4/window) for halves)
 
     where ``best`` and ``start`` are the run's best smoothed loss before the trouble and its
     starting level, given to :meth:`arm`. Otherwise it fires once (``"divergence"``; the
@@ -1488,9 +1498,8 @@ class RecoveryWatch(Detector):
         first, second = self._values[:half], self._values[half:]
         since, best, start = self._since, self._best, self._start
         self.reset()
-        m1, m2 = _median(sorted(first)), _median(sorted(second))
-        sigma = _sigma(first, second)
-        if m1 - m2 > self.z * _MEDIAN_SE * sigma * math.sqrt(4.0 / self.window):
+        m1, m2, sigma, se = _median_shift(first, second)
+        if m1 - m2 > self.z * se:
             return None  # falling again
         if start is None:
             return None  # nothing to judge the level by
