@@ -27,12 +27,15 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 import torch
+from torch import Tensor
 
 from lr_monitor._validation import check_bool, check_int, check_path, check_real, check_str
 from lr_monitor.alerts import (
@@ -54,7 +57,14 @@ from lr_monitor.callbacks._publisher import Publisher
 from lr_monitor.events import Action, Detection, GuardEvent
 from lr_monitor.faults import FaultBarrier
 from lr_monitor.guard.bank import DEFAULT_OVERSHOOT_RULES, DetectorBank, DetectorStream
-from lr_monitor.guard.interventions import LRCut, RollbackBuffer, learning_rates, skip_step
+from lr_monitor.guard.interventions import (
+    LRCut,
+    RollbackBuffer,
+    clear_device_skip,
+    learning_rates,
+    skip_on_device,
+    skip_step,
+)
 from lr_monitor.guard.policy import (
     ACTIONS,
     DEFAULT_POLICY,
@@ -62,7 +72,7 @@ from lr_monitor.guard.policy import (
     DecisionContext,
     GuardPolicy,
 )
-from lr_monitor.guard.signals import StepSignals, loss_scale
+from lr_monitor.guard.signals import StagedStep, StepSignals, loss_scale
 from lr_monitor.recording.record import StepRecord
 from lr_monitor.tags import GUARD_EVENTS, GUARD_LR_SCALE, optimizer_names
 
@@ -76,6 +86,11 @@ _QUEUE = 1024
 #: most recent ``_KEEP_EVENTS``. ``events.jsonl`` has every one.
 _KEEP_EVENTS = 1000
 
+
+
+def _skipped(staged: StagedStep, values: dict[str, float]) -> bool:
+    """Whether a step that tripped was kept from the weights (zeroing leaves NaN as NaN)."""
+    return staged.exact_skip or all(math.isfinite(v) for v in values.values())
 
 
 class DivergenceGuard(pl.Callback):
@@ -121,6 +136,15 @@ class DivergenceGuard(pl.Callback):
             (fine-tuning).
         divergence_patience: Steps the smoothed loss must stay above its bound.
         watch_grad_norm: Also watch the gradient norm (one ``foreach`` norm per step).
+        deferred: Read each step's signals one step late, so that a healthy step costs no
+            host transfer (the CPU keeps running ahead of the device). ``None`` (default):
+            deferred when the parameters are off the CPU; on the CPU reading is free and
+            the guard judges every step before its update. Deferred, a step whose own
+            value trips a rule whose action skips it (non-finite, spike, explosion) is
+            skipped on the device — exactly for a fused optimizer, by zeroing its
+            gradients otherwise (a non-finite gradient cannot be zeroed: it reaches the
+            weights and the next step rolls back) — and every other decision comes one
+            step late, a rollback undoing the step that was applied (``docs/guard.md``).
         amp_patience: With an fp16 ``GradScaler`` (``precision="16-mixed"`` on GPU),
             non-finite steps are the scaler's to handle (it skips them and lowers the
             scale); the guard acts only after this many in a row (≥ 1).
@@ -160,6 +184,7 @@ class DivergenceGuard(pl.Callback):
         divergence_patience: int = 20,
         overshoot_rules: Sequence[str] = DEFAULT_OVERSHOOT_RULES,
         watch_grad_norm: bool = True,
+        deferred: bool | None = None,
         amp_patience: int = 20,
         alerts: Sequence[AlertSink | Callable[[GuardEvent], object]] | None = None,
         log_events: bool = True,
@@ -176,6 +201,8 @@ class DivergenceGuard(pl.Callback):
                                  divergence_patience=divergence_patience,
                                  overshoot_rules=overshoot_rules)
         self.signals = StepSignals(watch_grad_norm=watch_grad_norm)
+        self.deferred: bool | None = None if deferred is None else \
+            check_bool("deferred", deferred)
         # Checked under the names the user typed; LRCut and RollbackBuffer check them again
         # under their own names.
         check_real("lr_factor", lr_factor, low=0.0, high=1.0)
@@ -205,6 +232,11 @@ class DivergenceGuard(pl.Callback):
         self._pending: list[Detection] = []  # from recorded statistics, acted on next step
         self._decided_step: int | None = None
         self._decision: Decision | None = None
+        self._deferred_now: bool | None = None  # ``deferred`` resolved at the first step
+        self._staged: StagedStep | None = None  # the last step's signals, read at the next
+        self._skip_now = False  # drop this step's update on the host
+        self._device_skip: Tensor | None = None  # ... or on the device (deferred)
+        self._found_inf: list[torch.optim.Optimizer] = []  # fused optimizers to clear
         self._last_event_step = -(10**9)
         self._amp_streak = 0
         self.faults = FaultBarrier("DivergenceGuard", report=self._report_fault,
@@ -314,38 +346,111 @@ class DivergenceGuard(pl.Callback):
         """Decide (once per optimizer step) and act before the optimizer applies the step."""
         opt = getattr(optimizer, "optimizer", optimizer)
         step = trainer.global_step
+        self.faults.call("skip", self._clear_device_skips)
         if self._decided_step != step:
             self._decided_step = step
-            self._decision = self.faults.call("decide", self._decide, trainer, pl_module,
-                                              step, opt)
-        if self._decision is not None and self._decision.skips_step:
+            self._decision, self._skip_now, self._device_skip = None, False, None
+            self.faults.call("decide", self._decide, trainer, pl_module, step, opt)
+        if self._skip_now:
             self.faults.call("skip", skip_step, opt)
+        elif self._device_skip is not None:
+            self.faults.call("skip", self._skip_on_device, trainer, opt, self._device_skip)
 
     def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
-                optimizer: torch.optim.Optimizer) -> Decision | None:
+                optimizer: torch.optim.Optimizer) -> None:
         reduce = None if trainer.world_size <= 1 else \
             (lambda v: trainer.strategy.reduce(v, reduce_op="mean"))
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        values = self.signals.collect(params, reduce)
-        found = self.bank.detect(self._optimizer_index(trainer, optimizer), step, values)
+        index = self._optimizer_index(trainer, optimizer)
+        if self._deferred_now is None:
+            self._deferred_now = self.deferred if self.deferred is not None else any(
+                p.device.type != "cpu" for p in params[:1])
+        staged, self._staged = self._staged, None
+        if staged is not None:  # the last step, read now (deferred, or saved in a checkpoint)
+            values, tripped = staged.read()
+            tripped = tripped and _skipped(staged, values)
+            decision = self._judge(trainer, pl_module, staged.index, staged.step, values,
+                                   tripped=tripped)
+            if decision is not None and (Action.ROLLBACK in decision.plan
+                                         or Action.STOP in decision.plan
+                                         or (Action.SKIP in decision.plan and not tripped)):
+                self._skip_now = True  # rolled back, stopping, or a late skip: not this one
+            elif decision is None and self._quiet(staged.step) and self.bank.healthy():
+                # the weights about to be updated passed judgement: keep them
+                self._snapshot(trainer, pl_module, step, force=False)
+            self._decision = decision
+        if not self._deferred_now:
+            self._decision = self._judge(trainer, pl_module, index, step,
+                                         self.signals.collect(params, reduce))
+            self._skip_now = self._decision is not None and self._decision.skips_step
+        elif self._skip_now:
+            self.signals.reset()  # values of weights that are gone or a step not taken
+        else:
+            kinds = self.policy.skipping_kinds(self._context(trainer, step))
+            trips = self.bank.tripwires(index, kinds)
+            self._staged = self.signals.stage(params, step=step, index=index, reduce=reduce,
+                                              tripwires=trips,
+                                              nonfinite_trips="nonfinite" in kinds)
+            if trips or "nonfinite" in kinds:
+                self._device_skip = self._staged.over
+
+    def _judge(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int,
+               step: int, values: dict[str, float], tripped: bool | None = None
+               ) -> Decision | None:
+        """Detect and decide on one step's values; carry the decision out.
+
+        ``tripped`` is ``None`` when the step has not been applied yet, else whether it
+        was skipped on the device (read one step late).
+        """
+        found = self.bank.detect(index, step, values)
         found, self._pending = found + self._pending, []
-        cut = self.cut_policy
-        context = DecisionContext(step=step, cuts_left=not cut.exhausted,
-                                  cooling_down=not cut.can_cut(step),
-                                  amp=grad_scaler(trainer) is not None,
-                                  amp_streak=self._amp_streak)
+        context = self._context(trainer, step)
         self._amp_streak = self.policy.next_amp_streak(found, context)
         decision = self.policy.decide(found, context)
         if decision is not None:
-            self._carry_out(trainer, pl_module, decision)
+            self._carry_out(trainer, pl_module, decision, tripped=tripped)
+        elif tripped:  # cannot happen: the same detectors set the tripwire from this state
+            rank_zero_warn(f"DivergenceGuard: step {step} was skipped on the device but no "
+                           f"detector fired on {values}")
         return decision
 
+    def _context(self, trainer: pl.Trainer, step: int) -> DecisionContext:
+        cut = self.cut_policy
+        return DecisionContext(step=step, cuts_left=not cut.exhausted,
+                               cooling_down=not cut.can_cut(step),
+                               amp=grad_scaler(trainer) is not None,
+                               amp_streak=self._amp_streak)
+
+    def _skip_on_device(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer,
+                        skip: Tensor) -> None:
+        exact = skip_on_device(optimizer, skip, exact=grad_scaler(trainer) is None)
+        if exact:
+            self._found_inf.append(optimizer)
+        if self._staged is not None:
+            self._staged.exact_skip = exact
+
+    def _clear_device_skips(self) -> None:
+        optimizers, self._found_inf = self._found_inf, []
+        for opt in optimizers:
+            clear_device_skip(opt)
+
+    def _quiet(self, step: int) -> bool:
+        """No event for long enough that the state after ``step`` may be snapshot."""
+        return step - self._last_event_step > 2 * self.bank.divergence_patience
+
     def _carry_out(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                   decision: Decision) -> None:
+                   decision: Decision, tripped: bool | None = None) -> None:
         optimizers = self._optimizers(trainer)
         lr_before = learning_rates(optimizers)
-        done: list[Action] = []
+        # Read one step late, the step itself was skipped on the device or not at all.
+        done: list[Action] = [Action.SKIP] if tripped else []
+        late_skip = False
         for action in decision.plan:
+            if action is Action.SKIP and tripped is not None:
+                late_skip = late_skip or not tripped
+                if not tripped:
+                    done.append(action)  # the next step's update is dropped instead
+                continue
             if action is Action.ROLLBACK:  # nothing healthy to go back to: a skip
                 done.append(Action.ROLLBACK if self._rollback(trainer, pl_module)
                             else Action.SKIP)
@@ -362,9 +467,13 @@ class DivergenceGuard(pl.Callback):
         if Action.CUT in done:  # watch that the loss falls again; after a plain cut (same
             # weights, smaller steps) the detectors judge the new regime
             self.bank.after_cut(decision.step, rebase=decision.action is Action.CUT)
-        self._record(trainer, decision.event(
+        event = decision.event(
             done, lr_before=lr_before, lr_after=learning_rates(optimizers), lr_scale=self.lr_scale,
-            epoch=trainer.current_epoch, run=self._run_name(trainer)), decision.step)
+            epoch=trainer.current_epoch, run=self._run_name(trainer))
+        if late_skip:
+            event = replace(event, message=f"{event.message}; read one step late, so the "
+                                           f"update of step {decision.step + 1} was skipped")
+        self._record(trainer, event, decision.step)
 
     def _rollback(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Weights, moments and detectors go back; the LRs (with every cut) stay."""
@@ -409,12 +518,24 @@ class DivergenceGuard(pl.Callback):
             record = self._records.popleft()
             if record.optimizer in names:
                 self._pending += self.bank.observe(names.index(record.optimizer), step, record)
-        quiet = step - self._last_event_step > 2 * self.bank.divergence_patience
-        if self._decision is None and quiet and self.bank.healthy():
+        self._clear_device_skips()
+        if not self._deferred_now and self._decision is None and self._quiet(step) \
+                and self.bank.healthy():
             self.faults.call("snapshot", self._snapshot, trainer, pl_module, step + 1,
                              force=False)
         if (step + 1) % max(1, int(getattr(trainer, "log_every_n_steps", 50))) == 0:
             self._log_scalars(trainer, step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Judge the last step's signals (deferred): a blow-up in it is still recorded."""
+        self.faults.call("decide", self._judge_last, trainer, pl_module)
+
+    def _judge_last(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            values, tripped = staged.read()
+            self._judge(trainer, pl_module, staged.index, staged.step, values,
+                        tripped=tripped and _skipped(staged, values))
 
     # -- trainer state -------------------------------------------------------------------
     @staticmethod
@@ -441,7 +562,8 @@ class DivergenceGuard(pl.Callback):
         """Detectors (per optimizer), LR cut policy (scale, count, cooldown) and events.
 
         In-memory rollback snapshots are not saved: after a resume the first snapshot is
-        taken again after ``snapshot_every_n_steps`` healthy steps.
+        taken again after ``snapshot_every_n_steps`` healthy steps. A step whose signals
+        were not read yet (``deferred``) is saved with them and judged after the resume.
         """
         return {
             "detectors": self.bank.state_dict(),
@@ -450,6 +572,7 @@ class DivergenceGuard(pl.Callback):
             "event_counts": dict(self.event_counts),
             "last_event_step": self._last_event_step,
             "stop_reason": self.stop_reason,
+            "staged": None if self._staged is None else self._staged.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -463,3 +586,5 @@ class DivergenceGuard(pl.Callback):
             if isinstance(saved, dict) else Counter(e.kind for e in self.events)
         self._last_event_step = int(state_dict.get("last_event_step", -(10**9)))
         self.stop_reason = state_dict.get("stop_reason")
+        staged = state_dict.get("staged")
+        self._staged = None if not staged else StagedStep.from_state_dict(staged)

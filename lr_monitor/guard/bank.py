@@ -36,7 +36,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import math
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -239,6 +240,50 @@ class DetectorBank:
                 return found
         return []
 
+    def tripwires(self, index: int, kinds: Collection[str]) -> dict[str, float]:
+        """Per signal, the value above which the next step trips a rule of ``kinds`` alone.
+
+        The lowest :meth:`~lr_monitor.guard.detectors.Detector.tripwire` of the stream's
+        detectors of those kinds: the rules that judge one value against a bound known
+        beforehand (a spike's bound no lower than the harmless floor,
+        :data:`SPIKE_FLOOR` × the starting level). Compared on the device with the step's
+        values, it lets the guard skip such a step before the host has read them; the
+        detectors, fed the same values a step later from the same state, then fire on
+        exactly the steps that tripped.
+
+        Args:
+            index: The optimizer's position.
+            kinds: Detection kinds whose action skips the step (see
+                :meth:`~lr_monitor.guard.policy.GuardPolicy.skipping_kinds`).
+
+        Returns:
+            ``{signal: bound}`` for the signals with a finite bound.
+
+        Example:
+            >>> bank = DetectorBank()
+            >>> for t in range(3):
+            ...     _ = bank.detect(0, t, {"loss": 2.0, "grad_norm": 1.0})
+            >>> bank.tripwires(0, {"divergence"})
+            {'loss': 20.0}
+            >>> bank.tripwires(0, {"spike"})  # the spike rules are still warming up
+            {}
+        """
+        stream = self.stream(index)
+        out: dict[str, float] = {}
+        for det in stream.values():
+            if det.kind not in kinds:
+                continue
+            bound = det.tripwire()
+            if bound is None:
+                continue
+            if det.kind == "spike":
+                floor = _spike_floor(stream, det.signal)
+                if floor is not None:
+                    bound = max(bound, floor)
+            if math.isfinite(bound) and bound < out.get(det.signal, math.inf):
+                out[det.signal] = bound
+        return out
+
     def observe(self, index: int, step: int, record: StepRecord) -> list[Detection]:
         """Feed the statistics of a recorded step to optimizer ``index``'s detectors.
 
@@ -353,8 +398,21 @@ def check_rules(arg: str, value: Any) -> tuple[str, ...]:
     return tuple(v for v in allowed if v in value)
 
 
+def _spike_floor(stream: DetectorStream, signal: str) -> float | None:
+    """:data:`SPIKE_FLOOR` × the signal's starting level; a spike up to it is harmless."""
+    if signal == LOSS:
+        explosion = stream.get("explosion/loss")
+        start = explosion.level if isinstance(explosion, ExplosionDetector) else None
+    elif signal == GRAD_NORM:
+        dead = stream.get("dead/grad_norm")
+        start = dead.first if isinstance(dead, DeadStartDetector) else None
+    else:
+        return None
+    return SPIKE_FLOOR * start if start is not None and start > 0 else None
+
+
 def _harmless_spike(stream: DetectorStream, detection: Detection) -> bool:
-    """A spike too small to matter: below :data:`SPIKE_FLOOR` of where the run started.
+    """A spike too small to matter: at most :data:`SPIKE_FLOOR` of where the run started.
 
     Near convergence a loss of 1e-3 spikes to 0.05 and back every few steps on healthy
     runs (the digits CNN under Adam: hundreds of skipped steps over 1,000 steps): many
@@ -364,15 +422,8 @@ def _harmless_spike(stream: DetectorStream, detection: Detection) -> bool:
     """
     if detection.kind != "spike":
         return False
-    if detection.signal == LOSS:
-        explosion = stream.get("explosion/loss")
-        start = explosion.level if isinstance(explosion, ExplosionDetector) else None
-    elif detection.signal == GRAD_NORM:
-        dead = stream.get("dead/grad_norm")
-        start = dead.first if isinstance(dead, DeadStartDetector) else None
-    else:
-        return False
-    return start is not None and start > 0 and detection.value < SPIKE_FLOOR * start
+    floor = _spike_floor(stream, detection.signal)
+    return floor is not None and detection.value <= floor
 
 
 def _recorded(record: StepRecord, signal: str) -> float | None:

@@ -149,6 +149,21 @@ class Detector:
         """Forget all history, as if freshly constructed."""
         raise NotImplementedError
 
+    def tripwire(self) -> float | None:
+        """The value above which the next :meth:`update` fires on that value alone.
+
+        Only rules that judge one value against a bound known beforehand have one (the
+        spike and explosion rules); the guard compares the next value with it on the
+        device, so that such a step can be skipped without a host decision
+        (:meth:`lr_monitor.guard.signals.StepSignals.stage`). Rules that judge a history
+        return ``None``.
+
+        Returns:
+            The bound (the next value fires iff it is finite and strictly above it), or
+            ``None``.
+        """
+        return None
+
     def _hit(self, step: int, value: float, threshold: float, message: str) -> Detection:
         """This detector's :class:`~lr_monitor.events.Detection` at ``step``."""
         return Detection(step=int(step), kind=self.kind, signal=self.signal, value=value,
@@ -361,6 +376,10 @@ class SpikeDetector(Detector):
         if med > 0.0:
             return max(z_bound, med * (1.0 + self.min_rel_increase))
         return z_bound
+
+    def tripwire(self) -> float | None:
+        """:meth:`bound`: the next value fires iff it is finite and above it."""
+        return self.bound()
 
     def update(self, step: int, value: float) -> Detection | None:
         """Feed one value; return a ``"spike"`` detection if it is a spike.
@@ -742,6 +761,27 @@ class ExplosionDetector(Detector):
         _, mad = _median_mad(self._changes)
         sigma = MAD_TO_SIGMA * mad / math.sqrt(2.0)
         return min(self.factor, max(self.min_factor, _safe_exp(self.z * sigma)))
+
+    def tripwire(self) -> float | None:
+        """The bound of the next value; ``None`` before a positive starting level.
+
+        ``factor·r``, or ``f·r`` when the next value would be the ``persist``-th in a row
+        above that noise bound.
+
+        Example:
+            >>> d = ExplosionDetector(factor=10)
+            >>> d.tripwire() is None
+            True
+            >>> [d.update(t, 2.0) for t in range(3)] == [None] * 3
+            True
+            >>> d.tripwire()
+            20.0
+        """
+        level = self.level
+        if level is None or level <= 0:
+            return None
+        factor = self.factor if self._above + 1 < self.persist else self.factor_now()
+        return factor * level
 
     def reset(self) -> None:
         """Forget the starting level and the noise."""

@@ -48,7 +48,8 @@ from torch import Tensor
 from lr_monitor._validation import check_choice, check_int, check_real
 from lr_monitor.tags import group_names, lr_key, optimizer_names
 
-__all__ = ["LRCut", "RollbackBuffer", "Snapshot", "learning_rates", "scale_lr", "skip_step"]
+__all__ = ["LRCut", "RollbackBuffer", "Snapshot", "clear_device_skip", "learning_rates",
+           "scale_lr", "skip_on_device", "skip_step"]
 
 #: Param-group keys holding a learning rate that torch schedulers read: the current LR, the
 #: scheduler start value (``initial_lr``, all schedulers) and OneCycleLR's ``max_lr``/``min_lr``.
@@ -484,6 +485,73 @@ def skip_step(optimizer: Any) -> int:
                 p.grad = None
                 dropped += 1
     return dropped
+
+
+def skip_on_device(optimizer: Any, skip: Tensor, *, exact: bool = True) -> bool:
+    """Drop the next step's update when ``skip`` is true, without reading ``skip`` on the host.
+
+    ``skip`` is a 0-d bool tensor on the device, decided there (the guard's tripwires).
+
+    * A **fused** optimizer (``fused=True`` in every group; torch's Adam, AdamW, SGD and
+      Adagrad have one) gets it as its ``found_inf``, the flag an fp16 ``GradScaler``
+      hands it: the step is skipped entirely, as by :func:`skip_step` — parameters,
+      moments and step counters unchanged. Call :func:`clear_device_skip` after the step.
+    * Any other optimizer gets its dense gradients multiplied by ``1 − skip`` (one
+      ``foreach`` multiply per device and dtype). The optimizer then steps with a zero
+      gradient: momentum, weight decay and the step counter still move. A NaN or inf
+      gradient stays non-finite (``0·NaN`` is NaN): only a rollback after the step can
+      undo that.
+
+    Args:
+        optimizer: A torch optimizer (or a wrapper with ``_optimizer``).
+        skip: Whether to skip, as a 0-d bool tensor (any device).
+        exact: Allow the ``found_inf`` path; pass ``False`` when a ``GradScaler`` owns
+            ``found_inf`` (it would overwrite the flag).
+
+    Returns:
+        ``True`` when the skip is exact (``found_inf`` set), ``False`` when the gradients
+        were masked.
+
+    Example:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.ones(3))
+        >>> opt = torch.optim.Adam([w], lr=0.1, fused=True)
+        >>> (w**2).sum().backward()
+        >>> skip_on_device(opt, torch.tensor(True))
+        True
+        >>> opt.step(); clear_device_skip(opt)
+        >>> w.tolist(), float(opt.state[w]["step"])
+        ([1.0, 1.0, 1.0], 0.0)
+        >>> sgd = torch.optim.SGD([w], lr=0.1)
+        >>> skip_on_device(sgd, torch.tensor(True)), w.grad.tolist()
+        (False, [0.0, 0.0, 0.0])
+    """
+    opt = _unwrap(optimizer)
+    if exact and getattr(opt, "_step_supports_amp_scaling", False) and all(
+            g.get("fused") for g in opt.param_groups):
+        opt.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
+        return True
+    keep = torch.logical_not(skip)
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is not None and g.layout is torch.strided:
+                groups.setdefault((g.device, g.dtype), []).append(g)
+    for (device, dtype), grads in groups.items():
+        torch._foreach_mul_(grads, keep.to(device=device, dtype=dtype))
+    return False
+
+
+def clear_device_skip(optimizer: Any) -> None:
+    """Take back the ``found_inf`` :func:`skip_on_device` gave a fused optimizer.
+
+    Args:
+        optimizer: A torch optimizer (or a wrapper with ``_optimizer``).
+    """
+    opt = _unwrap(optimizer)
+    if hasattr(opt, "found_inf"):
+        del opt.found_inf
 
 
 # --------------------------------------------------------------------------------------------

@@ -272,6 +272,37 @@ class GuardPolicy:
         streak = context.amp_streak + 1
         return 0 if streak >= self.amp_patience else streak
 
+    def _resolve(self, action: Action, context: DecisionContext) -> Action:
+        """``action`` after escalation (no cuts left) and cooldown (a cut too soon)."""
+        if action in (Action.CUT, Action.ROLLBACK) and not context.cuts_left:
+            return Action.parse(self.escalate)
+        if action is Action.CUT and context.cooling_down:
+            return Action.LOG
+        return action
+
+    def skipping_kinds(self, context: DecisionContext) -> frozenset[str]:
+        """The detection kinds that, in this context, drop the step's update.
+
+        Those whose action (after escalation) is ``skip``, ``rollback`` or ``stop``; with
+        an fp16 ``GradScaler`` not ``nonfinite``, which the scaler skips by itself. The
+        guard skips a step on the device when a value trips a rule of these kinds.
+
+        Example:
+            >>> sorted(GuardPolicy().skipping_kinds(DecisionContext(step=0)))
+            ['divergence', 'nonfinite', 'spike']
+            >>> sorted(GuardPolicy(escalate="log").skipping_kinds(
+            ...     DecisionContext(step=0, cuts_left=False)))
+            ['spike']
+        """
+        kinds = set()
+        for kind, action in self.actions.items():
+            if kind == "nonfinite" and context.amp:
+                continue
+            plan = _PLANS[self._resolve(action, context)]
+            if Action.SKIP in plan or Action.ROLLBACK in plan:
+                kinds.add(kind)
+        return frozenset(kinds)
+
     def decide(self, detections: Sequence[Detection],
                context: DecisionContext) -> Decision | None:
         """The decision about one step's detections, or ``None`` when there is nothing to do.
@@ -293,10 +324,6 @@ class GuardPolicy:
         asked = [self.actions[d.kind] for d in detections]
         worst = max(range(len(detections)), key=lambda i: asked[i].severity())
         requested = asked[worst]
-        action = requested
-        if action in (Action.CUT, Action.ROLLBACK) and not context.cuts_left:
-            action = Action.parse(self.escalate)
-        elif action is Action.CUT and context.cooling_down:
-            action = Action.LOG
+        action = self._resolve(requested, context)
         return Decision(step=context.step, action=action, cause=detections[worst],
                         detections=tuple(detections), plan=_PLANS[action], requested=requested)

@@ -24,20 +24,36 @@ Example:
     {'loss': 8.0, 'grad_norm': 8.0}
     >>> signals.collect([w])  # no backward since: no loss to judge, only gradients
     {'grad_norm': 8.0}
+
+Read one step late (:meth:`StepSignals.stage`): the same vector stays on the device, is
+compared there with the guard's *tripwires* (the values above which the step would be
+skipped), and goes to a host buffer by a non-blocking copy; :meth:`StagedStep.read` turns
+it into floats at the next step, when the copy is long done. No host transfer on the way:
+on an accelerator the CPU keeps running ahead of the device.
+
+    >>> w.grad = None
+    >>> signals.add_loss((w * 2.0).sum()); (w * 2.0).sum().backward()
+    >>> staged = signals.stage([w], step=5, tripwires={"loss": 100.0, "grad_norm": 3.0})
+    >>> bool(staged.over)  # on the device: the gradient norm 4 is above 3
+    True
+    >>> staged.read()
+    ({'loss': 8.0, 'grad_norm': 4.0}, True)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from lr_monitor._validation import check_bool
 
-__all__ = ["GRAD_NORM", "LOSS", "StepSignals", "loss_scale"]
+__all__ = ["GRAD_NORM", "LOSS", "StagedStep", "StepSignals", "loss_scale"]
 
 #: Signal name of the training loss (mean over the micro-batches of one step).
 LOSS = "loss"
@@ -90,6 +106,7 @@ class StepSignals:
         self.watch_grad_norm = check_bool("watch_grad_norm", watch_grad_norm)
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
+        self._host = _HostBuffers()
 
     @property
     def pending_losses(self) -> int:
@@ -116,23 +133,13 @@ class StepSignals:
         """Forget the losses added since the last :meth:`collect`."""
         self._loss_sum, self._loss_count = None, 0
 
-    def collect(self, params: Iterable[Tensor], reduce: Reduce | None = None
-                ) -> dict[str, float]:
-        """The mean loss and the gradient norm of this step, averaged across ranks.
+    def _vector(self, params: Iterable[Tensor], reduce: Reduce | None
+                ) -> tuple[Tensor, bool]:
+        """``[mean loss, squared gradient norm]`` in float64 on the device, after ``reduce``.
 
-        One stacked tensor, one call of ``reduce``, one host transfer. The loss is left
-        out when no loss was added since the last call (e.g. a second optimizer stepping on
-        the same backward pass); the stacked tensor still holds a placeholder, so every
-        rank joins the same all-reduce. The gradient norm is left out unless
-        ``watch_grad_norm``; a non-finite squared norm is reported as it is (``nan``/``inf``).
-
-        Args:
-            params: The parameters whose gradients make the norm (those without a
-                gradient are skipped).
-            reduce: Averages a tensor across ranks, or ``None`` on a single process.
-
-        Returns:
-            ``{LOSS: ..., GRAD_NORM: ...}`` with the entries that apply, as Python floats.
+        Forgets the losses added so far. The loss is a placeholder 0 when none was added
+        (second return value ``False``), the norm one when it is not watched or there is no
+        gradient: every rank stacks the same shape and joins the same all-reduce.
         """
         has_loss = self._loss_sum is not None and self._loss_count > 0
         loss = None if not has_loss or self._loss_sum is None \
@@ -152,6 +159,27 @@ class StepSignals:
         vec = torch.stack(parts)
         if reduce is not None:
             vec = reduce(vec)
+        return vec, has_loss
+
+    def collect(self, params: Iterable[Tensor], reduce: Reduce | None = None
+                ) -> dict[str, float]:
+        """The mean loss and the gradient norm of this step, averaged across ranks.
+
+        One stacked tensor, one call of ``reduce``, one host transfer. The loss is left
+        out when no loss was added since the last call (e.g. a second optimizer stepping on
+        the same backward pass); the stacked tensor still holds a placeholder, so every
+        rank joins the same all-reduce. The gradient norm is left out unless
+        ``watch_grad_norm``; a non-finite squared norm is reported as it is (``nan``/``inf``).
+
+        Args:
+            params: The parameters whose gradients make the norm (those without a
+                gradient are skipped).
+            reduce: Averages a tensor across ranks, or ``None`` on a single process.
+
+        Returns:
+            ``{LOSS: ..., GRAD_NORM: ...}`` with the entries that apply, as Python floats.
+        """
+        vec, has_loss = self._vector(params, reduce)
         values = vec.tolist()
         out: dict[str, float] = {}
         if has_loss:
@@ -160,3 +188,165 @@ class StepSignals:
             gsq = values[1]
             out[GRAD_NORM] = math.sqrt(gsq) if math.isfinite(gsq) and gsq >= 0 else gsq
         return out
+
+    def stage(self, params: Iterable[Tensor], *, step: int, index: int = 0,
+              reduce: Reduce | None = None, tripwires: Mapping[str, float] | None = None,
+              nonfinite_trips: bool = True) -> StagedStep:
+        """Like :meth:`collect`, but nothing leaves the device before the next step.
+
+        The vector of :meth:`collect` is compared on the device with ``tripwires`` (a value
+        strictly above its tripwire trips; so does a non-finite one when
+        ``nonfinite_trips``), and the vector with that verdict is copied to a host buffer
+        without blocking (pinned memory on an accelerator). Read it with
+        :meth:`StagedStep.read` once the next step is under way.
+
+        Args:
+            params: The parameters whose gradients make the norm.
+            step: The optimizer step the values belong to.
+            index: The optimizer's position (for the guard's detector streams).
+            reduce: Averages a tensor across ranks, or ``None`` on a single process. The
+                verdict is taken on the averaged values, so every rank reaches the same one.
+            tripwires: Signal name → the value above which the step trips; a missing or
+                infinite entry never trips on size.
+            nonfinite_trips: Whether a NaN/inf value trips.
+
+        Returns:
+            The :class:`StagedStep`; its :attr:`~StagedStep.over` is the verdict as a 0-d
+            bool tensor on the device (for a skip that needs no host decision).
+        """
+        vec, has_loss = self._vector(params, reduce)
+        names = [LOSS] + ([GRAD_NORM] if self.watch_grad_norm else [])
+        present = [has_loss] + ([True] if self.watch_grad_norm else [])
+        if self.watch_grad_norm:  # the norm itself: IEEE sqrt, as math.sqrt on the host
+            vec = torch.cat([vec[:1], vec[1:].sqrt()])
+        trips = dict(tripwires or {})
+        flags = []
+        for i, (name, there) in enumerate(zip(names, present, strict=True)):
+            if not there:
+                continue
+            bound = float(trips.get(name, math.inf))
+            if nonfinite_trips:
+                flags.append(~torch.isfinite(vec[i]))
+            if bound < math.inf:
+                flags.append(vec[i] > bound)  # NaN > bound is False: non-finite is above
+        over = torch.stack(flags).any() if flags else \
+            torch.zeros((), dtype=torch.bool, device=vec.device)
+        payload = torch.cat([vec, over.to(vec.dtype).reshape(1)])
+        return StagedStep(step=step, index=index, names=tuple(
+            n for n, there in zip(names, present, strict=True) if there),
+            rows=tuple(i for i, there in enumerate(present) if there),
+            over=over, host=self._host.copy(payload))
+
+
+class _HostBuffers:
+    """Host buffers the staged vectors are copied into, two per device, used in turn.
+
+    Allocated once (pinned off the CPU, so the copy does not block), each with a numpy view
+    made at allocation: reading a buffer is then a memory read, not a device transfer. Two
+    in turn, so that a step can be staged while the previous one is still unread.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, int], list[tuple[Tensor, Any]]] = {}
+        self._turn = 0
+
+    def copy(self, payload: Tensor) -> _HostCopy:
+        """Start a non-blocking copy of ``payload`` (1-d float64) into the next buffer."""
+        device = payload.device
+        key = (str(device), payload.numel())
+        if key not in self._buffers:
+            self._buffers[key] = [self._allocate(payload.numel(), device) for _ in range(2)]
+        self._turn = 1 - self._turn
+        buf, array = self._buffers[key][self._turn]
+        if device.type == "cpu":
+            buf.copy_(payload)
+            return _HostCopy(array, None)
+        buf.copy_(payload, non_blocking=True)
+        event = torch.Event(device=device)
+        event.record()
+        return _HostCopy(array, event)
+
+    @staticmethod
+    def _allocate(n: int, device: torch.device) -> tuple[Tensor, Any]:
+        if device.type == "cpu":
+            array = np.zeros(n, dtype=np.float64)
+            return torch.from_numpy(array), array
+        try:
+            buf = torch.zeros(n, dtype=torch.float64, pin_memory=True)
+        except RuntimeError:  # no pinned memory: the copy then blocks, and is still right
+            buf = torch.zeros(n, dtype=torch.float64)
+        return buf, buf.numpy()
+
+
+@dataclass
+class _HostCopy:
+    """A host buffer being filled by a device copy, and the event that marks it done."""
+
+    array: Any  # numpy view of the host buffer: reading it is a memory read, no transfer
+    event: Any | None
+
+    def wait(self) -> None:
+        """Wait for the copy (started a step ago, so normally done already)."""
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+
+
+@dataclass
+class StagedStep:
+    """One optimizer step's signals on their way to the host (see :meth:`StepSignals.stage`).
+
+    Attributes:
+        step: The optimizer step the values belong to.
+        index: The optimizer's position.
+        names: The signals held, in order (``loss`` only when a loss was added).
+        rows: Their rows in the staged vector.
+        over: Whether a value tripped its tripwire, as a 0-d bool tensor on the device.
+        exact_skip: Set by whoever skips the step on ``over``: whether that skip was exact
+            (a fused optimizer's ``found_inf``), so that even a non-finite gradient was
+            kept from the weights.
+    """
+
+    step: int
+    index: int
+    names: tuple[str, ...]
+    rows: tuple[int, ...]
+    over: Tensor
+    host: _HostCopy
+    exact_skip: bool = False
+
+    def read(self) -> tuple[dict[str, float], bool]:
+        """The signals as floats, and whether the step tripped (waits for the copy).
+
+        Returns:
+            ``({signal: value}, tripped)``.
+        """
+        self.host.wait()
+        array = self.host.array
+        values = {name: float(array[row]) for name, row in zip(self.names, self.rows,
+                                                                strict=True)}
+        return values, bool(array[-1] != 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step as plain Python types, for a checkpoint taken before it was judged.
+
+        Waits for the copy (a checkpoint is a host round trip anyway).
+        """
+        values, tripped = self.read()
+        return {"step": self.step, "index": self.index, "values": values, "tripped": tripped}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> StagedStep:
+        """A step saved by :meth:`state_dict`, to be judged after a resume.
+
+        Example:
+            >>> saved = {"step": 3, "index": 0, "values": {"loss": 2.5}, "tripped": False}
+            >>> StagedStep.from_state_dict(saved).read()
+            ({'loss': 2.5}, False)
+        """
+        values = {str(k): float(v) for k, v in dict(state["values"]).items()}
+        tripped = bool(state["tripped"])
+        array = np.array([*values.values(), float(tripped)], dtype=np.float64)
+        return cls(step=int(state["step"]), index=int(state["index"]), names=tuple(values),
+                   rows=tuple(range(len(values))), over=torch.tensor(tripped),
+                   host=_HostCopy(array, None))
