@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lr_monitor.events import Detection
 from lr_monitor.guard.detectors import (
@@ -870,3 +872,14 @@ def test_dead_start_needs_a_trend_and_round_trips() -> None:
     clone.load_state_dict(json.loads(json.dumps(det.state_dict())))
     trend.update(3, 2.3)
     assert det.update(3, 0.1) == clone.update(3, 0.1) is not None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=200))
+def test_median_mad_is_the_textbook_formula_bit_for_bit(values: list[float]) -> None:
+    """The merged-runs MAD equals ``median(|x − median|)`` computed the plain way."""
+    from lr_monitor.guard.detectors import _median, _median_mad
+
+    s = sorted(values)
+    med = _median(s)
+    assert _median_mad(values) == (med, _median(sorted(abs(v - med) for v in s)))

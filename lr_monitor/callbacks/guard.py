@@ -326,9 +326,9 @@ class DivergenceGuard(pl.Callback):
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
                   force: bool = True) -> None:
-        take = self.snapshots.take if force else self.snapshots.maybe_take
-        take(step, pl_module, self._optimizers(trainer),
-             extra={"detectors": self.bank.state_dict()})
+        if force or self.snapshots.due(step):
+            self.snapshots.take(step, pl_module, self._optimizers(trainer),
+                                extra={"detectors": self.bank.state_dict()})
 
     # -- the step ------------------------------------------------------------------------
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Iterable
@@ -87,9 +88,55 @@ def _median(sorted_values: list[float]) -> float:
 
 def _median_mad(values: Iterable[float]) -> tuple[float, float]:
     """Median and median absolute deviation (unscaled) of a non-empty iterable."""
-    s = sorted(values)
+    return _median_mad_sorted(sorted(values))
+
+
+def _median_mad_sorted(s: list[float]) -> tuple[float, float]:
+    """:func:`_median_mad` of values already sorted.
+
+    The deviations below and above the median are two ascending runs of the sorted values,
+    which ``sorted`` merges in linear time.
+    """
     med = _median(s)
-    return med, _median(sorted(abs(v - med) for v in s))
+    k = bisect.bisect_left(s, med)
+    devs = [med - v for v in s[:k]]
+    devs.reverse()
+    devs += [v - med for v in s[k:]]
+    return med, _median(sorted(devs))
+
+
+class _SortedWindow:
+    """The last ``maxlen`` finite values, in arrival order and sorted (medians in O(n)).
+
+    Appending keeps the sorted list by bisection instead of sorting the window at every
+    step: the detectors that judge every step read their median from it.
+    """
+
+    __slots__ = ("order", "sorted")
+
+    def __init__(self, maxlen: int, values: Iterable[float] = ()) -> None:
+        self.order: deque[float] = deque(maxlen=maxlen)
+        self.sorted: list[float] = []
+        for v in values:
+            self.append(v)
+
+    def append(self, x: float) -> float | None:
+        """Add ``x``; return the value that fell out (``None`` while not full)."""
+        old = None
+        if len(self.order) == self.order.maxlen:
+            old = self.order[0]
+            del self.sorted[bisect.bisect_left(self.sorted, old)]
+        self.order.append(x)
+        bisect.insort(self.sorted, x)
+        return old
+
+    def clear(self) -> None:
+        """Forget every value."""
+        self.order.clear()
+        self.sorted.clear()
+
+    def __len__(self) -> int:
+        return len(self.order)
 
 
 def _sigma(*groups: list[float]) -> float:
@@ -353,8 +400,21 @@ class SpikeDetector(Detector):
         if adapt_after is not None:
             adapt_after = check_int("adapt_after", adapt_after, 1)
         self.adapt_after = adapt_after
-        self._values: deque[float] = deque(maxlen=self.window)
+        self._values = _SortedWindow(self.window)
+        self._logs: list[float] = []  # sorted logs of the positive values of the window
         self._run: list[float] = []  # current run of consecutive spikes
+        self._bound: float | None = None
+        self._bound_known = False  # bound() is cached until the window changes
+
+    def _keep(self, values: Iterable[float]) -> None:
+        """Append ``values`` to the window (the oldest fall out); the bound is recomputed."""
+        for v in values:
+            old = self._values.append(v)
+            if old is not None and old > 0.0:
+                del self._logs[bisect.bisect_left(self._logs, math.log(old))]
+            if v > 0.0:
+                bisect.insort(self._logs, math.log(v))
+        self._bound_known = False
 
     def bound(self) -> float | None:
         """The value above which the next value would be a spike (``None`` during warmup).
@@ -362,16 +422,22 @@ class SpikeDetector(Detector):
         Returns:
             The current spike bound in the units of the signal, or ``None``.
         """
+        if not self._bound_known:
+            self._bound, self._bound_known = self._compute_bound(), True
+        return self._bound
+
+    def _compute_bound(self) -> float | None:
         n = len(self._values)
         if n < self.warmup:
             return None
         k = self.threshold * (1.0 + (17.0 / n) ** 2)
-        if self.log_space and min(self._values) > 0.0:
-            med, mad = _median_mad(math.log(v) for v in self._values)
+        ordered = self._values.sorted
+        if self.log_space and ordered[0] > 0.0:
+            med, mad = _median_mad_sorted(self._logs)
             z_bound = _safe_exp(med + k * max(MAD_TO_SIGMA * mad, 1e-3))
             med = math.exp(med)
         else:
-            med, mad = _median_mad(self._values)
+            med, mad = _median_mad_sorted(ordered)
             z_bound = med + k * max(MAD_TO_SIGMA * mad, 1e-3 * abs(med) + 1e-12)
         if med > 0.0:
             return max(z_bound, med * (1.0 + self.min_rel_increase))
@@ -397,16 +463,17 @@ class SpikeDetector(Detector):
         bound = self.bound()
         if bound is None or x <= bound:
             self._run.clear()
-            self._values.append(x)
+            self._keep((x,))
             return None
-        median = _median(sorted(self._values))
+        median = _median(self._values.sorted)
         n = len(self._values)
         self._run.append(x)
         note = ""
         if self.adapt_after is not None and len(self._run) >= self.adapt_after:
             note = f"; {len(self._run)} in a row: accepted as the new level"
             self._values.clear()
-            self._values.extend(self._run)
+            self._logs.clear()
+            self._keep(self._run)
             self._run.clear()
         return self._hit(
             step, x, bound,
@@ -422,13 +489,16 @@ class SpikeDetector(Detector):
     def reset(self) -> None:
         """Forget the window (the detector warms up again)."""
         self._values.clear()
+        self._logs.clear()
         self._run.clear()
+        self._bound_known = False
 
     def _get_state(self) -> dict[str, Any]:
-        return {"values": list(self._values), "run": list(self._run)}
+        return {"values": list(self._values.order), "run": list(self._run)}
 
     def _set_state(self, state: dict[str, Any]) -> None:
-        self._values = deque((float(v) for v in state["values"]), maxlen=self.window)
+        self.reset()
+        self._keep(float(v) for v in state["values"])
         self._run = [float(v) for v in state["run"]]
 
 
@@ -747,6 +817,7 @@ class ExplosionDetector(Detector):
         self.noise_values: int = check_int("noise_values", noise_values, 2)
         self.window: int = check_int("window", window, self.noise_values)
         self.persist: int = check_int("persist", persist, 1)
+        self._factor: float | None = None
         self.reset()
 
     @property
@@ -756,11 +827,16 @@ class ExplosionDetector(Detector):
 
     def factor_now(self) -> float:
         """The factor of the current bound: ``factor`` until the noise is known."""
-        if len(self._changes) < self.noise_values:
-            return self.factor
-        _, mad = _median_mad(self._changes)
-        sigma = MAD_TO_SIGMA * mad / math.sqrt(2.0)
-        return min(self.factor, max(self.min_factor, _safe_exp(self.z * sigma)))
+        factor = self._factor
+        if factor is None:
+            if len(self._changes) < self.noise_values:
+                factor = self.factor
+            else:
+                _, mad = _median_mad_sorted(self._changes.sorted)
+                sigma = MAD_TO_SIGMA * mad / math.sqrt(2.0)
+                factor = min(self.factor, max(self.min_factor, _safe_exp(self.z * sigma)))
+            self._factor = factor
+        return factor
 
     def tripwire(self) -> float | None:
         """The bound of the next value; ``None`` before a positive starting level.
@@ -786,9 +862,10 @@ class ExplosionDetector(Detector):
     def reset(self) -> None:
         """Forget the starting level and the noise."""
         self._first: list[float] = []
-        self._changes: deque[float] = deque(maxlen=self.window)
+        self._changes = _SortedWindow(self.window)
         self._last_log: float | None = None
         self._above = 0
+        self._factor = None  # factor_now(), until the noise changes
 
     def update(self, step: int, value: float) -> Detection | None:
         """Feed one value; return a detection if it exceeds the factor × the starting level.
@@ -822,17 +899,19 @@ class ExplosionDetector(Detector):
             log = math.log(x)
             if self._last_log is not None:
                 self._changes.append(log - self._last_log)
+                self._factor = None
             self._last_log = log
         return None
 
     def _get_state(self) -> dict[str, Any]:
-        return {"first": list(self._first), "changes": list(self._changes),
+        return {"first": list(self._first), "changes": list(self._changes.order),
                 "last_log": self._last_log, "above": self._above}
 
     def _set_state(self, state: dict[str, Any]) -> None:
         self._first = [float(v) for v in state["first"]]
-        self._changes = deque((float(v) for v in state.get("changes", [])),
-                              maxlen=self.window)
+        self._changes = _SortedWindow(self.window,
+                                      (float(v) for v in state.get("changes", [])))
+        self._factor = None
         last = state.get("last_log")
         self._last_log = None if last is None else float(last)
         self._above = int(state.get("above", 0))
@@ -1274,6 +1353,7 @@ class DeadStartDetector(Detector):
         """Forget the first gradient norm and the window."""
         self._first: float | None = None
         self._values: deque[float] = deque(maxlen=self.window)
+        self._low = 0  # values in the window at or below collapse·first
 
     def update(self, step: int, value: float) -> Detection | None:
         """Feed one gradient norm; fire when it collapsed and the loss did not move.
@@ -1290,10 +1370,15 @@ class DeadStartDetector(Detector):
             return None
         if self._first is None:
             self._first = x
+        low = self.collapse * self._first
+        if len(self._values) == self.window and self._values[0] <= low:
+            self._low -= 1
         self._values.append(x)
+        self._low += x <= low
         start, first = self.trend.start, self._first
-        if len(self._values) < self.window or start is None or first <= 0.0:
-            return None
+        n = len(self._values)
+        if n < self.window or start is None or first <= 0.0 or self._low < (n + 1) // 2:
+            return None  # (fewer than half at or below collapse·first: the median is above)
         grad = _median(sorted(self._values))
         losses = self.trend.recent(self.window)
         if grad > self.collapse * first or len(losses) < 4:
@@ -1305,6 +1390,7 @@ class DeadStartDetector(Detector):
         if start - m2 >= max(3.0 * sigma, 0.05 * abs(start)):
             return None  # the loss moved from its start: a shrinking gradient is no death
         self._values.clear()
+        self._low = 0
         return self._hit(
             step, grad, self.collapse * first,
             f"{self.signal} collapsed to {grad:.3g} ({grad / first:.2g}x its first value "
@@ -1319,6 +1405,8 @@ class DeadStartDetector(Detector):
         first = state.get("first")
         self._first = None if first is None else float(first)
         self._values = deque((float(v) for v in state.get("values", [])), maxlen=self.window)
+        low = math.inf if self._first is None else self.collapse * self._first
+        self._low = sum(v <= low for v in self._values)
 
 
 class OvershootDetector(Detector):

@@ -496,8 +496,8 @@ def skip_on_device(optimizer: Any, skip: Tensor, *, exact: bool = True) -> bool:
       Adagrad have one) gets it as its ``found_inf``, the flag an fp16 ``GradScaler``
       hands it: the step is skipped entirely, as by :func:`skip_step` — parameters,
       moments and step counters unchanged. Call :func:`clear_device_skip` after the step.
-    * Any other optimizer gets its dense gradients multiplied by ``1 − skip`` (one
-      ``foreach`` multiply per device and dtype). The optimizer then steps with a zero
+    * Any other optimizer gets its dense gradients multiplied by ``not skip`` (one
+      ``foreach`` multiply per device). The optimizer then steps with a zero
       gradient: momentum, weight decay and the step counter still move. A NaN or inf
       gradient stays non-finite (``0·NaN`` is NaN): only a rollback after the step can
       undo that.
@@ -532,14 +532,14 @@ def skip_on_device(optimizer: Any, skip: Tensor, *, exact: bool = True) -> bool:
         opt.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
         return True
     keep = torch.logical_not(skip)
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    groups: dict[torch.device, list[Tensor]] = {}
     for group in opt.param_groups:
         for p in group["params"]:
             g = p.grad
             if g is not None and g.layout is torch.strided:
-                groups.setdefault((g.device, g.dtype), []).append(g)
-    for (device, dtype), grads in groups.items():
-        torch._foreach_mul_(grads, keep.to(device=device, dtype=dtype))
+                groups.setdefault(g.device, []).append(g)
+    for device, grads in groups.items():  # (a bool factor multiplies any dtype)
+        torch._foreach_mul_(grads, keep if device == keep.device else keep.to(device))
     return False
 
 

@@ -106,7 +106,8 @@ class StepSignals:
         self.watch_grad_norm = check_bool("watch_grad_norm", watch_grad_norm)
         self._loss_sum: Tensor | None = None
         self._loss_count = 0
-        self._host = _HostBuffers()
+        self._host = _HostBuffers()  # the staged values, on their way to the host
+        self._tripwires = _HostBuffers()  # the tripwires, on their way to the device
 
     @property
     def pending_losses(self) -> int:
@@ -135,11 +136,12 @@ class StepSignals:
 
     def _vector(self, params: Iterable[Tensor], reduce: Reduce | None
                 ) -> tuple[Tensor, bool]:
-        """``[mean loss, squared gradient norm]`` in float64 on the device, after ``reduce``.
+        """``[mean loss, gradient norm]`` in float64 on the device, averaged across ranks.
 
         Forgets the losses added so far. The loss is a placeholder 0 when none was added
-        (second return value ``False``), the norm one when it is not watched or there is no
-        gradient: every rank stacks the same shape and joins the same all-reduce.
+        (second return value ``False``); the norm is left out when not watched and is 0
+        without gradients: every rank stacks the same shape and joins the same
+        all-reduce, which averages the loss and the *squared* norm.
         """
         has_loss = self._loss_sum is not None and self._loss_count > 0
         loss = None if not has_loss or self._loss_sum is None \
@@ -151,14 +153,17 @@ class StepSignals:
         parts = [torch.zeros((), dtype=torch.float64, device=device) if loss is None
                  else loss.to(torch.float64)]
         if self.watch_grad_norm:
-            if grads:
-                norms = torch._foreach_norm(grads)
-                parts.append(torch.stack(norms).double().square().sum().to(device))
+            if grads:  # one norm per tensor, then the norm of the norms
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)),
+                                                dtype=torch.float64).to(device)
             else:
-                parts.append(torch.zeros((), dtype=torch.float64, device=device))
+                norm = torch.zeros((), dtype=torch.float64, device=device)
+            parts.append(norm if reduce is None else norm.square())
         vec = torch.stack(parts)
         if reduce is not None:
             vec = reduce(vec)
+            if self.watch_grad_norm:
+                vec = torch.stack([vec[0], vec[1].sqrt()])
         return vec, has_loss
 
     def collect(self, params: Iterable[Tensor], reduce: Reduce | None = None
@@ -185,8 +190,7 @@ class StepSignals:
         if has_loss:
             out[LOSS] = values[0]
         if self.watch_grad_norm:
-            gsq = values[1]
-            out[GRAD_NORM] = math.sqrt(gsq) if math.isfinite(gsq) and gsq >= 0 else gsq
+            out[GRAD_NORM] = values[1]
         return out
 
     def stage(self, params: Iterable[Tensor], *, step: int, index: int = 0,
@@ -215,78 +219,91 @@ class StepSignals:
             bool tensor on the device (for a skip that needs no host decision).
         """
         vec, has_loss = self._vector(params, reduce)
-        names = [LOSS] + ([GRAD_NORM] if self.watch_grad_norm else [])
-        present = [has_loss] + ([True] if self.watch_grad_norm else [])
-        if self.watch_grad_norm:  # the norm itself: IEEE sqrt, as math.sqrt on the host
-            vec = torch.cat([vec[:1], vec[1:].sqrt()])
+        names = (LOSS, GRAD_NORM) if self.watch_grad_norm else (LOSS,)
         trips = dict(tripwires or {})
-        flags = []
-        for i, (name, there) in enumerate(zip(names, present, strict=True)):
-            if not there:
-                continue
-            bound = float(trips.get(name, math.inf))
-            if nonfinite_trips:
-                flags.append(~torch.isfinite(vec[i]))
-            if bound < math.inf:
-                flags.append(vec[i] > bound)  # NaN > bound is False: non-finite is above
-        over = torch.stack(flags).any() if flags else \
-            torch.zeros((), dtype=torch.bool, device=vec.device)
-        payload = torch.cat([vec, over.to(vec.dtype).reshape(1)])
-        return StagedStep(step=step, index=index, names=tuple(
-            n for n, there in zip(names, present, strict=True) if there),
-            rows=tuple(i for i, there in enumerate(present) if there),
-            over=over, host=self._host.copy(payload))
+        bounds = [trips.get(name, math.inf) if has_loss or name != LOSS else math.inf
+                  for name in names]
+        over = vec > self._tripwires.upload(bounds, vec.device)
+        if nonfinite_trips:  # (a missing loss is a finite placeholder)
+            over = over.logical_or_(torch.isfinite(vec).logical_not_())
+        over = over.any()
+        payload = torch.cat([vec, over.reshape(1).to(vec.dtype)])
+        rows = tuple(i for i, name in enumerate(names) if has_loss or name != LOSS)
+        return StagedStep(step=step, index=index, names=tuple(names[i] for i in rows),
+                          rows=rows, over=over, host=self._host.copy(payload))
 
 
 class _HostBuffers:
-    """Host buffers the staged vectors are copied into, two per device, used in turn.
+    """Host buffers for small vectors crossing between host and device, two per device.
 
-    Allocated once (pinned off the CPU, so the copy does not block), each with a numpy view
-    made at allocation: reading a buffer is then a memory read, not a device transfer. Two
-    in turn, so that a step can be staged while the previous one is still unread.
+    Allocated once (pinned off the CPU, so that copies do not block), each with a numpy view
+    made at allocation: the host reads and writes them as plain memory, no device transfer.
+    Two in turn, each with the event of its last copy, so that a buffer is never reused
+    while a copy from it (started a step earlier) may still run.
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[str, int], list[tuple[Tensor, Any]]] = {}
+        self._buffers: dict[tuple[str, int], list[_HostCopy]] = {}
         self._turn = 0
 
-    def copy(self, payload: Tensor) -> _HostCopy:
-        """Start a non-blocking copy of ``payload`` (1-d float64) into the next buffer."""
-        device = payload.device
-        key = (str(device), payload.numel())
+    def _next(self, n: int, device: torch.device) -> tuple[Tensor, _HostCopy]:
+        key = (str(device), n)
         if key not in self._buffers:
-            self._buffers[key] = [self._allocate(payload.numel(), device) for _ in range(2)]
+            self._buffers[key] = [self._allocate(n, device) for _ in range(2)]
         self._turn = 1 - self._turn
-        buf, array = self._buffers[key][self._turn]
-        if device.type == "cpu":
-            buf.copy_(payload)
-            return _HostCopy(array, None)
+        slot = self._buffers[key][self._turn]
+        slot.wait()
+        return slot.tensor, slot
+
+    def copy(self, payload: Tensor) -> _HostCopy:
+        """Start a non-blocking copy of ``payload`` (1-d float64) into the next buffer.
+
+        Returns:
+            The buffer; :meth:`_HostCopy.wait` before reading its ``array``.
+        """
+        buf, slot = self._next(payload.numel(), payload.device)
         buf.copy_(payload, non_blocking=True)
-        event = torch.Event(device=device)
-        event.record()
-        return _HostCopy(array, event)
+        slot.record(payload.device)
+        return _HostCopy(buf, slot.array, slot.event)
+
+    def upload(self, values: list[float], device: torch.device) -> Tensor:
+        """``values`` as a float64 tensor on ``device``, copied there without blocking."""
+        buf, slot = self._next(len(values), device)
+        slot.array[:] = values
+        if device.type == "cpu":
+            return buf
+        out = buf.to(device, non_blocking=True)
+        slot.record(device)
+        return out
 
     @staticmethod
-    def _allocate(n: int, device: torch.device) -> tuple[Tensor, Any]:
+    def _allocate(n: int, device: torch.device) -> _HostCopy:
         if device.type == "cpu":
             array = np.zeros(n, dtype=np.float64)
-            return torch.from_numpy(array), array
+            return _HostCopy(torch.from_numpy(array), array, None)
         try:
             buf = torch.zeros(n, dtype=torch.float64, pin_memory=True)
-        except RuntimeError:  # no pinned memory: the copy then blocks, and is still right
+        except RuntimeError:  # no pinned memory: copies then block, and are still right
             buf = torch.zeros(n, dtype=torch.float64)
-        return buf, buf.numpy()
+        return _HostCopy(buf, buf.numpy(), None)
 
 
 @dataclass
 class _HostCopy:
-    """A host buffer being filled by a device copy, and the event that marks it done."""
+    """A host buffer, its numpy view and the event of the last copy to or from it."""
 
-    array: Any  # numpy view of the host buffer: reading it is a memory read, no transfer
+    tensor: Tensor
+    array: Any  # numpy view of the buffer: reading it is a memory read, no transfer
     event: Any | None
 
+    def record(self, device: torch.device) -> None:
+        """Mark the copy just started on ``device`` (nothing to wait for on the CPU)."""
+        if device.type != "cpu":
+            self.event = torch.Event(device=device)
+            self.event.record()
+
     def wait(self) -> None:
-        """Wait for the copy (started a step ago, so normally done already)."""
+        """Wait for the last copy (started a step ago, so normally done already)."""
         if self.event is not None:
             self.event.synchronize()
             self.event = None
@@ -349,4 +366,4 @@ class StagedStep:
         array = np.array([*values.values(), float(tripped)], dtype=np.float64)
         return cls(step=int(state["step"]), index=int(state["index"]), names=tuple(values),
                    rows=tuple(range(len(values))), over=torch.tensor(tripped),
-                   host=_HostCopy(array, None))
+                   host=_HostCopy(torch.from_numpy(array), array, None))
