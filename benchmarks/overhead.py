@@ -26,7 +26,9 @@ TensorBoardLogger); ``item_loop`` (per-parameter grad, param, update and exp_avg
 with one ``.item()`` each, the update from a parameter copy, as Composer's
 ``OptimizerMonitor`` and most hand-written callbacks do); ``monitor_group`` /
 ``monitor_tensor`` (``StepSizeMonitor`` at group / tensor granularity); ``guard``
-(``DivergenceGuard`` alone; it works at every step whatever N is); ``monitor+guard``.
+(``DivergenceGuard`` alone; it works at every step whatever N is); ``guard_deferred``
+(``DivergenceGuard(deferred=True)``: the accelerator path forced on the CPU, where it only
+adds work); ``monitor+guard``.
 
 Usage::
 
@@ -60,7 +62,7 @@ from common import RESULTS, Batches, digits_data, machine_info, make_batches, me
 from torch import Tensor, nn
 
 CONFIGS = ("baseline", "lightning", "wandb", "item_loop", "monitor_group", "monitor_tensor",
-           "guard", "monitor+guard")
+           "guard", "guard_deferred", "monitor+guard")
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -253,6 +255,8 @@ def fit_once(bm: BenchModel, config: str, interval: int, steps: int, tmp: str
         callbacks.append(StepSizeMonitor(granularity="tensor"))
     if config in ("guard", "monitor+guard"):
         callbacks.append(DivergenceGuard())
+    elif config == "guard_deferred":  # the accelerator path, forced on the CPU
+        callbacks.append(DivergenceGuard(deferred=True))
     trainer = pl.Trainer(
         max_steps=steps, logger=loggers, callbacks=callbacks, enable_progress_bar=False,
         enable_checkpointing=False, enable_model_summary=False, accelerator="cpu", devices=1,
@@ -513,10 +517,11 @@ def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({"target": f"{mname}: monitor (tensor) every 50 steps ≤ 1.02×",
                         "value": f"{v:.3f}", "met": v <= 1.02})
         for i in doc["config"]["intervals"]:
-            if f"guard@{i}" in res:
-                v = res[f"guard@{i}"]["ratio_median"]
-                out.append({"target": f"{mname}: guard (acts every step; logging every {i}) "
-                            "≤ 1.03×", "value": f"{v:.3f}", "met": v <= 1.03})
+            for cfg in ("guard", "guard_deferred"):
+                if f"{cfg}@{i}" in res:
+                    v = res[f"{cfg}@{i}"]["ratio_median"]
+                    out.append({"target": f"{mname}: {cfg} (acts every step; logging every "
+                                f"{i}) ≤ 1.02×", "value": f"{v:.3f}", "met": v <= 1.02})
         for i in doc["config"]["intervals"]:
             ours = res.get(f"monitor_tensor@{i}")
             peer = res.get(f"item_loop@{i}")
@@ -554,7 +559,7 @@ MODES = {
                   "mlp_10m": {1: (3, 10), 50: (10, 50)},
                   "many_tensors": {1: (2, 4), 50: (10, 50)}},
                  30, tuple(MODELS), CONFIGS, 61),
-    "quick": Mode(("digits_mlp",), CONFIGS, (1, 50), {"digits_mlp": 2},
+    "quick": Mode(("digits_mlp",), CONFIGS, (1, 50), {"digits_mlp": 3},
                   {"digits_mlp": {1: (10, 50), 50: (10, 100)}}, 20, ("digits_mlp",),
                   ("baseline", "monitor_group", "guard"), 61),
     "smoke": Mode(("digits_mlp",), ("baseline", "item_loop", "monitor_group", "guard"), (1,),
