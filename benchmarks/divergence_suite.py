@@ -996,14 +996,41 @@ MODES: dict[str, Mode] = {
 }
 
 
-def _seeds_per_mult(text: str | None) -> dict[int, int]:
-    """``"1000=2,100=3"`` → ``{1000: 2, 100: 3}`` (number of seeds for those multipliers)."""
-    out: dict[int, int] = {}
+def _counts(text: str | None) -> dict[str, int]:
+    """``"1000=2,char_gpt=3"`` → ``{"1000": 2, "char_gpt": 3}`` (seed counts by key)."""
+    out: dict[str, int] = {}
     for item in (text or "").split(","):
         if item.strip():
-            mult, _, n = item.partition("=")
-            out[int(mult)] = int(n)
+            key, _, n = item.partition("=")
+            out[key.strip()] = int(n)
     return out
+
+
+def _run_from_row(row: dict[str, Any]) -> RunResult:
+    """A :class:`RunResult` back from its CSV/JSON row (:func:`_row`)."""
+    spec = RunSpec(**{f.name: row[f.name] for f in dataclasses.fields(RunSpec)})
+    known = {f.name for f in dataclasses.fields(RunResult)} - {"spec"}
+    kw = {k: row[k] for k in known if k in row}
+    kw["interventions"] = [(int(st), a) for st, a in (
+        item.split(":", 1) for item in (row.get("interventions") or "").split(";") if item)]
+    kw["causes"] = [c for c in (row.get("causes") or "").split(";") if c]
+    for k in ("init_loss", "final_train_loss"):
+        kw[k] = math.nan if kw.get(k) is None else kw[k]
+    return RunResult(spec=spec, **kw)
+
+
+def load_logged_runs(path: Path, label: str = "grid") -> list[RunResult]:
+    """The runs of one ``--log-runs`` file (last entry wins for a repeated spec)."""
+    runs: dict[tuple[Any, ...], RunResult] = {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if row.get("label") != label:
+            continue
+        r = _run_from_row(row)
+        runs[tuple(asdict(r.spec).values())] = r
+    return list(runs.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1020,6 +1047,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=None, help="override number of seeds")
     ap.add_argument("--seeds-per-mult", default=None,
                     help="fewer seeds for some multipliers, e.g. '1000=2' (seeds 0 and 1)")
+    ap.add_argument("--seeds-per-task", default=None,
+                    help="fewer seeds for some tasks, e.g. 'char_gpt=2'")
+    ap.add_argument("--rows-from", type=Path, default=None,
+                    help="no runs: summarize the grid runs of this --log-runs file (e.g. a "
+                         "grid cut short); needs --tuned-from")
     ap.add_argument("--mults", default=None,
                     help="comma list overriding the LR multipliers (e.g. '1' for healthy runs)")
     ap.add_argument("--optimizers", default=None,
@@ -1057,13 +1089,16 @@ def main(argv: list[str] | None = None) -> int:
     sweep_steps = args.steps or mode.sweep_steps or steps
     workers = args.workers or (1 if name.startswith("smoke") else 2)
     seeds = tuple(range(args.seeds)) if args.seeds else mode.seeds
-    per_mult = _seeds_per_mult(args.seeds_per_mult)
+    per_mult = _counts(args.seeds_per_mult)
+    per_task = _counts(args.seeds_per_task)
     torch.set_num_threads(1)
     quiet()
     t0 = time.perf_counter()
     sweep_specs = [RunSpec(t, o, lr, 0, 0, "none", sweep_steps, "sweep")
                    for t in mode.tasks for o in mode.optimizers for lr in mode.sweep]
     sweep_runs: list[RunResult] = []
+    if args.rows_from is not None and args.tuned_from is None:
+        ap.error("--rows-from needs --tuned-from")
     if args.tuned_from is not None:
         sweep_specs = []
         tuned = json.loads(args.tuned_from.read_text())["tuned"]
@@ -1077,8 +1112,15 @@ def main(argv: list[str] | None = None) -> int:
     specs = [] if args.sweep_only else [
         RunSpec(t, o, tuned[f"{t}/{o}"]["lr"] * m, m, s, p, steps)
         for t in mode.tasks for o in mode.optimizers for m in mode.mults
-        for s in seeds[:per_mult.get(m, len(seeds))] for p in mode.policies]
-    runs = run_many(specs, workers, "grid", args.log_runs)
+        for s in seeds[:min(per_mult.get(str(m), len(seeds)), per_task.get(t, len(seeds)))]
+        for p in mode.policies]
+    if args.rows_from is not None:
+        wanted = {tuple(asdict(sp).values()) for sp in specs}
+        runs = [r for r in load_logged_runs(args.rows_from)
+                if tuple(asdict(r.spec).values()) in wanted]
+        print(f"{len(runs)} of {len(specs)} runs read from {args.rows_from}")
+    else:
+        runs = run_many(specs, workers, "grid", args.log_runs)
     runs.sort(key=lambda r: (r.spec.task, r.spec.optimizer, r.spec.lr_mult, r.spec.seed,
                              mode.policies.index(r.spec.policy)))
     errors = [r for r in runs + sweep_runs if r.error]
@@ -1088,7 +1130,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "config": {"mode": name, "tasks": list(mode.tasks), "optimizers": list(mode.optimizers),
                    "lr_mults": list(mode.mults), "seeds": list(seeds),
-                   "seeds_per_mult": {str(k): v for k, v in per_mult.items()},
+                   "seeds_per_mult": per_mult, "seeds_per_task": per_task,
+                   "rows_from": str(args.rows_from) if args.rows_from else None,
                    "policies": pols, "sweep": list(mode.sweep), "steps": steps,
                    "sweep_steps": sweep_steps, "workers": workers,
                    "blowup_factor": BLOWUP_FACTOR, "within": WITHIN, "n_runs": len(runs),
