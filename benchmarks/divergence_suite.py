@@ -554,10 +554,15 @@ def run_many(specs: list[RunSpec], workers: int, label: str,
             with log_runs.open("a") as f:
                 f.write(json.dumps(_clean({"label": label, **_row(r)})) + "\n")
 
-    # Longest runs first so that the pool drains evenly.
+    # Seed by seed (a grid cut short still covers every cell for its first seeds), longest
+    # runs first within a seed so that the pool drains evenly. Long (> 500 steps) unguarded
+    # references go last: a guarded run without an intervention has their trajectory.
     cost = {"char_gpt": 0, "char_gpt_bf16": 1, "markov_lm": 2, "digits_cnn": 3,
             "char_gpt_b8": 4}
-    order = sorted(specs, key=lambda s: (-s.steps, cost.get(s.task, 5)))
+    has_char = any(s.task.startswith("char_gpt") for s in specs)
+    order = sorted(specs, key=lambda s: (
+        -s.steps, s.policy == "none" and s.steps > 500, s.seed if has_char else 0,
+        cost.get(s.task, 5)))
     if workers <= 1:
         for s in order:
             done(run_one(s))
