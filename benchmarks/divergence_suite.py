@@ -51,13 +51,16 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import dataclasses
+import functools
+import inspect
 import json
 import math
 import multiprocessing as mp
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +68,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from common import RESULTS, TASKS, Batches, Task, machine_info, make_batches, median, quiet
+from common import (
+    RESULTS,
+    TASKS,
+    Batches,
+    Task,
+    machine_info,
+    make_batches,
+    median,
+    quantile,
+    quiet,
+)
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "adagrad", "sgd")
 LR_MULTS = (1, 10, 100, 1000)
@@ -80,19 +93,45 @@ WITHIN = 0.10
 # -- optimizers and module -----------------------------------------------------------------
 
 
-def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float
-                   ) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    raise ValueError(f"unknown optimizer {name!r}")
+#: Optimizer class and its constructor arguments besides ``lr`` (a parameter group's own
+#: ``weight_decay`` overrides AdamW's 0.01).
+_OPTIMIZER_ARGS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    "adam": (torch.optim.Adam, {}),
+    "adamw": (torch.optim.AdamW, {"weight_decay": 0.01}),
+    "rmsprop": (torch.optim.RMSprop, {}),
+    "adagrad": (torch.optim.Adagrad, {}),
+    "sgd": (torch.optim.SGD, {"momentum": 0.9}),
+}
+
+
+def make_optimizer(name: str, params: Iterable[torch.nn.Parameter] | list[dict[str, Any]],
+                   lr: float) -> torch.optim.Optimizer:
+    """The grid's optimizer ``name`` over ``params`` (tensors or parameter groups).
+
+    Parameter groups keep their own keys (e.g. ``weight_decay``) where the optimizer's
+    constructor takes that argument; keys it does not take are dropped, so one
+    :attr:`Task.param_groups` serves every optimizer of the grid.
+
+    Args:
+        name: One of :data:`OPTIMIZERS`.
+        params: Parameters, or parameter-group dicts with a ``"params"`` key.
+        lr: Learning rate.
+
+    Returns:
+        The optimizer.
+
+    Raises:
+        ValueError: If ``name`` is unknown.
+    """
+    if name not in _OPTIMIZER_ARGS:
+        raise ValueError(f"unknown optimizer {name!r}")
+    cls, kwargs = _OPTIMIZER_ARGS[name]
+    items: list[Any] = list(params)
+    if items and isinstance(items[0], dict):
+        takes = set(inspect.signature(cls).parameters) | {"params"}
+        items = [{k: v for k, v in group.items() if k in takes} for group in items]
+    factory: Callable[..., torch.optim.Optimizer] = cls
+    return factory(items, lr=lr, **kwargs)
 
 
 def _module_class() -> type:
@@ -103,6 +142,8 @@ def _module_class() -> type:
             super().__init__()
             self.task = task
             self.net = task.make_model()
+            if task.dtype != torch.float32:
+                self.net.to(task.dtype)
             self.opt_name = optimizer
             self.lr = lr
             self.plateau = plateau
@@ -114,7 +155,18 @@ def _module_class() -> type:
             return loss
 
         def configure_optimizers(self) -> Any:
-            opt = make_optimizer(self.opt_name, self.parameters(), self.lr)
+            params: Any = (self.task.param_groups(self.net) if self.task.param_groups
+                           else self.parameters())
+            opt = make_optimizer(self.opt_name, params, self.lr)
+            if self.task.lr_lambda is not None:
+                if self.plateau:
+                    raise ValueError(f"task {self.task.name} has its own LR schedule; the "
+                                     "plateau policy would fight it")
+                lr_lambda: Callable[..., float] = self.task.lr_lambda
+                schedule = functools.partial(lr_lambda, total_steps=self.trainer.max_steps)
+                warmup = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+                return {"optimizer": opt, "lr_scheduler": {
+                    "scheduler": warmup, "interval": "step", "frequency": 1}}
             if not self.plateau:
                 return opt
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=2)
@@ -227,6 +279,62 @@ def _callbacks() -> dict[str, type]:
     return {"Probe": Probe, "OlmoSkipStep": OlmoSkipStep, "KillLossSpike": KillLossSpike}
 
 
+def parse_value(text: str) -> Any:
+    """A policy argument's value: int, float, bool, None, a tuple, or else the string.
+
+    ``true``/``false`` (any case) are bools, ``none`` is None, ``a|b|c`` is a tuple of
+    parsed values (e.g. ``overshoot_rules=step_quality|stability_ratio``; ``|`` alone is
+    the empty tuple), numbers parse as int when they can and as float otherwise (``1e-3``,
+    ``inf``); anything else is the string itself (``reads=deferred``).
+
+    Args:
+        text: The value as written after ``=``.
+
+    Returns:
+        The parsed value.
+    """
+    text = text.strip()
+    if "|" in text:
+        return tuple(parse_value(v) for v in text.split("|") if v.strip())
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def parse_guard_kwargs(text: str) -> dict[str, Any]:
+    """``k=v,k=v`` (the part of a ``guard:…`` policy after the colon) as keyword arguments.
+
+    Args:
+        text: Comma-separated ``name=value`` items; values as in :func:`parse_value`.
+
+    Returns:
+        The keyword arguments of ``DivergenceGuard``.
+
+    Raises:
+        ValueError: If an item has no ``=``, an empty name, or a name given twice.
+    """
+    kwargs: dict[str, Any] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"policy argument {item!r} is not name=value")
+        if name in kwargs:
+            raise ValueError(f"policy argument {name!r} given twice")
+        kwargs[name] = parse_value(value)
+    return kwargs
+
+
 # -- one run ----------------------------------------------------------------------------------
 
 
@@ -255,6 +363,42 @@ class RunResult:
     stopped: bool = False
     wall_s: float = 0.0
     error: str | None = None
+    # Tuned-LR (×1) runs only: what the training loss did around each intervention.
+    healthy_actions: list[dict[str, Any]] = field(default_factory=list)
+
+
+#: Steps on each side of an intervention averaged for ``RunResult.healthy_actions``.
+CONTEXT_STEPS = 20
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def action_context(losses: list[float], lrs: list[float], interventions: list[tuple[int, str]],
+                   causes: list[str]) -> list[dict[str, Any]]:
+    """Each intervention with the mean training loss just before and after it.
+
+    Args:
+        losses: Per-step training loss (``Probe.losses``, step ``i`` at index ``i``).
+        lrs: Per-step learning rate of the first parameter group.
+        interventions: ``(step, action)`` pairs.
+        causes: ``kind/signal`` of each intervention (may be shorter: peers have none).
+
+    Returns:
+        One dict per intervention: step, action, cause, loss_before / loss_after (means
+        over ``CONTEXT_STEPS`` steps), the LR at the step and at the end of the run.
+    """
+    out = []
+    for i, (step, action) in enumerate(interventions):
+        out.append({
+            "step": step, "action": action, "cause": causes[i] if i < len(causes) else None,
+            "loss_before": _mean(losses[max(0, step - CONTEXT_STEPS):step]),
+            "loss_after": _mean(losses[step + 1:step + 1 + CONTEXT_STEPS]),
+            "lr_at_step": lrs[step] if step < len(lrs) else math.nan,
+            "lr_final": lrs[-1] if lrs else math.nan,
+        })
+    return out
 
 
 _DATA: dict[str, Any] = {}
@@ -285,7 +429,12 @@ def run_one(spec: RunSpec) -> RunResult:
     t0 = time.perf_counter()
     task = TASKS[spec.task]
     xtr, ytr, xva, yva = _data(task)
-    train = Batches(make_batches(xtr, ytr, task.batch_size, spec.seed), shuffle_seed=spec.seed)
+    train: Any
+    if task.make_train is not None:
+        train = task.make_train(xtr, ytr, task.batch_size, spec.seed)
+    else:
+        train = Batches(make_batches(xtr, ytr, task.batch_size, spec.seed),
+                        shuffle_seed=spec.seed)
     torch.manual_seed(spec.seed)
     module = _module_class()(task, spec.optimizer, spec.lr, plateau=spec.policy == "plateau")
     cbs = _callbacks()
@@ -308,10 +457,8 @@ def run_one(spec: RunSpec) -> RunResult:
         extra = cbs["KillLossSpike"]()
     elif p.startswith("guard"):
         kw: dict[str, Any] = {}
-        if p.startswith("guard:"):  # guard:explosion_factor=4,divergence_patience=10
-            for item in p.split(":", 1)[1].split(","):
-                k, v = item.split("=")
-                kw[k] = int(v) if v.isdigit() else float(v)
+        if p.startswith("guard:"):  # guard:explosion_factor=4,reads=deferred
+            kw = parse_guard_kwargs(p.split(":", 1)[1])
         elif p == "guard_cut":
             kw = {"on_divergence": "cut", "on_nonfinite": "cut"}
         elif p == "guard_skip":
@@ -374,7 +521,9 @@ def run_one(spec: RunSpec) -> RunResult:
         final_train_loss=sum(tail) / len(tail) if tail else math.nan,
         metric=metric, blowup_step=blowup_step(probe.losses, init),
         interventions=interventions, causes=causes, stopped=stopped,
-        wall_s=time.perf_counter() - t0, error=error)
+        wall_s=time.perf_counter() - t0, error=error,
+        healthy_actions=(action_context(probe.losses, probe.lrs, interventions, causes)
+                         if spec.lr_mult == 1 else []))
 
 
 def _init_worker() -> None:
@@ -382,18 +531,46 @@ def _init_worker() -> None:
     quiet()
 
 
-def run_many(specs: list[RunSpec], workers: int, label: str) -> list[RunResult]:
+def run_many(specs: list[RunSpec], workers: int, label: str,
+             log_runs: Path | None = None) -> list[RunResult]:
+    """Run ``specs`` (in a spawn pool of ``workers``; in-process for 1), longest first.
+
+    Args:
+        specs: The runs.
+        workers: Process pool size.
+        label: Name of the batch in the progress lines.
+        log_runs: When given, every finished run is appended to this file as one JSON line
+            (the CSV row), so that a long grid shows its results before it ends.
+
+    Returns:
+        The results, in completion order.
+    """
     t0 = time.perf_counter()
     out: list[RunResult] = []
-    # Longest runs first so that the pool drains evenly.
-    order = sorted(specs, key=lambda s: (s.task != "markov_lm", s.task != "digits_cnn"))
+
+    def done(r: RunResult) -> None:
+        out.append(r)
+        if log_runs is not None:
+            with log_runs.open("a") as f:
+                f.write(json.dumps(_clean({"label": label, **_row(r)})) + "\n")
+
+    # Seed by seed (a grid cut short still covers every cell for its first seeds), longest
+    # runs first within a seed so that the pool drains evenly. Long (> 500 steps) unguarded
+    # references go last: a guarded run without an intervention has their trajectory.
+    cost = {"char_gpt": 0, "char_gpt_bf16": 1, "markov_lm": 2, "digits_cnn": 3,
+            "char_gpt_b8": 4}
+    has_char = any(s.task.startswith("char_gpt") for s in specs)
+    order = sorted(specs, key=lambda s: (
+        -s.steps, s.policy == "none" and s.steps > 500, s.seed if has_char else 0,
+        cost.get(s.task, 5)))
     if workers <= 1:
         for s in order:
-            out.append(run_one(s))
+            done(run_one(s))
     else:
         with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
-            for i, r in enumerate(pool.imap_unordered(run_one, order, chunksize=2), 1):
-                out.append(r)
+            chunk = 1 if order and order[0].steps > 500 else 2
+            for i, r in enumerate(pool.imap_unordered(run_one, order, chunksize=chunk), 1):
+                done(r)
                 if i % 200 == 0:
                     print(f"  {label}: {i}/{len(order)} runs, {time.perf_counter() - t0:.0f} s",
                           flush=True)
@@ -493,6 +670,123 @@ def summarize(runs: list[RunResult], policies: list[str]) -> dict[str, Any]:
     return out
 
 
+def _failing_pairs(runs: list[RunResult], policy: str
+                   ) -> Iterable[tuple[RunResult, RunResult, RunResult]]:
+    """``(run, unguarded twin, tuned unguarded run)`` for the failing runs of ``policy``.
+
+    A too-high-LR run of ``policy`` is listed when its unguarded twin (same task, optimizer,
+    multiplier, seed) fails: it blows up or ends more than ``WITHIN`` worse than the tuned
+    unguarded run of the same seed.
+    """
+    ref = {(r.spec.task, r.spec.optimizer, r.spec.lr_mult, r.spec.seed): r
+           for r in runs if r.spec.policy == "none"}
+    for r in runs:
+        if r.spec.policy != policy or r.spec.lr_mult <= 1:
+            continue
+        base = ref.get((r.spec.task, r.spec.optimizer, r.spec.lr_mult, r.spec.seed))
+        tref = ref.get((r.spec.task, r.spec.optimizer, 1, r.spec.seed))
+        if base is None or tref is None:
+            continue
+        task = TASKS[r.spec.task]
+        if base.blowup_step is not None or not better_or_within(task, base.metric, tref.metric):
+            yield r, base, tref
+
+
+def delay_table(runs: list[RunResult], policies: list[str]) -> dict[str, dict[str, Any]]:
+    """Steps from the unguarded blow-up to a policy's first action, per task and policy.
+
+    Over the too-high-LR runs whose unguarded twin blows up and in which the policy acted:
+    median, 90th percentile, max and count of ``first action step − blow-up step``
+    (negative: the policy acted before the unguarded loss crossed the blow-up bound).
+    ``blown_up`` counts the unguarded blow-ups the policy had the chance to act on.
+
+    Returns:
+        ``{policy: {task: {"median", "p90", "max", "count", "blown_up"}}}`` for every
+        policy but ``none``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for pol in policies:
+        if pol == "none":
+            continue
+        delays: dict[str, list[float]] = {}
+        blown: collections.Counter[str] = collections.Counter()
+        for r, base, _ in _failing_pairs(runs, pol):
+            if base.blowup_step is None:
+                continue
+            blown[r.spec.task] += 1
+            if r.interventions:
+                delays.setdefault(r.spec.task, []).append(
+                    float(r.interventions[0][0] - base.blowup_step))
+        tasks = sorted(set(blown) | set(delays))
+        out[pol] = {t: {"median": median(delays.get(t, [])),
+                        "p90": quantile(delays.get(t, []), 0.9),
+                        "max": max(delays[t]) if delays.get(t) else math.nan,
+                        "count": len(delays.get(t, [])), "blown_up": blown[t]}
+                    for t in tasks}
+    return out
+
+
+def recovery_table(runs: list[RunResult], policies: list[str]) -> dict[str, dict[str, Any]]:
+    """What a policy did with the too-high-LR runs that fail unguarded, per LR multiplier.
+
+    For each policy but ``none`` and each multiplier > 1, of the runs whose unguarded twin
+    fails: how many the policy acted in (``detected``), how many ended within ``WITHIN`` of
+    the tuned unguarded run (``recovered``), the number of interventions of the detected
+    runs (1 / 2 / 3+) and of the recovered detected runs, and how many ended before the
+    last step (``stopped``: a stop action, an exception such as SpikeDetection's, or a
+    guard's escalation).
+
+    Returns:
+        ``{policy: {"x10": {...}, ...}}``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for pol in policies:
+        if pol == "none":
+            continue
+        table: dict[str, dict[str, Any]] = {}
+        for r, _, tref in _failing_pairs(runs, pol):
+            m = table.setdefault(f"x{r.spec.lr_mult:g}", {
+                "failing_unguarded": 0, "detected": 0, "recovered": 0,
+                "recovered_undetected": 0, "interventions_1": 0, "interventions_2": 0,
+                "interventions_3plus": 0, "recovered_1": 0, "recovered_2": 0,
+                "recovered_3plus": 0, "stopped": 0})
+            ok = better_or_within(TASKS[r.spec.task], r.metric, tref.metric)
+            n = len(r.interventions)
+            m["failing_unguarded"] += 1
+            m["stopped"] += r.stopped
+            m["recovered"] += ok
+            if not n:
+                m["recovered_undetected"] += ok
+                continue
+            m["detected"] += 1
+            bucket = "1" if n == 1 else "2" if n == 2 else "3plus"
+            m[f"interventions_{bucket}"] += 1
+            m[f"recovered_{bucket}"] += ok
+        out[pol] = dict(sorted(table.items(), key=lambda kv: float(kv[0][1:])))
+    return out
+
+
+def healthy_actions(runs: list[RunResult]) -> list[dict[str, Any]]:
+    """Every intervention in a tuned-LR (×1) run, with the loss around it (false positives).
+
+    Returns:
+        One dict per intervention: the run's task, optimizer, seed, policy, its final
+        metric and the unguarded twin's, and :func:`action_context`'s fields.
+    """
+    ref = {(r.spec.task, r.spec.optimizer, r.spec.seed): r for r in runs
+           if r.spec.policy == "none" and r.spec.lr_mult == 1}
+    out = []
+    for r in runs:
+        if r.spec.lr_mult != 1 or not r.healthy_actions:
+            continue
+        twin = ref.get((r.spec.task, r.spec.optimizer, r.spec.seed))
+        for a in r.healthy_actions:
+            out.append({"task": r.spec.task, "optimizer": r.spec.optimizer,
+                        "seed": r.spec.seed, "policy": r.spec.policy, "metric": r.metric,
+                        "unguarded_metric": twin.metric if twin else None, **a})
+    return out
+
+
 def metric_table(runs: list[RunResult], policies: list[str]) -> dict[str, dict[str, float]]:
     """Median final metric per task × LR multiplier (rows) and policy (columns).
 
@@ -546,6 +840,9 @@ def markdown(doc: dict[str, Any]) -> str:
              f"{doc['config']['n_runs']} runs, {doc['config']['steps']} steps each, "
              f"wall {doc['wall_s']:.0f} s on {doc['machine']['nproc']} cores "
              f"({doc['machine']['cpu_model']}).", "",
+             "Batch size per task: " + ", ".join(
+                 f"{t} {b}" for t, b in doc["config"].get("batch_size", {}).items()) + ".",
+             "",
              "## Tuned learning rates (best of the sweep, seed 0)", "",
              "| task/optimizer | tuned lr | val metric |", "|---|---|---|"]
     for k, v in doc["tuned"].items():
@@ -575,8 +872,53 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"{fail['too_high_runs']}, of which {fail['failing_without_blowup']} never "
                   f"blow up (loss stays below {BLOWUP_FACTOR:g}× its initial value) but end "
                   "more than 10 % worse than the tuned run."]
-    lines += ["", "## Median final validation metric (accuracy ↑, diabetes MSE ↓; a diverged "
-              "run counts as 0 / inf)", "",
+    if doc.get("delays"):
+        lines += ["", "## Delay: unguarded blow-up → first action, per task", "",
+                  "Steps from the unguarded run's blow-up (first loss non-finite or above "
+                  f"{BLOWUP_FACTOR:g}× the first loss) to the policy's first action in the "
+                  "same task, optimizer, multiplier and seed; negative = before. count = "
+                  "runs with an action / unguarded blow-ups.", "",
+                  "| policy | task | median | p90 | max | count |",
+                  "|---|---|---|---|---|---|"]
+        for p in pols:
+            for task, d in doc["delays"].get(p, {}).items():
+                lines.append(_row_md([p, task, _fmt(d["median"]), _fmt(d["p90"]),
+                                      _fmt(d["max"]), f"{d['count']}/{d['blown_up']}"]))
+    if doc.get("recovery"):
+        lines += ["", "## Recovery of the runs that fail unguarded", "",
+                  "Of the too-high-LR runs whose unguarded twin fails: detected = the policy "
+                  "acted; within 10 % = ended within 10 % of the tuned run (undetected ones "
+                  "included, in brackets); interventions 1/2/3+ = detected runs by number of "
+                  "actions (of them within 10 %); stopped = ended before the last step.", "",
+                  "| policy | lr | failing | detected | within 10 % (undetected) | "
+                  "1 / 2 / 3+ interventions | within 10 % by 1 / 2 / 3+ | stopped |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for p in pols:
+            for mult, m in doc["recovery"].get(p, {}).items():
+                lines.append(_row_md([
+                    p, mult, str(m["failing_unguarded"]), str(m["detected"]),
+                    f"{m['recovered']} ({m['recovered_undetected']})",
+                    f"{m['interventions_1']} / {m['interventions_2']} / "
+                    f"{m['interventions_3plus']}",
+                    f"{m['recovered_1']} / {m['recovered_2']} / {m['recovered_3plus']}",
+                    str(m["stopped"])]))
+    if doc.get("healthy_actions"):
+        lines += ["", "## Interventions in tuned-LR runs (false positives)", "",
+                  f"Mean training loss over the {CONTEXT_STEPS} steps before / after each "
+                  "action; metric = final validation metric of this run and of its unguarded "
+                  "twin (same seed).", "",
+                  "| task/optimizer | seed | policy | step | action | cause | loss before → "
+                  "after | lr at step → final | metric (unguarded) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for a in doc["healthy_actions"]:
+            lines.append(_row_md([
+                f"{a['task']}/{a['optimizer']}", str(a["seed"]), a["policy"], str(a["step"]),
+                a["action"], a["cause"] or "–",
+                f"{_fmt(a['loss_before'])} → {_fmt(a['loss_after'])}",
+                f"{_fmt(a['lr_at_step'])} → {_fmt(a['lr_final'])}",
+                f"{_fmt(a['metric'])} ({_fmt(a['unguarded_metric'])})"]))
+    lines += ["", "## Median final validation metric (accuracy ↑, diabetes MSE ↓, char LM "
+              "bits per char ↓; a diverged run counts as 0 / inf)", "",
               "| task × lr | " + " | ".join(pols) + " |", "|---|" + "---|" * len(pols)]
     for row, vals in doc["metric_table"].items():
         lines.append(f"| {row} | " + " | ".join(_fmt(vals[p]) for p in pols) + " |")
@@ -623,7 +965,7 @@ def write(doc: dict[str, Any], runs: list[RunResult], out: Path, stem: str) -> l
 # -- main ---------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Mode:
     tasks: tuple[str, ...]
     optimizers: tuple[str, ...]
@@ -632,20 +974,75 @@ class Mode:
     policies: tuple[str, ...]
     sweep: tuple[float, ...]
     steps: int
+    sweep_steps: int | None = None  # steps of the tuning sweep; None: ``steps``
 
+
+ORIGINAL_TASKS = ("digits_mlp", "digits_cnn", "markov_lm", "diabetes")
+GPT_TASKS = ("char_gpt", "char_gpt_b8", "char_gpt_bf16")
+GPT_POLICIES = ("none", "early_stop", "lightning_spike", "olmo_skip", "guard", "guard_monitor")
 
 MODES: dict[str, Mode] = {
-    "full": Mode(tuple(TASKS), OPTIMIZERS, LR_MULTS, (0, 1, 2), POLICIES, SWEEP, 150),
+    "full": Mode(ORIGINAL_TASKS, OPTIMIZERS, LR_MULTS, (0, 1, 2), POLICIES, SWEEP, 150),
     "quick": Mode(("digits_mlp", "diabetes"), ("adam", "sgd"), LR_MULTS, (0,), POLICIES,
                   (1e-3, 1e-2, 1e-1), 200),
     "smoke": Mode(("digits_mlp",), ("adam",), (1, 100), (0,), ("none", "olmo_skip", "guard"),
                   (1e-3, 1e-2), 60),
+    # The character LMs (issue 13): warm-up + cosine, decay groups, batch 256 / 8 / bf16.
+    "gpt": Mode(GPT_TASKS, ("adam", "adamw", "sgd"), LR_MULTS, (0, 1, 2, 3, 4), GPT_POLICIES,
+                SWEEP, 150),
+    # False positives: the tuned LR only, 2,000 steps of warm-up + cosine, 5 seeds. The
+    # tuned LR is the 150-step sweep's (or --tuned-from's).
+    "long_healthy": Mode(("char_gpt", "char_gpt_b8"), ("adamw",), (1,), (0, 1, 2, 3, 4),
+                         ("none", "guard", "guard_monitor"), SWEEP, 2000, sweep_steps=150),
+    # End-to-end check of the character LM path (tests): the tiny model, both tables.
+    "smoke_gpt": Mode(("char_gpt_tiny",), ("adamw",), (1, 1000), (0,),
+                      ("none", "guard", "guard:explosion_factor=10,on_spike=skip"),
+                      (1e-3, 1e-2), 60),
 }
+
+
+def _counts(text: str | None) -> dict[str, int]:
+    """``"1000=2,char_gpt=3"`` → ``{"1000": 2, "char_gpt": 3}`` (seed counts by key)."""
+    out: dict[str, int] = {}
+    for item in (text or "").split(","):
+        if item.strip():
+            key, _, n = item.partition("=")
+            out[key.strip()] = int(n)
+    return out
+
+
+def _run_from_row(row: dict[str, Any]) -> RunResult:
+    """A :class:`RunResult` back from its CSV/JSON row (:func:`_row`)."""
+    spec = RunSpec(**{f.name: row[f.name] for f in dataclasses.fields(RunSpec)})
+    known = {f.name for f in dataclasses.fields(RunResult)} - {"spec"}
+    kw = {k: row[k] for k in known if k in row}
+    kw["interventions"] = [(int(st), a) for st, a in (
+        item.split(":", 1) for item in (row.get("interventions") or "").split(";") if item)]
+    kw["causes"] = [c for c in (row.get("causes") or "").split(";") if c]
+    for k in ("init_loss", "final_train_loss"):
+        kw[k] = math.nan if kw.get(k) is None else kw[k]
+    return RunResult(spec=spec, **kw)
+
+
+def load_logged_runs(path: Path, label: str = "grid") -> list[RunResult]:
+    """The runs of one ``--log-runs`` file (last entry wins for a repeated spec)."""
+    runs: dict[tuple[Any, ...], RunResult] = {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if row.get("label") != label:
+            continue
+        r = _run_from_row(row)
+        runs[tuple(asdict(r.spec).values())] = r
+    return list(runs.values())
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = ap.add_mutually_exclusive_group()
+    g.add_argument("--mode", choices=sorted(MODES), default=None,
+                   help="grid to run (default full)")
     g.add_argument("--quick", action="store_true", help="subset, < 2 minutes")
     g.add_argument("--smoke", action="store_true", help="tiny subset for the tests")
     ap.add_argument("--out", type=Path, default=RESULTS, help="output directory")
@@ -653,66 +1050,115 @@ def main(argv: list[str] | None = None) -> int:
                     help="process pool size (default 2; 1 = in-process for --smoke)")
     ap.add_argument("--steps", type=int, default=None, help="override steps per run")
     ap.add_argument("--seeds", type=int, default=None, help="override number of seeds")
+    ap.add_argument("--seeds-per-mult", default=None,
+                    help="fewer seeds for some multipliers, e.g. '1000=2' (seeds 0 and 1)")
+    ap.add_argument("--seeds-per-task", default=None,
+                    help="fewer seeds for some tasks, e.g. 'char_gpt=2'")
+    ap.add_argument("--rows-from", type=Path, default=None,
+                    help="no runs: summarize the grid runs of this --log-runs file (e.g. a "
+                         "grid cut short); needs --tuned-from")
     ap.add_argument("--mults", default=None,
                     help="comma list overriding the LR multipliers (e.g. '1' for healthy runs)")
+    ap.add_argument("--optimizers", default=None,
+                    help="comma list overriding the mode's optimizers")
     ap.add_argument("--tuned-from", type=Path, default=None,
                     help="take the tuned LRs from this results JSON instead of sweeping")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="run the tuning sweep and write its JSON (tuned LRs), no grid")
     ap.add_argument("--tasks", default=None, help="comma list overriding the mode's tasks")
     ap.add_argument("--policies", default=None,
                     help="semicolon list overriding the mode's policies; 'guard:k=v,k=v' "
-                         "is a DivergenceGuard with those arguments")
+                         "is a DivergenceGuard with those arguments (numbers, true/false, "
+                         "none, a|b tuples or strings)")
     ap.add_argument("--stem", default=None, help="output file name stem")
+    ap.add_argument("--log-runs", type=Path, default=None,
+                    help="append every finished run to this file as a JSON line")
     args = ap.parse_args(argv)
-    name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    name = args.mode or ("smoke" if args.smoke else "quick" if args.quick else "full")
     mode = MODES[name]
     if args.tasks:
-        mode.tasks = tuple(args.tasks.split(","))
+        mode = dataclasses.replace(mode, tasks=tuple(args.tasks.split(",")))
+    if args.optimizers:
+        mode = dataclasses.replace(mode, optimizers=tuple(args.optimizers.split(",")))
     if args.policies:
-        mode.policies = tuple(args.policies.split(";"))
+        mode = dataclasses.replace(mode, policies=tuple(args.policies.split(";")))
     if args.mults:
-        mode.mults = tuple(int(m) for m in args.mults.split(","))
+        mode = dataclasses.replace(mode, mults=tuple(int(m) for m in args.mults.split(",")))
+    for t in mode.tasks:
+        if t not in TASKS:
+            ap.error(f"unknown task {t!r} (known: {', '.join(TASKS)})")
+    for o in mode.optimizers:
+        if o not in OPTIMIZERS:
+            ap.error(f"unknown optimizer {o!r} (known: {', '.join(OPTIMIZERS)})")
     steps = args.steps or mode.steps
-    workers = args.workers or (1 if name == "smoke" else 2)
+    sweep_steps = args.steps or mode.sweep_steps or steps
+    workers = args.workers or (1 if name.startswith("smoke") else 2)
     seeds = tuple(range(args.seeds)) if args.seeds else mode.seeds
+    per_mult = _counts(args.seeds_per_mult)
+    per_task = _counts(args.seeds_per_task)
     torch.set_num_threads(1)
     quiet()
     t0 = time.perf_counter()
-    sweep_specs = [RunSpec(t, o, lr, 0, 0, "none", steps, "sweep")
+    sweep_specs = [RunSpec(t, o, lr, 0, 0, "none", sweep_steps, "sweep")
                    for t in mode.tasks for o in mode.optimizers for lr in mode.sweep]
+    sweep_runs: list[RunResult] = []
+    if args.rows_from is not None and args.tuned_from is None:
+        ap.error("--rows-from needs --tuned-from")
     if args.tuned_from is not None:
         sweep_specs = []
         tuned = json.loads(args.tuned_from.read_text())["tuned"]
+        missing = [f"{t}/{o}" for t in mode.tasks for o in mode.optimizers
+                   if f"{t}/{o}" not in tuned]
+        if missing:
+            ap.error(f"{args.tuned_from} has no tuned LR for {', '.join(missing)}")
     else:
-        tuned = pick_tuned(run_many(sweep_specs, workers, "sweep"))
-    specs = [RunSpec(t, o, tuned[f"{t}/{o}"]["lr"] * m, m, s, p, steps)
-             for t in mode.tasks for o in mode.optimizers for m in mode.mults
-             for s in seeds for p in mode.policies]
-    runs = run_many(specs, workers, "grid")
+        sweep_runs = run_many(sweep_specs, workers, "sweep", args.log_runs)
+        tuned = pick_tuned(sweep_runs)
+    specs = [] if args.sweep_only else [
+        RunSpec(t, o, tuned[f"{t}/{o}"]["lr"] * m, m, s, p, steps)
+        for t in mode.tasks for o in mode.optimizers for m in mode.mults
+        for s in seeds[:min(per_mult.get(str(m), len(seeds)), per_task.get(t, len(seeds)))]
+        for p in mode.policies]
+    if args.rows_from is not None:
+        wanted = {tuple(asdict(sp).values()) for sp in specs}
+        runs = [r for r in load_logged_runs(args.rows_from)
+                if tuple(asdict(r.spec).values()) in wanted]
+        print(f"{len(runs)} of {len(specs)} runs read from {args.rows_from}")
+    else:
+        runs = run_many(specs, workers, "grid", args.log_runs)
     runs.sort(key=lambda r: (r.spec.task, r.spec.optimizer, r.spec.lr_mult, r.spec.seed,
                              mode.policies.index(r.spec.policy)))
-    errors = [r for r in runs if r.error]
+    errors = [r for r in runs + sweep_runs if r.error]
     for r in errors[:5]:
         print(f"error in {r.spec}: {r.error}", file=sys.stderr)
     pols = list(mode.policies)
     doc = {
         "config": {"mode": name, "tasks": list(mode.tasks), "optimizers": list(mode.optimizers),
-                   "lr_mults": list(mode.mults), "seeds": list(seeds), "policies": pols,
-                   "sweep": list(mode.sweep), "steps": steps, "workers": workers,
+                   "lr_mults": list(mode.mults), "seeds": list(seeds),
+                   "seeds_per_mult": per_mult, "seeds_per_task": per_task,
+                   "rows_from": str(args.rows_from) if args.rows_from else None,
+                   "policies": pols, "sweep": list(mode.sweep), "steps": steps,
+                   "sweep_steps": sweep_steps, "workers": workers,
                    "blowup_factor": BLOWUP_FACTOR, "within": WITHIN, "n_runs": len(runs),
                    "n_sweep_runs": len(sweep_specs), "errors": len(errors),
+                   "batch_size": {t: TASKS[t].batch_size for t in mode.tasks},
                    "command": " ".join([".venv/bin/python", "benchmarks/divergence_suite.py",
                                         *(argv if argv is not None else sys.argv[1:])])},
         "machine": machine_info(),
         "tuned": {k: {"lr": v["lr"], "metric": v["metric"], "sweep": v["sweep"]}
                   for k, v in tuned.items()},
         "summary": summarize(runs, pols),
+        "delays": delay_table(runs, pols),
+        "recovery": recovery_table(runs, pols),
+        "healthy_actions": healthy_actions(runs),
         "metric_table": metric_table(runs, pols),
         "guard_events": guard_events(runs),
         "wall_s": time.perf_counter() - t0,
+        "sweep_runs": [_row(r) for r in sweep_runs],
         "runs": [_row(r) for r in runs],
     }
     stem = args.stem or ("divergence" if name == "full" else f"divergence_{name}")
-    for p in write(doc, runs, args.out, stem):
+    for p in write(doc, runs or sweep_runs, args.out, stem):
         print(f"wrote {p}")
     print(markdown(doc).split("## Median")[0])
     return 1 if errors else 0
