@@ -76,3 +76,50 @@ def test_a_network_killed_at_the_start_is_rolled_back_and_trains(tmp_path: Path,
     first = guard.events[0]
     assert first.step <= 120 and first.kind == "divergence" and "rollback" in first.actions
     assert statistics.median(alive.losses[-50:]) < 0.5  # trains at the cut learning rate
+
+
+class OneCycleCNN(DigitsCNN):
+    """The same CNN under Adam and ``OneCycleLR(max_lr=1)``, stepped every batch."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__(lr=1e-3)
+        self.steps = steps
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=self.steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _accuracy(module: DigitsCNN, seed: int) -> float:
+    _, val = digits_loaders(batch_size=64, seed=seed)
+    module.eval()
+    with torch.no_grad():
+        hits = sum(int((module.net(x).argmax(1) == y).sum()) for x, y in val)
+    return hits / sum(len(y) for _, y in val)
+
+
+@pytest.mark.integration
+def test_a_one_cycle_peak_that_gives_back_everything_is_rolled_back(tmp_path: Path) -> None:
+    """Adam + OneCycleLR(max_lr=1): the loss falls in the warm-up, blows up as the LR
+    climbs, and the unguarded run ends near chance; the guard rolls back and cuts (the cut
+    scales the schedule's own ``max_lr``) and the run ends trained, on both seeds, read at
+    once or one step late."""
+    steps = 300
+    pl.seed_everything(0, verbose=False)
+    unguarded = OneCycleCNN(steps)
+    train, _ = digits_loaders(batch_size=64, seed=0)
+    trainer(tmp_path / "none", max_steps=steps, max_epochs=-1, logger=False).fit(unguarded, train)
+    assert min(unguarded.losses[:60]) < 0.5 and max(unguarded.losses) > 2.0
+    assert _accuracy(unguarded, 0) < 0.3
+    for seed, deferred in ((0, False), (1, True)):  # seed 1 read one step late
+        pl.seed_everything(seed, verbose=False)
+        guard = DivergenceGuard(jsonl=False, log_events=False, deferred=deferred)
+        guarded = OneCycleCNN(steps)
+        train, _ = digits_loaders(batch_size=64, seed=seed)
+        trainer(tmp_path / str(seed), max_steps=steps, max_epochs=-1, logger=False,
+                callbacks=[guard]).fit(guarded, train)
+        first = next(e for e in guard.events if e.actions)
+        assert first.kind == "divergence" and first.step < 150
+        assert "rollback" in first.actions
+        assert _accuracy(guarded, seed) > 0.8
