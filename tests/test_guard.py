@@ -54,6 +54,25 @@ HEALTHY = {
 }
 
 
+@pytest.mark.parametrize("deferred", [False, True], ids=["immediate", "deferred"])
+def test_cuts_go_on_until_the_run_is_healthy(tmp_path: Path, deferred: bool) -> None:
+    """Adam at lr 100 (10^5 x the tuned LR): one cut is not enough, nor are three.
+
+    Certain on any CPU: at every LR from 0.1 up, Adam's first step from these weights
+    multiplies the loss by more than 10 (at 0.1 by > 18; ``test_too_high_lr_...``), and at
+    0.01 it trains. So each rollback-and-cut is followed by another until the LR is 0.01:
+    exactly four, all within the first dozen steps; then the run trains.
+    """
+    guard = DivergenceGuard(jsonl=False, deferred=deferred)
+    _, tr = run(tmp_path, lambda: DigitsMLP(lr=100.0, hidden=256), guard, epochs=3)
+    acted = [e for e in guard.events if e.actions]
+    assert [e.kind for e in acted] == ["divergence"] * 4, [e.summary() for e in acted]
+    assert all("rollback" in e.actions and "cut_lr" in e.actions for e in acted)
+    assert acted[-1].step < 12
+    assert guard.lr_scale == pytest.approx(1e-4)
+    assert float(tr.callback_metrics["val/acc"]) > 0.85
+
+
 @pytest.mark.parametrize("name", list(HEALTHY))
 @pytest.mark.parametrize("batch_size", [32, 8], ids=["b32", "b8-noisy"])
 def test_no_event_on_healthy_runs(tmp_path: Path, name: str, batch_size: int) -> None:
