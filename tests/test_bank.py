@@ -83,17 +83,44 @@ def test_each_detector_reads_its_own_signal_and_a_missing_one_is_left_alone() ->
 def test_spike_and_divergence_fire_in_the_same_round() -> None:
     losses = [2.3 * 0.9**t for t in range(40)] + [2.3] * 40  # back at the starting level
 
-    def feed(bank: DetectorBank, grad_spike_at: int | None = None) -> list[list[str]]:
+    def feed(bank: DetectorBank, spike_at: int | None = None) -> list[list[str]]:
         out = []
         for t, v in enumerate(losses):
-            g = 100.0 if t == grad_spike_at else 1.0 + 0.01 * (t % 2)
-            out.append([f"{d.kind}/{d.signal}" for d in bank.detect(0, t, {LOSS: v, GRAD_NORM: g})])
+            g = 100.0 if t == spike_at else 1.0 + 0.01 * (t % 2)
+            # a bad batch: loss and gradient both spike (the loss window spans the whole
+            # descent, a wide spread in log space: only a huge loss is a spike there, still
+            # below the explosion bound of 1e6 x the start)
+            x = 1.5e6 if t == spike_at else v
+            out.append([f"{d.kind}/{d.signal}" for d in bank.detect(0, t, {LOSS: x, GRAD_NORM: g})])
         return out
 
     plain = feed(DetectorBank(explosion_factor=1e6))
     at = next(t for t, hits in enumerate(plain) if "divergence/loss" in hits)
-    both = feed(DetectorBank(explosion_factor=1e6), grad_spike_at=at)
-    assert both[at] == plain[at] + ["spike/grad_norm"]  # one round, in the stream's order
+    both = feed(DetectorBank(explosion_factor=1e6), spike_at=at)
+    # one round, in the stream's order
+    assert both[at] == ["spike/loss", "divergence/loss", "spike/grad_norm"]
+
+
+def test_spikes_count_in_pairs_when_the_step_has_both_signals() -> None:
+    """A bad batch spikes its loss and its gradient; either alone is a healthy run's noise."""
+    def fresh() -> DetectorBank:
+        bank = DetectorBank(explosion_factor=1e6)
+        for t in range(40):
+            bank.detect(0, t, {LOSS: 1.0 + 0.01 * (t % 3), GRAD_NORM: 1.0 + 0.01 * (t % 2)})
+        return bank
+
+    assert fresh().detect(0, 40, {LOSS: 30.0, GRAD_NORM: 1.0}) == []  # a hard batch
+    assert fresh().detect(0, 40, {LOSS: 1.0, GRAD_NORM: 30.0}) == []  # a noisy gradient
+    pair = fresh().detect(0, 40, {LOSS: 30.0, GRAD_NORM: 30.0})
+    assert [(d.kind, d.signal) for d in pair] == [("spike", LOSS), ("spike", GRAD_NORM)]
+    # one signal only (no loss: a second optimizer; no norm: not watched): it counts alone
+    assert [d.signal for d in fresh().detect(0, 40, {GRAD_NORM: 30.0})] == [GRAD_NORM]
+    assert [d.signal for d in fresh().detect(0, 40, {LOSS: 30.0})] == [LOSS]
+    # the tripwires say the same, before the values are known
+    bank = fresh()
+    trips = bank.tripwires(0, {"spike"})
+    assert len(trips) == 1 and set(trips[0]) == {LOSS, GRAD_NORM}
+    assert [set(c) for c in bank.tripwires(0, {"spike"}, signals=(GRAD_NORM,))] == [{GRAD_NORM}]
 
 
 def test_streams_are_independent_per_optimizer() -> None:
@@ -303,6 +330,6 @@ def test_a_spike_far_below_the_starting_level_is_left_alone() -> None:
     for t in range(200):  # from 2.3 down to ~1e-3 with a little multiplicative noise
         level = max(2.3 * math.exp(-t / 15), 1e-3) * (1 + 0.05 * (t % 3 - 1))
         bank.detect(0, t, {LOSS: level, GRAD_NORM: 1.0 + 0.01 * (t % 2)})
-    assert bank.detect(0, 200, {LOSS: 0.05, GRAD_NORM: 1.0}) == []  # 50x, but 2 % of 2.3
-    found = bank.detect(0, 201, {LOSS: 1.0, GRAD_NORM: 1.0})
+    assert bank.detect(0, 200, {LOSS: 0.05}) == []  # 50x, but 2 % of 2.3
+    found = bank.detect(0, 201, {LOSS: 1.0})
     assert [(d.kind, d.signal) for d in found] == [("spike", LOSS)]  # 43 % of the start

@@ -161,23 +161,29 @@ def test_a_trigger_costs_no_read_either(tmp_path: Path,
 STEP_LOCAL = frozenset({"spike", "divergence"})
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.one_of(
-    st.floats(0.5, 2.0),  # ordinary values
-    st.floats(2.0, 1e4),  # spikes and explosions of every size
-), min_size=30, max_size=120), st.floats(0.01, 0.5))
-def test_tripwires_are_the_detectors_verdict(losses: list[float], decay: float) -> None:
-    """Fed the values in order, a rule of the step-local kinds fires iff the value tripped.
+def _series() -> st.SearchStrategy[list[tuple[float, float]]]:
+    value = st.one_of(st.floats(0.5, 2.0), st.floats(2.0, 1e4))  # ordinary, or a spike
+    return st.lists(st.tuples(value, value), min_size=30, max_size=120)
 
-    The spike and explosion rules judge a value against a bound known beforehand, and
-    :meth:`DetectorBank.tripwires` is that bound (spike bounds no lower than the harmless
-    floor): the device's verdict and the host's, a step later, agree on every step.
+
+@settings(max_examples=80, deadline=None)
+@given(_series(), st.floats(0.01, 0.5), st.sampled_from(["both", "loss", "grad_norm"]))
+def test_tripwires_are_the_detectors_verdict(series: list[tuple[float, float]], decay: float,
+                                             which: str) -> None:
+    """Fed the values in order, a rule of the step-local kinds fires iff the step tripped.
+
+    The spike and explosion rules judge a step's values against bounds known beforehand,
+    and :meth:`DetectorBank.tripwires` are those bounds (spike bounds no lower than the
+    harmless floor, the two spike rules firing together when the step has both signals):
+    the device's verdict and the host's, a step later, agree on every step.
     """
     bank = DetectorBank(spike_window=20)
-    for t, x in enumerate(losses):
-        values = {LOSS: x * math.exp(-decay * t / len(losses)), GRAD_NORM: 1.0 + 0.01 * t}
-        trips = bank.tripwires(0, STEP_LOCAL)
-        tripped = any(values[s] > b for s, b in trips.items())
+    signals = (LOSS, GRAD_NORM) if which == "both" else (which,)
+    for t, (x, g) in enumerate(series):
+        values = {LOSS: x * math.exp(-decay * t / len(series)), GRAD_NORM: g}
+        values = {k: v for k, v in values.items() if k in signals}
+        trips = bank.tripwires(0, STEP_LOCAL, signals)
+        tripped = any(all(values[s] > b for s, b in c.items()) for c in trips)
         found = bank.detect(0, t, values)
         local = [d for d in found if d.kind == "spike" or "exploded" in d.message]
         assert bool(local) == tripped, (t, values, trips, found)

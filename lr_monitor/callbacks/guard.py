@@ -387,7 +387,7 @@ class DivergenceGuard(pl.Callback):
             self.signals.reset()  # values of weights that are gone or a step not taken
         else:
             kinds = self.policy.skipping_kinds(self._context(trainer, step))
-            trips = self.bank.tripwires(index, kinds)
+            trips = self.bank.tripwires(index, kinds, self.signals.signals)
             self._staged = self.signals.stage(params, step=step, index=index, reduce=reduce,
                                               tripwires=trips,
                                               nonfinite_trips="nonfinite" in kinds)

@@ -236,52 +236,59 @@ class DetectorBank:
         for detectors in stream.rounds:
             found = [d for d in _feed(detectors, step, values.get)
                      if not _harmless_spike(stream, d)]
+            found = _paired_spikes(found, values)
             if found:
                 return found
         return []
 
-    def tripwires(self, index: int, kinds: Collection[str]) -> dict[str, float]:
-        """Per signal, the value above which the next step trips a rule of ``kinds`` alone.
+    def tripwires(self, index: int, kinds: Collection[str],
+                  signals: Collection[str] = (LOSS, GRAD_NORM)) -> list[dict[str, float]]:
+        """When optimizer ``index``'s next step, by its values alone, trips a rule of ``kinds``.
 
-        The lowest :meth:`~lr_monitor.guard.detectors.Detector.tripwire` of the stream's
-        detectors of those kinds: the rules that judge one value against a bound known
-        beforehand (a spike's bound no lower than the harmless floor,
-        :data:`SPIKE_FLOOR` × the starting level). Compared on the device with the step's
-        values, it lets the guard skip such a step before the host has read them; the
-        detectors, fed the same values a step later from the same state, then fire on
-        exactly the steps that tripped.
+        The rules that judge one step's values against bounds known beforehand: the
+        explosion rule (its :meth:`~lr_monitor.guard.detectors.Detector.tripwire`) and the
+        spike rules (their bounds, no lower than the harmless floor, :data:`SPIKE_FLOOR` ×
+        the starting level), which fire together: a loss spike and a gradient-norm spike
+        in the same step, or either alone when the step has only that signal. Compared on
+        the device with the step's values, they let the guard skip such a step before the
+        host has read them; the detectors, fed the same values a step later from the same
+        state, then fire on exactly the steps that tripped.
 
         Args:
             index: The optimizer's position.
             kinds: Detection kinds whose action skips the step (see
                 :meth:`~lr_monitor.guard.policy.GuardPolicy.skipping_kinds`).
+            signals: The signals the step will have.
 
         Returns:
-            ``{signal: bound}`` for the signals with a finite bound.
+            A list of conditions, each ``{signal: bound}``: the step trips when, for some
+            condition, every one of its signals is strictly above its bound.
 
         Example:
             >>> bank = DetectorBank()
             >>> for t in range(3):
             ...     _ = bank.detect(0, t, {"loss": 2.0, "grad_norm": 1.0})
             >>> bank.tripwires(0, {"divergence"})
-            {'loss': 20.0}
+            [{'loss': 20.0}]
             >>> bank.tripwires(0, {"spike"})  # the spike rules are still warming up
-            {}
+            []
         """
         stream = self.stream(index)
-        out: dict[str, float] = {}
+        out: list[dict[str, float]] = []
+        spikes: dict[str, float] = {}
         for det in stream.values():
-            if det.kind not in kinds:
+            if det.kind not in kinds or det.signal not in signals:
                 continue
             bound = det.tripwire()
-            if bound is None:
+            if bound is None or not math.isfinite(bound):
                 continue
             if det.kind == "spike":
                 floor = _spike_floor(stream, det.signal)
-                if floor is not None:
-                    bound = max(bound, floor)
-            if math.isfinite(bound) and bound < out.get(det.signal, math.inf):
-                out[det.signal] = bound
+                spikes[det.signal] = bound if floor is None else max(bound, floor)
+            else:
+                out.append({det.signal: bound})
+        if spikes and (len(spikes) == 2 or not _pairs(stream, signals)):
+            out.append(spikes)  # a spike detector still warming up pairs with nothing
         return out
 
     def observe(self, index: int, step: int, record: StepRecord) -> list[Detection]:
@@ -409,6 +416,29 @@ def _spike_floor(stream: DetectorStream, signal: str) -> float | None:
     else:
         return None
     return SPIKE_FLOOR * start if start is not None and start > 0 else None
+
+
+def _pairs(stream: DetectorStream, signals: Collection[str]) -> bool:
+    """Whether spikes must come in pairs: the stream watches both signals and has both."""
+    return all(s in signals and f"spike/{s}" in stream for s in (LOSS, GRAD_NORM))
+
+
+def _paired_spikes(found: list[Detection], values: Mapping[str, float]) -> list[Detection]:
+    """Spikes count only when the loss and the gradient norm spiked in the same step.
+
+    A batch whose loss and gradient are both far outside their recent range is the
+    signature of a bad batch, and its update is the one worth dropping. Either alone is
+    the noise of a healthy run: near zero loss a single hard batch spikes the loss 20–100×
+    with an ordinary gradient (the digits CNN under Adam: hundreds of skips over 1,000
+    steps), and a batch of 8 spikes the gradient norm of a transformer with an ordinary
+    loss (the character GPT: 3 of 5 healthy runs touched) — measured in
+    ``docs/benchmarks.md``. When the step has only one of the two signals (no loss for a
+    second optimizer, or the gradient norm not watched), that one spike counts.
+    """
+    spiked = {d.signal for d in found if d.kind == "spike"}
+    if not spiked or spiked >= {LOSS, GRAD_NORM} or not (LOSS in values and GRAD_NORM in values):
+        return found
+    return [d for d in found if d.kind != "spike"]
 
 
 def _harmless_spike(stream: DetectorStream, detection: Detection) -> bool:

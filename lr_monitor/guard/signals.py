@@ -33,7 +33,7 @@ on an accelerator the CPU keeps running ahead of the device.
 
     >>> w.grad = None
     >>> signals.add_loss((w * 2.0).sum()); (w * 2.0).sum().backward()
-    >>> staged = signals.stage([w], step=5, tripwires={"loss": 100.0, "grad_norm": 3.0})
+    >>> staged = signals.stage([w], step=5, tripwires=[{"loss": 100.0}, {"grad_norm": 3.0}])
     >>> bool(staged.over)  # on the device: the gradient norm 4 is above 3
     True
     >>> staged.read()
@@ -43,7 +43,7 @@ on an accelerator the CPU keeps running ahead of the device.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,16 +193,23 @@ class StepSignals:
             out[GRAD_NORM] = values[1]
         return out
 
+    @property
+    def signals(self) -> tuple[str, ...]:
+        """The signals the next :meth:`collect` or :meth:`stage` will hold."""
+        return ((LOSS,) if self._loss_count else ()) + \
+            ((GRAD_NORM,) if self.watch_grad_norm else ())
+
     def stage(self, params: Iterable[Tensor], *, step: int, index: int = 0,
-              reduce: Reduce | None = None, tripwires: Mapping[str, float] | None = None,
+              reduce: Reduce | None = None,
+              tripwires: Sequence[Mapping[str, float]] = (),
               nonfinite_trips: bool = True) -> StagedStep:
         """Like :meth:`collect`, but nothing leaves the device before the next step.
 
-        The vector of :meth:`collect` is compared on the device with ``tripwires`` (a value
-        strictly above its tripwire trips; so does a non-finite one when
-        ``nonfinite_trips``), and the vector with that verdict is copied to a host buffer
-        without blocking (pinned memory on an accelerator). Read it with
-        :meth:`StagedStep.read` once the next step is under way.
+        The vector of :meth:`collect` is compared on the device with ``tripwires``: the
+        step trips when every signal of one condition is strictly above its bound (or,
+        with ``nonfinite_trips``, when a value is NaN/inf). The vector with that verdict is
+        copied to a host buffer without blocking (pinned memory on an accelerator). Read
+        it with :meth:`StagedStep.read` once the next step is under way.
 
         Args:
             params: The parameters whose gradients make the norm.
@@ -210,25 +217,29 @@ class StepSignals:
             index: The optimizer's position (for the guard's detector streams).
             reduce: Averages a tensor across ranks, or ``None`` on a single process. The
                 verdict is taken on the averaged values, so every rank reaches the same one.
-            tripwires: Signal name → the value above which the step trips; a missing or
-                infinite entry never trips on size.
+            tripwires: Conditions ``{signal: bound}``, any of which trips the step (as from
+                :meth:`~lr_monitor.guard.bank.DetectorBank.tripwires`); a condition on a
+                signal the step does not have never trips.
             nonfinite_trips: Whether a NaN/inf value trips.
 
         Returns:
             The :class:`StagedStep`; its :attr:`~StagedStep.over` is the verdict as a 0-d
             bool tensor on the device (for a skip that needs no host decision).
         """
-        vec, has_loss = self._vector(params, reduce)
+        present = self.signals
+        vec, _ = self._vector(params, reduce)
         names = (LOSS, GRAD_NORM) if self.watch_grad_norm else (LOSS,)
-        trips = dict(tripwires or {})
-        bounds = [trips.get(name, math.inf) if has_loss or name != LOSS else math.inf
-                  for name in names]
-        over = vec > self._tripwires.upload(bounds, vec.device)
+        rows = tuple(i for i, name in enumerate(names) if name in present)
+        conditions = [c for c in tripwires if c and all(n in present for n in c)]
+        if conditions:  # one row of bounds per condition; −inf where it says nothing
+            bounds = [c.get(name, -math.inf) for c in conditions for name in names]
+            trips = self._tripwires.upload(bounds, vec.device).reshape(len(conditions), -1)
+            over = (vec > trips).all(dim=1).any()
+        else:
+            over = torch.zeros((), dtype=torch.bool, device=vec.device)
         if nonfinite_trips:  # (a missing loss is a finite placeholder)
-            over = over.logical_or_(torch.isfinite(vec).logical_not_())
-        over = over.any()
+            over = over.logical_or(torch.isfinite(vec).logical_not_().any())
         payload = torch.cat([vec, over.reshape(1).to(vec.dtype)])
-        rows = tuple(i for i, name in enumerate(names) if has_loss or name != LOSS)
         return StagedStep(step=step, index=index, names=tuple(names[i] for i in rows),
                           rows=rows, over=over, host=self._host.copy(payload))
 
