@@ -846,7 +846,7 @@ def markdown(doc: dict[str, Any]) -> str:
                  f"{t} {b}" for t, b in doc["config"].get("batch_size", {}).items()) + ".",
              "",
              "Median run time per task (s; one thread per run, the machine shared): " + ", ".join(
-                 f"{t} {_fmt(median([r['wall_s'] for r in doc['runs'] if r['task'] == t]), 2)}"
+                 f"{t} {median([r['wall_s'] for r in doc['runs'] if r['task'] == t]):.1f}"
                  for t in doc["config"]["tasks"]) + ".",
              "",
              "## Tuned learning rates (best of the sweep, seed 0)", "",
@@ -1152,7 +1152,8 @@ def main(argv: list[str] | None = None) -> int:
                                         *(argv if argv is not None else sys.argv[1:])])},
         "machine": machine_info(),
         "tuned": {k: {"lr": v["lr"], "metric": v["metric"], "sweep": v["sweep"]}
-                  for k, v in tuned.items()},
+                  for k, v in tuned.items()
+                  if k.split("/")[0] in mode.tasks and k.split("/")[1] in mode.optimizers},
         "summary": summarize(runs, pols),
         "delays": delay_table(runs, pols),
         "recovery": recovery_table(runs, pols),
