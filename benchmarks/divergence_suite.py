@@ -838,10 +838,16 @@ def markdown(doc: dict[str, Any]) -> str:
     summ = doc["summary"]
     lines = [f"# Divergence suite ({doc['config']['mode']})", "",
              f"{doc['config']['n_runs']} runs, {doc['config']['steps']} steps each, "
-             f"wall {doc['wall_s']:.0f} s on {doc['machine']['nproc']} cores "
-             f"({doc['machine']['cpu_model']}).", "",
+             + (f"read from the run log {doc['config']['rows_from']} (summed run time "
+                f"{doc['run_wall_s_sum']:.0f} s, median {_fmt(doc['run_wall_s_median'])} s "
+                "a run)" if doc["config"].get("rows_from") else f"wall {doc['wall_s']:.0f} s")
+             + f" on {doc['machine']['nproc']} cores ({doc['machine']['cpu_model']}).", "",
              "Batch size per task: " + ", ".join(
                  f"{t} {b}" for t, b in doc["config"].get("batch_size", {}).items()) + ".",
+             "",
+             "Median run time per task (s; one thread per run, the machine shared): " + ", ".join(
+                 f"{t} {median([r['wall_s'] for r in doc['runs'] if r['task'] == t]):.1f}"
+                 for t in doc["config"]["tasks"]) + ".",
              "",
              "## Tuned learning rates (best of the sweep, seed 0)", "",
              "| task/optimizer | tuned lr | val metric |", "|---|---|---|"]
@@ -1146,7 +1152,8 @@ def main(argv: list[str] | None = None) -> int:
                                         *(argv if argv is not None else sys.argv[1:])])},
         "machine": machine_info(),
         "tuned": {k: {"lr": v["lr"], "metric": v["metric"], "sweep": v["sweep"]}
-                  for k, v in tuned.items()},
+                  for k, v in tuned.items()
+                  if k.split("/")[0] in mode.tasks and k.split("/")[1] in mode.optimizers},
         "summary": summarize(runs, pols),
         "delays": delay_table(runs, pols),
         "recovery": recovery_table(runs, pols),
@@ -1154,6 +1161,8 @@ def main(argv: list[str] | None = None) -> int:
         "metric_table": metric_table(runs, pols),
         "guard_events": guard_events(runs),
         "wall_s": time.perf_counter() - t0,
+        "run_wall_s_sum": sum(r.wall_s for r in runs),
+        "run_wall_s_median": median([r.wall_s for r in runs]),
         "sweep_runs": [_row(r) for r in sweep_runs],
         "runs": [_row(r) for r in runs],
     }
