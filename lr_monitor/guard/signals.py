@@ -273,7 +273,8 @@ class _HostBuffers:
             The buffer; :meth:`_HostCopy.wait` before reading its ``array``.
         """
         buf, slot = self._next(payload.numel(), payload.device)
-        buf.copy_(payload, non_blocking=True)
+        can_wait = payload.device.type == "cpu" or _event_type(payload.device) is not None
+        buf.copy_(payload, non_blocking=can_wait)  # (no event to wait on: a blocking copy)
         slot.record(payload.device)
         return _HostCopy(buf, slot.array, slot.event)
 
@@ -283,7 +284,7 @@ class _HostBuffers:
         slot.array[:] = values
         if device.type == "cpu":
             return buf
-        out = buf.to(device, non_blocking=True)
+        out = buf.to(device, non_blocking=_event_type(device) is not None)
         slot.record(device)
         return out
 
@@ -299,6 +300,18 @@ class _HostBuffers:
         return _HostCopy(buf, buf.numpy(), None)
 
 
+def _event_type(device: torch.device) -> Callable[[torch.device], Any] | None:
+    """How to make an event on ``device``, or ``None`` (the copies then block).
+
+    ``torch.Event`` where torch has it; ``torch.cuda.Event`` on CUDA with an older torch.
+    """
+    if hasattr(torch, "Event"):
+        return lambda d: torch.Event(device=d)
+    if device.type == "cuda":
+        return lambda d: torch.cuda.Event()
+    return None
+
+
 @dataclass
 class _HostCopy:
     """A host buffer, its numpy view and the event of the last copy to or from it."""
@@ -309,8 +322,9 @@ class _HostCopy:
 
     def record(self, device: torch.device) -> None:
         """Mark the copy just started on ``device`` (nothing to wait for on the CPU)."""
-        if device.type != "cpu":
-            self.event = torch.Event(device=device)
+        make = _event_type(device) if device.type != "cpu" else None
+        if make is not None:
+            self.event = make(device)
             self.event.record()
 
     def wait(self) -> None:
