@@ -375,7 +375,8 @@ class StagedStep:
         Waits for the copy (a checkpoint is a host round trip anyway).
         """
         values, tripped = self.read()
-        return {"step": self.step, "index": self.index, "values": values, "tripped": tripped}
+        return {"step": self.step, "index": self.index, "values": values, "tripped": tripped,
+                "exact_skip": self.exact_skip}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> StagedStep:
@@ -391,4 +392,5 @@ class StagedStep:
         array = np.array([*values.values(), float(tripped)], dtype=np.float64)
         return cls(step=int(state["step"]), index=int(state["index"]), names=tuple(values),
                    rows=tuple(range(len(values))), over=torch.tensor(tripped),
-                   host=_HostCopy(torch.from_numpy(array), array, None))
+                   host=_HostCopy(torch.from_numpy(array), array, None),
+                   exact_skip=bool(state.get("exact_skip", False)))
