@@ -33,8 +33,8 @@ from lr_monitor import DivergenceGuard, StepSizeMonitor
 from lr_monitor.guard.bank import DetectorBank
 from lr_monitor.guard.interventions import clear_device_skip, skip_on_device, skip_step
 from lr_monitor.guard.policy import DecisionContext, GuardPolicy
-from lr_monitor.guard.signals import GRAD_NORM, LOSS, StagedStep, StepSignals
-from tests.lightning_models import HostReads, regression_loader, trainer
+from lr_monitor.guard.signals import GRAD_NORM, LOSS, StagedStep, StepSignals, Tripwire
+from tests.lightning_models import HostReads, TwoOptimizers, regression_loader, trainer
 
 MakeOpt = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -162,30 +162,37 @@ STEP_LOCAL = frozenset({"spike", "divergence"})
 
 
 def _series() -> st.SearchStrategy[list[tuple[float, float]]]:
-    value = st.one_of(st.floats(0.5, 2.0), st.floats(2.0, 1e4))  # ordinary, or a spike
+    value = st.one_of(st.floats(0.5, 2.0), st.floats(2.0, 1e4),  # ordinary, or a spike
+                      st.sampled_from([math.nan, math.inf, 0.0]))
     return st.lists(st.tuples(value, value), min_size=30, max_size=120)
 
 
-@settings(max_examples=80, deadline=None)
-@given(_series(), st.floats(0.01, 0.5), st.sampled_from(["both", "loss", "grad_norm"]))
+KINDS = [frozenset({"spike", "divergence"}), frozenset({"spike"}), frozenset({"divergence"})]
+
+
+@settings(max_examples=120, deadline=None)
+@given(_series(), st.floats(0.01, 0.5), st.sampled_from(["both", "loss", "grad_norm"]),
+       st.sampled_from(KINDS))
 def test_tripwires_are_the_detectors_verdict(series: list[tuple[float, float]], decay: float,
-                                             which: str) -> None:
-    """Fed the values in order, a rule of the step-local kinds fires iff the step tripped.
+                                             which: str, kinds: frozenset[str]) -> None:
+    """Fed the values in order, a rule of ``kinds`` fires by the step's values iff it tripped.
 
     The spike and explosion rules judge a step's values against bounds known beforehand,
     and :meth:`DetectorBank.tripwires` are those bounds (spike bounds no lower than the
-    harmless floor, the two spike rules firing together when the step has both signals):
-    the device's verdict and the host's, a step later, agree on every step.
+    harmless floor, the two spike rules firing together when the step has both signals,
+    the rounds kept: non-finite first, the explosion before the spikes): the device's
+    verdict and the host's, a step later, agree on every step — whatever kinds skip.
     """
     bank = DetectorBank(spike_window=20)
     signals = (LOSS, GRAD_NORM) if which == "both" else (which,)
     for t, (x, g) in enumerate(series):
         values = {LOSS: x * math.exp(-decay * t / len(series)), GRAD_NORM: g}
         values = {k: v for k, v in values.items() if k in signals}
-        trips = bank.tripwires(0, STEP_LOCAL, signals)
-        tripped = any(all(values[s] > b for s, b in c.items()) for c in trips)
+        trips = bank.tripwires(0, kinds, signals)
+        tripped = any(c.holds(values) for c in trips)
         found = bank.detect(0, t, values)
-        local = [d for d in found if d.kind == "spike" or "exploded" in d.message]
+        local = [d for d in found if d.kind in kinds and (
+            d.kind == "spike" or "exploded" in d.message)]
         assert bool(local) == tripped, (t, values, trips, found)
 
 
@@ -211,7 +218,7 @@ def test_staged_values_match_collect() -> None:
         loss = (w ** 2).sum() * 1.7
         s.add_loss(loss)
         loss.backward()
-    staged = b.stage([w], step=0, tripwires={GRAD_NORM: 1e9})
+    staged = b.stage([w], step=0, tripwires=[Tripwire({GRAD_NORM: 1e9})])
     assert staged.read() == (a.collect([w]), False)
     assert StagedStep.from_state_dict(staged.state_dict()).read() == staged.read()
 
@@ -352,7 +359,7 @@ def test_a_late_history_skip_drops_the_next_update(tmp_path: Path) -> None:
     first = next(e for e in guard.events if e.actions)
     assert first.kind == "divergence" and "exploded" not in first.message
     assert first.actions == ("skip",)
-    assert f"update of step {first.step + 1} was skipped" in first.message
+    assert "next update was skipped instead" in first.message
     assert torch.equal(weights.after[first.step], weights.after[first.step + 1])
 
 
@@ -376,3 +383,62 @@ def test_unread_step_in_a_checkpoint_is_judged_after_resume(tmp_path: Path) -> N
     tr2.fit(Corrupted(OPTIMIZERS["adam"]), regression_loader(n=512, batch_size=16),
             ckpt_path=str(path))
     assert _events(resumed) == [(2, "divergence", "loss", ("skip",))]
+
+
+def test_a_nonfinite_step_asked_to_be_skipped_is_rolled_back(tmp_path: Path) -> None:
+    """on_nonfinite="skip", not fused: the NaN reached the weights a step before it was
+    read, and skipping the next update would leave it there; the guard rolls back."""
+    guard = DivergenceGuard(deferred=True, on_nonfinite="skip", snapshot_every_n_steps=5,
+                            jsonl=False, log_events=False)
+    weights = Weights()
+    _fit(tmp_path, Corrupted(OPTIMIZERS["adam"], nan_at=(10,)), guard, weights, steps=16)
+    assert _events(guard) == [(10, "nonfinite", "loss", ("rollback",))]
+    assert all(bool(torch.isfinite(w).all()) for w in weights.after[11:])
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["immediate", "deferred"])
+def test_an_explosion_only_logged_is_not_skipped_as_a_spike(tmp_path: Path,
+                                                            deferred: bool) -> None:
+    """The explosion rule fires before the spike rules: with on_divergence="log" the blown-up
+    step is applied in both read modes, although its loss and gradient also spiked."""
+    guard = DivergenceGuard(deferred=deferred, on_divergence="log", spike_window=20,
+                            jsonl=False, log_events=False)
+    weights = Weights()
+    _fit(tmp_path, Corrupted(OPTIMIZERS["adam_fused"], scale_at=(25,)), guard, weights,
+         steps=28)
+    assert _events(guard) == [(25, "divergence", "loss", ())]
+    assert not torch.equal(weights.after[24], weights.after[25])  # the update was applied
+
+
+class ShiftedTwo(TwoOptimizers):
+    """Two optimizers on one backward; from the 41st batch the loss is raised by 20."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        a, b = self.optimizers()
+        x, y = batch
+        self.calls = getattr(self, "calls", 0) + 1
+        loss = torch.nn.functional.mse_loss(self.net(x), y) + (20.0 if self.calls > 40 else 0.0)
+        a.zero_grad(); b.zero_grad()  # noqa: E702
+        self.manual_backward(loss)
+        a.step(); b.step()  # noqa: E702
+
+
+def test_a_late_skip_drops_the_same_optimizers_next_update(tmp_path: Path) -> None:
+    """With two optimizers, a late skip of optimizer 0's step is its own next update."""
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    class Before(pl.Callback):
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any,
+                                     optimizer: Any) -> None:
+            seen[trainer.global_step] = (pl_module.net[0].weight.detach().clone(),
+                                         pl_module.net[2].weight.detach().clone())
+
+    guard = DivergenceGuard(deferred=True, on_divergence="skip", on_spike="log",
+                            divergence_patience=3, jsonl=False, log_events=False)
+    torch.manual_seed(0)
+    _fit(tmp_path, ShiftedTwo(), guard, Before(), steps=120)
+    first = next(e for e in guard.events if e.actions)
+    s = first.step  # optimizer 0's step (global steps alternate between the two)
+    assert first.kind == "divergence" and first.actions == ("skip",)
+    assert not torch.equal(seen[s + 1][1], seen[s + 2][1])  # optimizer 1 stepped
+    assert torch.equal(seen[s + 2][0], seen[s + 3][0])  # optimizer 0's next update dropped

@@ -235,6 +235,7 @@ class DivergenceGuard(pl.Callback):
         self._deferred_now: bool | None = None  # ``deferred`` resolved at the first step
         self._staged: StagedStep | None = None  # the last step's signals, read at the next
         self._skip_now = False  # drop this step's update on the host
+        self._late_skips: set[int] = set()  # optimizers whose next update a late skip drops
         self._device_skip: Tensor | None = None  # ... or on the device (deferred)
         self._found_inf: list[torch.optim.Optimizer] = []  # fused optimizers to clear
         self._last_event_step = -(10**9)
@@ -321,7 +322,8 @@ class DivergenceGuard(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Snapshot the starting state: a blow-up in the first steps can be undone too."""
-        if not len(self.snapshots):
+        if not len(self.snapshots) and self._staged is None:  # (a resumed unread step is
+            # judged first: its weights may be the ones to roll back from)
             self.faults.call("snapshot", self._snapshot, trainer, pl_module, trainer.global_step)
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
@@ -351,7 +353,9 @@ class DivergenceGuard(pl.Callback):
             self._decided_step = step
             self._decision, self._skip_now, self._device_skip = None, False, None
             self.faults.call("decide", self._decide, trainer, pl_module, step, opt)
-        if self._skip_now:
+        index = self._optimizer_index(trainer, opt)
+        if self._skip_now or index in self._late_skips:
+            self._late_skips.discard(index)
             self.faults.call("skip", skip_step, opt)
         elif self._device_skip is not None:
             self.faults.call("skip", self._skip_on_device, trainer, opt, self._device_skip)
@@ -372,19 +376,21 @@ class DivergenceGuard(pl.Callback):
             decision = self._judge(trainer, pl_module, staged.index, staged.step, values,
                                    tripped=tripped)
             if decision is not None and (Action.ROLLBACK in decision.plan
-                                         or Action.STOP in decision.plan
-                                         or (Action.SKIP in decision.plan and not tripped)):
-                self._skip_now = True  # rolled back, stopping, or a late skip: not this one
+                                         or Action.STOP in decision.plan):
+                self._skip_now = True  # rolled back or stopping: not this update either
+            elif decision is not None and Action.SKIP in decision.plan and not tripped:
+                self._late_skips.add(staged.index)  # that optimizer's next update instead
             elif decision is None and self._quiet(staged.step) and self.bank.healthy():
-                # the weights about to be updated passed judgement: keep them
-                self._snapshot(trainer, pl_module, step, force=False)
+                # the weights about to be updated passed judgement: keep them (at once
+                # when there is no snapshot yet, as after a resume with an unread step)
+                self._snapshot(trainer, pl_module, step, force=not len(self.snapshots))
             self._decision = decision
-        if not self._deferred_now:
+        if self._skip_now or index in self._late_skips:
+            self.signals.reset()  # values of weights that are gone or of an update not taken
+        elif not self._deferred_now:
             self._decision = self._judge(trainer, pl_module, index, step,
                                          self.signals.collect(params, reduce))
             self._skip_now = self._decision is not None and self._decision.skips_step
-        elif self._skip_now:
-            self.signals.reset()  # values of weights that are gone or a step not taken
         else:
             kinds = self.policy.skipping_kinds(self._context(trainer, step))
             trips = self.bank.tripwires(index, kinds, self.signals.signals)
@@ -395,20 +401,28 @@ class DivergenceGuard(pl.Callback):
                 self._device_skip = self._staged.over
 
     def _judge(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int,
-               step: int, values: dict[str, float], tripped: bool | None = None
-               ) -> Decision | None:
+               step: int, values: dict[str, float], tripped: bool | None = None,
+               final: bool = False) -> Decision | None:
         """Detect and decide on one step's values; carry the decision out.
 
         ``tripped`` is ``None`` when the step has not been applied yet, else whether it
-        was skipped on the device (read one step late).
+        was kept from the weights on the device (read one step late); ``final``: after
+        the last step (no update left to skip).
         """
         found = self.bank.detect(index, step, values)
         found, self._pending = found + self._pending, []
         context = self._context(trainer, step)
         self._amp_streak = self.policy.next_amp_streak(found, context)
         decision = self.policy.decide(found, context)
+        if decision is not None and tripped is False and decision.skips_step \
+                and Action.ROLLBACK not in decision.plan and grad_scaler(trainer) is None \
+                and not all(math.isfinite(v) for v in values.values()):
+            # read late, a non-finite update already reached the weights: a skip of the
+            # next update would leave them so; only a rollback does what the skip meant
+            kept = [a for a in decision.plan if a is not Action.SKIP]
+            decision = replace(decision, plan=(Action.ROLLBACK, *kept))
         if decision is not None:
-            self._carry_out(trainer, pl_module, decision, tripped=tripped)
+            self._carry_out(trainer, pl_module, decision, tripped=tripped, final=final)
         elif tripped:  # cannot happen: the same detectors set the tripwire from this state
             rank_zero_warn(f"DivergenceGuard: step {step} was skipped on the device but no "
                            f"detector fired on {values}")
@@ -439,7 +453,8 @@ class DivergenceGuard(pl.Callback):
         return step - self._last_event_step > 2 * self.bank.divergence_patience
 
     def _carry_out(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                   decision: Decision, tripped: bool | None = None) -> None:
+                   decision: Decision, tripped: bool | None = None,
+                   final: bool = False) -> None:
         optimizers = self._optimizers(trainer)
         lr_before = learning_rates(optimizers)
         # Read one step late, the step itself was skipped on the device or not at all.
@@ -447,9 +462,9 @@ class DivergenceGuard(pl.Callback):
         late_skip = False
         for action in decision.plan:
             if action is Action.SKIP and tripped is not None:
-                late_skip = late_skip or not tripped
-                if not tripped:
-                    done.append(action)  # the next step's update is dropped instead
+                if not tripped and not final:  # that optimizer's next update instead
+                    late_skip = True
+                    done.append(action)
                 continue
             if action is Action.ROLLBACK:  # nothing healthy to go back to: a skip
                 done.append(Action.ROLLBACK if self._rollback(trainer, pl_module)
@@ -472,7 +487,7 @@ class DivergenceGuard(pl.Callback):
             epoch=trainer.current_epoch, run=self._run_name(trainer))
         if late_skip:
             event = replace(event, message=f"{event.message}; read one step late, so the "
-                                           f"update of step {decision.step + 1} was skipped")
+                                           "optimizer's next update was skipped instead")
         self._record(trainer, event, decision.step)
 
     def _rollback(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
@@ -535,7 +550,7 @@ class DivergenceGuard(pl.Callback):
         if staged is not None:
             values, tripped = staged.read()
             self._judge(trainer, pl_module, staged.index, staged.step, values,
-                        tripped=tripped and _skipped(staged, values))
+                        tripped=tripped and _skipped(staged, values), final=True)
 
     # -- trainer state -------------------------------------------------------------------
     @staticmethod

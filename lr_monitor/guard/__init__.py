@@ -3,7 +3,8 @@
 One step of the guard, module by module:
 
 * :mod:`~lr_monitor.guard.signals` — the step's loss and gradient norm
-  (:class:`StepSignals`): one all-reduce, one host transfer.
+  (:class:`StepSignals`): one all-reduce; one host transfer, or (deferred) compared
+  with the :class:`~lr_monitor.guard.signals.Tripwire` s on the device and read a step late.
 * :mod:`~lr_monitor.guard.detectors` — one detector per failure kind; each turns a stream
   of values into :class:`~lr_monitor.events.Detection` s.
 * :mod:`~lr_monitor.guard.bank` — :class:`DetectorBank`: the detectors of each optimizer,

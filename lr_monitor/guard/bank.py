@@ -56,7 +56,7 @@ from lr_monitor.guard.detectors import (
     SpikeDetector,
     UpdateRatioDetector,
 )
-from lr_monitor.guard.signals import GRAD_NORM, LOSS
+from lr_monitor.guard.signals import GRAD_NORM, LOSS, Tripwire
 
 if TYPE_CHECKING:
     from lr_monitor.recording.record import StepRecord
@@ -242,17 +242,20 @@ class DetectorBank:
         return []
 
     def tripwires(self, index: int, kinds: Collection[str],
-                  signals: Collection[str] = (LOSS, GRAD_NORM)) -> list[dict[str, float]]:
+                  signals: Collection[str] = (LOSS, GRAD_NORM)) -> list[Tripwire]:
         """When optimizer ``index``'s next step, by its values alone, trips a rule of ``kinds``.
 
         The rules that judge one step's values against bounds known beforehand: the
         explosion rule (its :meth:`~lr_monitor.guard.detectors.Detector.tripwire`) and the
         spike rules (their bounds, no lower than the harmless floor, :data:`SPIKE_FLOOR` ×
         the starting level), which fire together: a loss spike and a gradient-norm spike
-        in the same step, or either alone when the step has only that signal. Compared on
-        the device with the step's values, they let the guard skip such a step before the
-        host has read them; the detectors, fed the same values a step later from the same
-        state, then fire on exactly the steps that tripped.
+        in the same step, or either alone when the step has only that signal. The rounds
+        are kept: the spikes' condition holds only at or below the explosion bound (above
+        it the explosion rule fires first, whatever its action), and no condition holds
+        on a non-finite step (the first round's). Compared on the device with the step's
+        values, they let the guard skip such a step before the host has read them; the
+        detectors, fed the same values a step later from the same state, then fire on
+        exactly the steps that tripped.
 
         Args:
             index: The optimizer's position.
@@ -261,34 +264,39 @@ class DetectorBank:
             signals: The signals the step will have.
 
         Returns:
-            A list of conditions, each ``{signal: bound}``: the step trips when, for some
-            condition, every one of its signals is strictly above its bound.
+            The conditions (:class:`~lr_monitor.guard.signals.Tripwire`); the step trips
+            when one holds.
 
         Example:
             >>> bank = DetectorBank()
             >>> for t in range(3):
             ...     _ = bank.detect(0, t, {"loss": 2.0, "grad_norm": 1.0})
-            >>> bank.tripwires(0, {"divergence"})
+            >>> [dict(t.above) for t in bank.tripwires(0, {"divergence"})]
             [{'loss': 20.0}]
             >>> bank.tripwires(0, {"spike"})  # the spike rules are still warming up
             []
         """
         stream = self.stream(index)
-        out: list[dict[str, float]] = []
+        out: list[Tripwire] = []
         spikes: dict[str, float] = {}
+        first: dict[str, float] = {}  # bounds of the explosion rule, a round before spikes
         for det in stream.values():
-            if det.kind not in kinds or det.signal not in signals:
+            if det.signal not in signals:
                 continue
             bound = det.tripwire()
             if bound is None or not math.isfinite(bound):
+                continue
+            if isinstance(det, ExplosionDetector):
+                first[det.signal] = bound
+            if det.kind not in kinds:
                 continue
             if det.kind == "spike":
                 floor = _spike_floor(stream, det.signal)
                 spikes[det.signal] = bound if floor is None else max(bound, floor)
             else:
-                out.append({det.signal: bound})
+                out.append(Tripwire({det.signal: bound}))
         if spikes and (len(spikes) == 2 or not _pairs(stream, signals)):
-            out.append(spikes)  # a spike detector still warming up pairs with nothing
+            out.append(Tripwire(spikes, first))  # (a warming-up spike rule pairs with nothing)
         return out
 
     def observe(self, index: int, step: int, record: StepRecord) -> list[Detection]:

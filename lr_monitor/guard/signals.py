@@ -33,7 +33,8 @@ on an accelerator the CPU keeps running ahead of the device.
 
     >>> w.grad = None
     >>> signals.add_loss((w * 2.0).sum()); (w * 2.0).sum().backward()
-    >>> staged = signals.stage([w], step=5, tripwires=[{"loss": 100.0}, {"grad_norm": 3.0}])
+    >>> trips = [Tripwire({"loss": 100.0}), Tripwire({"grad_norm": 3.0})]
+    >>> staged = signals.stage([w], step=5, tripwires=trips)
     >>> bool(staged.over)  # on the device: the gradient norm 4 is above 3
     True
     >>> staged.read()
@@ -44,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,7 @@ from torch import Tensor
 
 from lr_monitor._validation import check_bool
 
-__all__ = ["GRAD_NORM", "LOSS", "StagedStep", "StepSignals", "loss_scale"]
+__all__ = ["GRAD_NORM", "LOSS", "StagedStep", "StepSignals", "Tripwire", "loss_scale"]
 
 #: Signal name of the training loss (mean over the micro-batches of one step).
 LOSS = "loss"
@@ -90,6 +91,37 @@ def loss_scale(scaler: Any) -> Tensor | float | None:
     if isinstance(scale, Tensor):
         return scale.reshape(())
     return float(scaler.get_scale())
+
+
+@dataclass(frozen=True)
+class Tripwire:
+    """A condition on one step's values under which the step is skipped on the device.
+
+    It holds when every signal of ``above`` is strictly above its bound and every signal
+    of ``at_most`` is at most its bound (a rule of an earlier round would fire first).
+    Conditions hold only on steps whose values are all finite: a NaN or inf is the first
+    round's business.
+
+    Attributes:
+        above: Signal → lower bound (exclusive).
+        at_most: Signal → upper bound (inclusive).
+    """
+
+    above: Mapping[str, float]
+    at_most: Mapping[str, float] = field(default_factory=dict)
+
+    def holds(self, values: Mapping[str, float]) -> bool:
+        """The condition, evaluated on the host (for tests and checks).
+
+        Example:
+            >>> Tripwire({"loss": 2.0}, {"loss": 20.0}).holds({"loss": 3.0})
+            True
+            >>> Tripwire({"loss": 2.0}, {"loss": 20.0}).holds({"loss": 30.0})
+            False
+        """
+        return all(math.isfinite(v) for v in values.values()) and \
+            all(s in values and values[s] > b for s, b in self.above.items()) and \
+            all(s not in values or values[s] <= b for s, b in self.at_most.items())
 
 
 class StepSignals:
@@ -201,13 +233,13 @@ class StepSignals:
 
     def stage(self, params: Iterable[Tensor], *, step: int, index: int = 0,
               reduce: Reduce | None = None,
-              tripwires: Sequence[Mapping[str, float]] = (),
+              tripwires: Sequence[Tripwire] = (),
               nonfinite_trips: bool = True) -> StagedStep:
         """Like :meth:`collect`, but nothing leaves the device before the next step.
 
         The vector of :meth:`collect` is compared on the device with ``tripwires``: the
-        step trips when every signal of one condition is strictly above its bound (or,
-        with ``nonfinite_trips``, when a value is NaN/inf). The vector with that verdict is
+        step trips when one of them holds (or, with ``nonfinite_trips``, when a value is
+        NaN/inf). The vector with that verdict is
         copied to a host buffer without blocking (pinned memory on an accelerator). Read
         it with :meth:`StagedStep.read` once the next step is under way.
 
@@ -217,9 +249,9 @@ class StepSignals:
             index: The optimizer's position (for the guard's detector streams).
             reduce: Averages a tensor across ranks, or ``None`` on a single process. The
                 verdict is taken on the averaged values, so every rank reaches the same one.
-            tripwires: Conditions ``{signal: bound}``, any of which trips the step (as from
-                :meth:`~lr_monitor.guard.bank.DetectorBank.tripwires`); a condition on a
-                signal the step does not have never trips.
+            tripwires: Conditions, any of which trips the step (as from
+                :meth:`~lr_monitor.guard.bank.DetectorBank.tripwires`); one with a lower
+                bound on a signal the step does not have never trips.
             nonfinite_trips: Whether a NaN/inf value trips.
 
         Returns:
@@ -230,11 +262,15 @@ class StepSignals:
         vec, _ = self._vector(params, reduce)
         names = (LOSS, GRAD_NORM) if self.watch_grad_norm else (LOSS,)
         rows = tuple(i for i, name in enumerate(names) if name in present)
-        conditions = [c for c in tripwires if c and all(n in present for n in c)]
-        if conditions:  # one row of bounds per condition; −inf where it says nothing
-            bounds = [c.get(name, -math.inf) for c in conditions for name in names]
-            trips = self._tripwires.upload(bounds, vec.device).reshape(len(conditions), -1)
-            over = (vec > trips).all(dim=1).any()
+        conditions = [c for c in tripwires if c.above and all(n in present for n in c.above)]
+        if conditions:  # per condition a row of lower and of upper bounds
+            lows = [c.above.get(n, -math.inf) for c in conditions for n in names]
+            highs = [c.at_most.get(n, math.inf) if n in present else math.inf
+                     for c in conditions for n in names]
+            bounds = self._tripwires.upload(lows + highs, vec.device).reshape(
+                2, len(conditions), len(names))
+            over = ((vec > bounds[0]) & (vec <= bounds[1])).all(dim=1).any() \
+                & torch.isfinite(vec).all()
         else:
             over = torch.zeros((), dtype=torch.bool, device=vec.device)
         if nonfinite_trips:  # (a missing loss is a finite placeholder)
