@@ -88,9 +88,14 @@ _KEEP_EVENTS = 1000
 
 
 
-def _skipped(staged: StagedStep, values: dict[str, float]) -> bool:
-    """Whether a step that tripped was kept from the weights (zeroing leaves NaN as NaN)."""
-    return staged.exact_skip or all(math.isfinite(v) for v in values.values())
+def _read(staged: StagedStep) -> tuple[dict[str, float], bool]:
+    """A staged step's values, and whether it tripped *and* was kept from the weights.
+
+    A fused optimizer's skip is exact; zeroing the gradients leaves a NaN as NaN.
+    """
+    values, tripped = staged.read()
+    kept = staged.exact_skip or all(math.isfinite(v) for v in values.values())
+    return values, tripped and kept
 
 
 class DivergenceGuard(pl.Callback):
@@ -348,12 +353,12 @@ class DivergenceGuard(pl.Callback):
         """Decide (once per optimizer step) and act before the optimizer applies the step."""
         opt = getattr(optimizer, "optimizer", optimizer)
         step = trainer.global_step
+        index = self._optimizer_index(trainer, opt)
         self.faults.call("skip", self._clear_device_skips)
         if self._decided_step != step:
             self._decided_step = step
             self._decision, self._skip_now, self._device_skip = None, False, None
-            self.faults.call("decide", self._decide, trainer, pl_module, step, opt)
-        index = self._optimizer_index(trainer, opt)
+            self.faults.call("decide", self._decide, trainer, pl_module, step, opt, index)
         if self._skip_now or index in self._late_skips:
             self._late_skips.discard(index)
             self.faults.call("skip", skip_step, opt)
@@ -361,18 +366,16 @@ class DivergenceGuard(pl.Callback):
             self.faults.call("skip", self._skip_on_device, trainer, opt, self._device_skip)
 
     def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
-                optimizer: torch.optim.Optimizer) -> None:
+                optimizer: torch.optim.Optimizer, index: int) -> None:
         reduce = None if trainer.world_size <= 1 else \
             (lambda v: trainer.strategy.reduce(v, reduce_op="mean"))
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        index = self._optimizer_index(trainer, optimizer)
         if self._deferred_now is None:
             self._deferred_now = self.deferred if self.deferred is not None else any(
                 p.device.type != "cpu" for p in params[:1])
         staged, self._staged = self._staged, None
         if staged is not None:  # the last step, read now (deferred, or saved in a checkpoint)
-            values, tripped = staged.read()
-            tripped = tripped and _skipped(staged, values)
+            values, tripped = _read(staged)
             decision = self._judge(trainer, pl_module, staged.index, staged.step, values,
                                    tripped=tripped)
             if decision is not None and (Action.ROLLBACK in decision.plan
@@ -548,9 +551,9 @@ class DivergenceGuard(pl.Callback):
     def _judge_last(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         staged, self._staged = self._staged, None
         if staged is not None:
-            values, tripped = staged.read()
+            values, tripped = _read(staged)
             self._judge(trainer, pl_module, staged.index, staged.step, values,
-                        tripped=tripped and _skipped(staged, values), final=True)
+                        tripped=tripped, final=True)
 
     # -- trainer state -------------------------------------------------------------------
     @staticmethod
