@@ -50,6 +50,9 @@ class Action(str, Enum):
     * ``STOP`` — end training (``trainer.should_stop``).
     * ``DISABLE`` — not a policy choice: a component of lr-monitor raised and that part of
       it was switched off (:mod:`lr_monitor.faults`).
+    * ``RESET`` — not a policy choice: a rollback was asked for but no usable snapshot was
+      held, so the optimizer state (moments, step count) of the parameters whose state was
+      non-finite was dropped; the optimizer starts them afresh at its next step.
 
     Example:
         >>> Action.parse("cut"), Action.parse("cut_lr").value
@@ -64,13 +67,14 @@ class Action(str, Enum):
     ROLLBACK = "rollback"
     STOP = "stop"
     DISABLE = "disable"
+    RESET = "reset_state"
 
     def __str__(self) -> str:
         return self.value
 
     def severity(self) -> int:
-        """Rank by severity (``LOG`` lowest); ``DISABLE`` ranks with ``LOG``."""
-        return 0 if self is Action.DISABLE else _ORDER.index(self)
+        """Rank by severity (``LOG`` lowest); ``DISABLE`` and ``RESET`` rank with ``LOG``."""
+        return _ORDER.index(self) if self in _ORDER else 0
 
     @property
     def label(self) -> str:
@@ -118,6 +122,9 @@ class Detection:
         value: The value that crossed the threshold (may be ``nan``/``inf``).
         threshold: The threshold it crossed, in the units of ``value``.
         message: A one-line human explanation.
+        onset: The first step of the evidence (``None``: ``step`` itself). A rule that
+            judges a window or waits ``patience`` steps fires after the trouble began; a
+            rollback goes back to a snapshot taken before ``onset``.
     """
 
     step: int
@@ -126,6 +133,12 @@ class Detection:
     value: float
     threshold: float
     message: str = ""
+    onset: int | None = None
+
+    @property
+    def first_step(self) -> int:
+        """:attr:`onset`, or :attr:`step` when the evidence is the step itself."""
+        return self.step if self.onset is None else min(self.onset, self.step)
 
     def __post_init__(self) -> None:
         if self.kind not in DETECTION_KINDS:

@@ -11,7 +11,14 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as S
 
-from lr_monitor.guard.interventions import LRCut, RollbackBuffer, scale_lr, skip_step
+from lr_monitor.guard.interventions import (
+    LRCut,
+    RollbackBuffer,
+    nonfinite_state,
+    reset_state,
+    scale_lr,
+    skip_step,
+)
 
 LRS = (0.1, 0.01)  # two param groups with different learning rates
 F = 0.5
@@ -483,8 +490,10 @@ def test_rollback_keep_and_every_n_semantics():
     assert buf.steps == [10, 15, 20] and len(buf) == 3
     assert not buf.due(20) and not buf.due(21) and buf.due(25)
     assert buf.maybe_take(20, model, [opt], [sched]) is False  # no duplicate
-    # default: the oldest, and the newer (suspect) ones are dropped
-    assert buf.restore(model, [opt], [sched]) == 10
+    # default: the newest before ``before``, and the newer (suspect) ones are dropped
+    assert buf.restore(model, [opt], [sched], before=20) == 15
+    assert buf.steps == [10, 15]
+    assert buf.restore(model, [opt], [sched], which="oldest") == 10
     assert buf.steps == [10]
 
 
@@ -644,3 +653,65 @@ def test_cut_can_ignore_the_cooldown_but_not_max_cuts() -> None:
     assert policy.cut(1, opt) is None
     assert policy.cut(1, opt, ignore_cooldown=True) == {"0/0": (0.5, 0.25)}
     assert policy.cut(2, opt, ignore_cooldown=True) is None  # max_cuts reached
+
+
+def _state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [t.clone() for t in model.state_dict().values()] + [
+        v.clone() for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+
+
+def test_a_restore_that_does_not_fit_touches_nothing():
+    """After ``add_param_group`` a snapshot from before cannot half-restore: the weights,
+    the moments and the buffer all stay as they were, and the error names the mismatch."""
+    model, opt, sched = make_run()
+    buf = RollbackBuffer(every_n_steps=1, keep=2)
+    advance(model, opt, sched, range(3))
+    buf.take(3, model, [opt])
+    advance(model, opt, sched, range(3, 5))
+    extra = torch.nn.Parameter(torch.ones(3))
+    opt.add_param_group({"params": [extra], "lr": 0.01})
+    before = _state_bytes(model, opt)
+    with pytest.raises(ValueError, match=r"param groups of \[\d+, 1\] parameters"):
+        buf.roll_back(model, [opt])
+    after = _state_bytes(model, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert buf.steps == [3]
+
+
+def test_the_newest_snapshot_that_fits_is_chosen():
+    """A newer snapshot that no longer fits is passed over for an older one that does."""
+    model, opt, _ = make_run("SGD-momentum")
+    buf = RollbackBuffer(every_n_steps=1, keep=3)
+    train_step(model, opt, 0)
+    buf.take(1, model, [opt])
+    weights = model[0].weight.detach().clone()
+    train_step(model, opt, 1)
+    buf.take(2, model, [opt])
+    # the newest snapshot now describes a different model: it cannot be restored
+    buf.snapshots[-1].module["0.weight"] = torch.zeros(9, 4)
+    assert "'0.weight' is (8, 4)" in str(buf.fits(buf.snapshots[-1], model, [opt]))
+    assert buf.restore(model, [opt]) == 1
+    assert torch.equal(model[0].weight, weights)
+
+
+@pytest.mark.parametrize("where", ["weight", "exp_avg_sq", "exp_avg"])
+def test_non_finite_state_is_found_and_never_snapshot(where: str):
+    model, opt, _ = make_run()
+    buf = RollbackBuffer(every_n_steps=1, keep=2)
+    advance(model, opt, S.LambdaLR(opt, lambda t: 1.0), range(2))
+    assert nonfinite_state(model, [opt]) == ([], [[]])
+    assert buf.take(2, model, [opt]).finite and buf.steps == [2]
+    param = model[0].weight
+    if where == "weight":
+        with torch.no_grad():
+            param[0, 0] = float("nan")
+    else:
+        opt.state[param][where][0, 0] = float("inf")
+    weights, state = nonfinite_state(model, [opt])
+    assert weights == (["0.weight"] if where == "weight" else [])
+    assert [[p is param for p in ps] for ps in state] == [[] if where == "weight" else [True]]
+    snap = buf.take(3, model, [opt])
+    assert not snap.finite and buf.steps == [2]  # the held one stays, the bad one is not kept
+    if where != "weight":
+        assert reset_state(opt, [param]) == 1 and param not in opt.state
+        assert nonfinite_state(model, [opt]) == ([], [[]])

@@ -32,7 +32,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -62,6 +62,8 @@ from lr_monitor.guard.interventions import (
     RollbackBuffer,
     clear_device_skip,
     learning_rates,
+    nonfinite_state,
+    reset_state,
     skip_on_device,
     skip_step,
 )
@@ -129,8 +131,11 @@ class DivergenceGuard(pl.Callback):
         escalate: What a cut becomes once ``max_cuts`` is used up: ``"stop"`` or ``"log"``.
         snapshot_every_n_steps: Take an in-memory CPU snapshot (model, optimizers,
             detectors) every n healthy steps for ``rollback`` (≥ 1).
-        snapshot_keep: Snapshots held (≥ 1). A rollback restores the oldest, which is the
-            one least likely to already contain the beginning of the blow-up.
+        snapshot_keep: Snapshots held (≥ 1). A rollback restores the newest one taken before
+            the trouble began (the detection's onset: a divergence is reported ``patience``
+            steps after it starts) that fits the model and optimizers as they are now; with
+            none before the onset, the oldest that fits. A snapshot with a non-finite weight
+            or moment is never kept (and is reported as a ``nonfinite`` detection).
         spike_window: Values in the spike detectors' robust baseline (median/MAD).
         spike_threshold: Robust z-score above which a value is a spike.
         explosion_factor: A loss this many times its starting level (the minimum of the
@@ -245,6 +250,7 @@ class DivergenceGuard(pl.Callback):
         self._found_inf: list[torch.optim.Optimizer] = []  # fused optimizers to clear
         self._last_event_step = -(10**9)
         self._amp_streak = 0
+        self._nonfinite_streak = 0  # non-finite steps in a row
         self.faults = FaultBarrier("DivergenceGuard", report=self._report_fault,
                                    step=lambda: None if self._trainer is None
                                    else self._trainer.global_step)
@@ -334,8 +340,19 @@ class DivergenceGuard(pl.Callback):
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
                   force: bool = True) -> None:
         if force or self.snapshots.due(step):
-            self.snapshots.take(step, pl_module, self._optimizers(trainer),
-                                extra={"detectors": self.bank.state_dict()})
+            snap = self.snapshots.take(step, pl_module, self._optimizers(trainer),
+                                       extra={"detectors": self.bank.state_dict()})
+            if not snap.finite:  # the state about to be used is poisoned: act before it is
+                found = Detection(
+                    step=step, kind="nonfinite", signal="state", value=math.nan,
+                    threshold=math.inf, message=f"a weight or optimizer state is non-finite "
+                    f"after step {step - 1} (found when taking a snapshot)")
+                decision = self.policy.decide([found], self._context(trainer, step))
+                if decision is not None and decision.plan == (Action.SKIP,):
+                    decision = replace(decision, plan=(Action.ROLLBACK,))  # see _judge
+                if decision is not None:
+                    self._carry_out(trainer, pl_module, decision)
+                    self._skip_now = self._skip_now or decision.skips_step
 
     # -- the step ------------------------------------------------------------------------
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -416,7 +433,16 @@ class DivergenceGuard(pl.Callback):
         found, self._pending = found + self._pending, []
         context = self._context(trainer, step)
         self._amp_streak = self.policy.next_amp_streak(found, context)
+        nonfinite = any(d.kind == "nonfinite" for d in found)
+        self._nonfinite_streak = self._nonfinite_streak + 1 if nonfinite else 0
         decision = self.policy.decide(found, context)
+        if decision is not None and nonfinite and decision.plan == (Action.SKIP,) \
+                and grad_scaler(trainer) is None:
+            # a skip leaves the weights and moments as they are: it cannot cure a NaN in
+            # them (one host read, on a non-finite step only)
+            weights, state = nonfinite_state(pl_module, self._optimizers(trainer))
+            if weights or any(state):
+                decision = replace(decision, plan=(Action.ROLLBACK,))
         if decision is not None and tripped is False and decision.skips_step \
                 and Action.ROLLBACK not in decision.plan and grad_scaler(trainer) is None \
                 and not all(math.isfinite(v) for v in values.values()):
@@ -436,7 +462,8 @@ class DivergenceGuard(pl.Callback):
         return DecisionContext(step=step, cuts_left=not cut.exhausted,
                                cooling_down=not cut.can_cut(step),
                                amp=grad_scaler(trainer) is not None,
-                               amp_streak=self._amp_streak)
+                               amp_streak=self._amp_streak,
+                               nonfinite_streak=self._nonfinite_streak)
 
     def _skip_on_device(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer,
                         skip: Tensor) -> None:
@@ -460,8 +487,10 @@ class DivergenceGuard(pl.Callback):
                    final: bool = False) -> None:
         optimizers = self._optimizers(trainer)
         lr_before = learning_rates(optimizers)
+        reference = self.bank.recovery_reference()  # what the run reached, before a rollback
         # Read one step late, the step itself was skipped on the device or not at all.
         done: list[Action] = [Action.SKIP] if tripped else []
+        notes: list[str] = []
         late_skip = False
         for action in decision.plan:
             if action is Action.SKIP and tripped is not None:
@@ -469,9 +498,8 @@ class DivergenceGuard(pl.Callback):
                     late_skip = True
                     done.append(action)
                 continue
-            if action is Action.ROLLBACK:  # nothing healthy to go back to: a skip
-                done.append(Action.ROLLBACK if self._rollback(trainer, pl_module)
-                            else Action.SKIP)
+            if action is Action.ROLLBACK:
+                done += self._rollback(trainer, pl_module, decision, notes)
             elif action is Action.CUT:  # the policy allowed it (a rollback always cuts)
                 if self.cut_policy.cut(decision.step, self._optimizers(trainer),
                                        self._schedulers(trainer), ignore_cooldown=True):
@@ -484,27 +512,67 @@ class DivergenceGuard(pl.Callback):
                 done.append(action)
         if Action.CUT in done:  # watch that the loss falls again; after a plain cut (same
             # weights, smaller steps) the detectors judge the new regime
-            self.bank.after_cut(decision.step, rebase=decision.action is Action.CUT)
+            self.bank.after_cut(decision.step, rebase=decision.action is Action.CUT,
+                                reference=reference)
         event = decision.event(
             done, lr_before=lr_before, lr_after=learning_rates(optimizers), lr_scale=self.lr_scale,
             epoch=trainer.current_epoch, run=self._run_name(trainer))
         if late_skip:
-            event = replace(event, message=f"{event.message}; read one step late, so the "
-                                           "optimizer's next update was skipped instead")
+            notes.append("read one step late, so the optimizer's next update was skipped "
+                         "instead")
+        if notes:
+            event = replace(event, message="; ".join([event.message, *notes]))
         self._record(trainer, event, decision.step)
 
-    def _rollback(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        """Weights, moments and detectors go back; the LRs (with every cut) stay."""
+    def _rollback(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                  decision: Decision, notes: list[str]) -> list[Action]:
+        """Weights, moments and detectors go back; the LRs (with every cut) stay.
+
+        To the newest snapshot taken before the trouble's first step that fits the model
+        and optimizers (else the oldest that fits). Without one, a non-finite state is
+        repaired where it can be: non-finite moments are reset; non-finite weights cannot
+        be, and the run escalates. Returns what was done (``notes`` get the why).
+        """
+        optimizers = self._optimizers(trainer)
+        onset = min(d.first_step for d in decision.detections)
+        snapshot = None
+        tries: tuple[tuple[int | None, Literal["newest", "oldest"]], ...] = (
+            (onset, "newest"), (None, "oldest"))
+        for before, which in tries:
+            try:
+                snapshot = self.snapshots.roll_back(pl_module, optimizers, which=which,
+                                                    before=before)
+            except LookupError:
+                continue
+            except ValueError as e:
+                notes.append(f"no snapshot could be restored ({e})")
+                break
+            if before is None:
+                notes.append(f"no snapshot predates the trouble (step {onset}): rolled back "
+                             f"to the oldest, step {snapshot.step}")
+            break
+        if snapshot is not None:
+            # The detectors' history goes back with the weights it describes.
+            self.bank.load_state_dict(snapshot.extra.get("detectors", []))
+            return [Action.ROLLBACK]
         if not len(self.snapshots):
-            return False
-        try:
-            snapshot = self.snapshots.roll_back(pl_module, self._optimizers(trainer))
-        except (LookupError, ValueError) as e:
-            rank_zero_warn(f"DivergenceGuard: rollback failed ({e}); skipping the step instead")
-            return False
-        # The detectors' history goes back with the weights it describes.
-        self.bank.load_state_dict(snapshot.extra.get("detectors", []))
-        return True
+            notes.append("no snapshot held")
+        weights, state = nonfinite_state(pl_module, optimizers)
+        if weights:  # nothing healthy to go back to, and a skip cannot cure it
+            notes.append(f"non-finite weights ({', '.join(weights[:3])}"
+                         f"{', ...' if len(weights) > 3 else ''}) cannot be repaired")
+            if self.policy.escalate is Action.STOP:
+                self.stop_reason = f"{decision.reason}; non-finite weights, nothing to restore"
+                trainer.should_stop = True
+                return [Action.SKIP, Action.STOP]
+            return [Action.SKIP]
+        reset = sum(reset_state(opt, params) for opt, params in zip(optimizers, state,
+                                                                    strict=True))
+        if reset:
+            notes.append(f"the optimizer state of {reset} parameter(s) was non-finite and "
+                         "was reset")
+            return [Action.RESET, Action.SKIP]
+        return [Action.SKIP]
 
     def _record(self, trainer: pl.Trainer, event: GuardEvent, step: int) -> None:
         self.events.append(event)
@@ -589,6 +657,7 @@ class DivergenceGuard(pl.Callback):
             "events": [e.to_dict() for e in self.events[-_KEEP_EVENTS:]],
             "event_counts": dict(self.event_counts),
             "last_event_step": self._last_event_step,
+            "nonfinite_streak": self._nonfinite_streak,
             "stop_reason": self.stop_reason,
             "staged": None if self._staged is None else self._staged.state_dict(),
         }
@@ -603,6 +672,7 @@ class DivergenceGuard(pl.Callback):
         self.event_counts = Counter({str(k): int(v) for k, v in saved.items()}) \
             if isinstance(saved, dict) else Counter(e.kind for e in self.events)
         self._last_event_step = int(state_dict.get("last_event_step", -(10**9)))
+        self._nonfinite_streak = int(state_dict.get("nonfinite_streak", 0))
         self.stop_reason = state_dict.get("stop_reason")
         staged = state_dict.get("staged")
         self._staged = None if not staged else StagedStep.from_state_dict(staged)

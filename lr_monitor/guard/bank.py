@@ -313,26 +313,53 @@ class DetectorBank:
         """
         return _feed(self.stream(index).recorded, step, lambda signal: _recorded(record, signal))
 
-    def after_cut(self, step: int, *, rebase: bool) -> None:
+    def recovery_reference(self) -> list[tuple[float | None, float | None]]:
+        """Per stream, ``(best, start)``: what a :class:`RecoveryWatch` judges recovery by.
+
+        ``best`` is the divergence detector's best smoothed loss, ``start`` the explosion
+        rule's starting level (``None`` where unknown). Take it before a rollback and give
+        it to :meth:`after_cut`: the restored detectors may know less (a rollback to the
+        first step knows neither), and the run did reach that best.
+
+        Returns:
+            One pair per stream, in optimizer order.
+        """
+        out: list[tuple[float | None, float | None]] = []
+        for stream in self.streams:
+            divergence = stream.divergence
+            explosion = stream.get("explosion/loss")
+            out.append((divergence[0].best if divergence else None,
+                        explosion.level if isinstance(explosion, ExplosionDetector) else None))
+        return out
+
+    def after_cut(self, step: int, *, rebase: bool,
+                  reference: Sequence[tuple[float | None, float | None]] = ()) -> None:
         """A cut was made at ``step``: watch the recovery, and rebase after a plain cut.
 
         Each stream's :class:`~lr_monitor.guard.detectors.RecoveryWatch` is armed with the
-        best smoothed loss of its divergence detector (before any rebase: after a rollback,
-        the best the restored snapshot had) and the explosion rule's starting level.
+        best smoothed loss of its divergence detector (before any rebase) and the explosion
+        rule's starting level — after a rollback, the lower best and the known start of the
+        restored detectors and of ``reference`` (:meth:`recovery_reference` taken before
+        the rollback).
 
         Args:
             step: The step of the cut.
             rebase: Also :meth:`rebase` (a cut that keeps the weights; a rollback restored
                 the detectors with the weights instead).
+            reference: :meth:`recovery_reference` from before a rollback (``()``: none).
         """
-        for stream in self.streams:
-            divergence = stream.divergence
-            explosion = stream.get("explosion/loss")
+        now = self.recovery_reference()
+        for k, stream in enumerate(self.streams):
             watch = stream.get("recovery/loss")
-            if isinstance(watch, RecoveryWatch):
-                watch.arm(step, best=divergence[0].best if divergence else None,
-                          start=explosion.level if isinstance(explosion, ExplosionDetector)
-                          else None)
+            if not isinstance(watch, RecoveryWatch):
+                continue
+            best, start = now[k]
+            if k < len(reference):
+                old_best, old_start = reference[k]
+                if old_best is not None and (best is None or old_best < best):
+                    best = old_best
+                start = start if start is not None else old_start
+            watch.arm(step, best=best, start=start)
         if rebase:
             self.rebase()
 

@@ -211,10 +211,16 @@ class Detector:
         """
         return None
 
-    def _hit(self, step: int, value: float, threshold: float, message: str) -> Detection:
-        """This detector's :class:`~lr_monitor.events.Detection` at ``step``."""
+    def _hit(self, step: int, value: float, threshold: float, message: str,
+             onset: int | None = None) -> Detection:
+        """This detector's :class:`~lr_monitor.events.Detection` at ``step``.
+
+        ``onset``: the first step of the evidence, for a rule that fires after the trouble
+        began (``None``: the step itself).
+        """
         return Detection(step=int(step), kind=self.kind, signal=self.signal, value=value,
-                         threshold=threshold, message=message)
+                         threshold=threshold, message=message,
+                         onset=None if onset is None else int(onset))
 
     def state_dict(self) -> dict[str, Any]:
         """The detector's state as plain Python types (fits a Lightning checkpoint).
@@ -714,12 +720,16 @@ class DivergenceDetector(Detector):
         if self._above < self.patience:
             return None
         self._above = 0
+        # the raw values crossed about β/(1−β) steps (the average's lag) before the
+        # smoothed one, which then stayed above for ``patience`` updates
+        lag = math.ceil(self.ema / (1.0 - self.ema) - 1e-9)
         return self._hit(
             step, s, bound,
             (
                 f"{self.signal} diverged: smoothed value {s:.4g} above {bound:.4g} "
                 f"(best {self._best:.4g}) for {self.patience} steps at step {step}"
             ),
+            onset=int(step) - self.patience + 1 - lag,
         )
 
     def _get_state(self) -> dict[str, Any]:
@@ -886,11 +896,12 @@ class ExplosionDetector(Detector):
             self._above += 1
             if x <= self.factor * level and self._above < self.persist:
                 return None  # one batch up there is a spike, not (yet) a blow-up
-            self._above = 0
+            above, self._above = self._above, 0
             return self._hit(
                 step, x, factor * level,
                 f"{self.signal} exploded to {x:.4g}, more than {factor:.3g}x its "
                 f"starting level {level:.4g}",
+                onset=int(step) - above + 1,
             )
         self._above = 0
         if len(self._first) < self.reference_steps:
@@ -1309,7 +1320,8 @@ class DeadStartDetector(Detector):
     regression at a sound learning rate halves its gradient within 20 steps while its
     noisy loss has not yet moved by 3σ (the divergence suite's diabetes task, batch 64),
     and over 50 steps its slow fall can still hide in the noise; a dead network is
-    caught a little later, and rolled back to the snapshot taken before its first step. After
+    caught a little later, and rolled back to the snapshot taken before its first step (the
+    detection's ``onset`` is the first step this rule saw). After
     firing the window is cleared (a rollback restores the detector with the weights).
 
     Args:
@@ -1352,6 +1364,7 @@ class DeadStartDetector(Detector):
     def reset(self) -> None:
         """Forget the first gradient norm and the window."""
         self._first: float | None = None
+        self._first_step: int | None = None
         self._values: deque[float] = deque(maxlen=self.window)
         self._low = 0  # values in the window at or below collapse·first
 
@@ -1369,7 +1382,7 @@ class DeadStartDetector(Detector):
         if not math.isfinite(x):
             return None
         if self._first is None:
-            self._first = x
+            self._first, self._first_step = x, int(step)
         low = self.collapse * self._first
         if len(self._values) == self.window and self._values[0] <= low:
             self._low -= 1
@@ -1396,14 +1409,20 @@ class DeadStartDetector(Detector):
             f"{self.signal} collapsed to {grad:.3g} ({grad / first:.2g}x its first value "
             f"{first:.3g}) while the loss stayed at {m2:.4g} (start {start:.4g}) for "
             f"{self.window} steps: the network died",
+            # never moved from its start: dead since the first update (the first gradient,
+            # taken before it, was sound)
+            onset=None if self._first_step is None else self._first_step + 1,
         )
 
     def _get_state(self) -> dict[str, Any]:
-        return {"first": self._first, "values": list(self._values)}
+        return {"first": self._first, "first_step": self._first_step,
+                "values": list(self._values)}
 
     def _set_state(self, state: dict[str, Any]) -> None:
         first = state.get("first")
         self._first = None if first is None else float(first)
+        first_step = state.get("first_step")
+        self._first_step = None if first_step is None else int(first_step)
         self._values = deque((float(v) for v in state.get("values", [])), maxlen=self.window)
         low = math.inf if self._first is None else self.collapse * self._first
         self._low = sum(v <= low for v in self._values)
@@ -1522,6 +1541,7 @@ class OvershootDetector(Detector):
             f"{self.signal} {side} {self.threshold:g} on {fraction:.0%} of the last "
             f"{self.window} values (steps {since}-{step}, median {med:.3g}){loss_text}: "
             f"the steps overshoot",
+            onset=since,
         )
 
     def _get_state(self) -> dict[str, Any]:
@@ -1641,6 +1661,7 @@ class RecoveryWatch(Detector):
             step, m2, m1,
             f"{self.signal} did not resume falling in the {self.window} steps after the cut "
             f"at step {since}: median {m1:.4g} -> {m2:.4g}{best_text}",
+            onset=since,
         )
 
     def _get_state(self) -> dict[str, Any]:

@@ -49,7 +49,7 @@ from lr_monitor._validation import check_choice, check_int, check_real
 from lr_monitor.tags import group_names, lr_key, optimizer_names
 
 __all__ = ["LRCut", "RollbackBuffer", "Snapshot", "clear_device_skip", "learning_rates",
-           "scale_lr", "skip_on_device", "skip_step"]
+           "nonfinite_state", "reset_state", "scale_lr", "skip_on_device", "skip_step"]
 
 #: Param-group keys holding a learning rate that torch schedulers read: the current LR, the
 #: scheduler start value (``initial_lr``, all schedulers) and OneCycleLR's ``max_lr``/``min_lr``.
@@ -592,6 +592,8 @@ class Snapshot:
         extra: Anything else the caller stored with it (deep-copied), e.g. detector state
             dicts or the :class:`LRCut` scale at that time.
         nbytes: Bytes held by the tensors of this snapshot.
+        finite: Whether every floating-point tensor of ``module`` and ``optimizers`` is
+            finite (a snapshot that is not would restore the trouble; the buffer keeps none).
     """
 
     step: int
@@ -600,6 +602,25 @@ class Snapshot:
     schedulers: list[dict[str, Any]]
     extra: dict[str, Any] = field(default_factory=dict)
     nbytes: int = 0
+    finite: bool = True
+
+
+def _tensors(obj: Any) -> Iterator[Tensor]:
+    """Every tensor in a nested state dict."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every floating-point tensor is finite (CPU tensors: no device sync)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors
+               if t.is_floating_point() or t.is_complex())
 
 
 class RollbackBuffer:
@@ -615,12 +636,22 @@ class RollbackBuffer:
     cast the state back to each parameter's device and dtype); the result is bit-identical
     to the state at the snapshot. A tensor ``lr`` in a param group keeps its tensor object.
 
-    Which snapshot: by default the **oldest** one kept. Detection has latency (a divergence is
-    reported ``patience`` steps after it starts, and a blow-up inflates Adam's second moments
-    before the loss shows it), so the newest snapshot, taken at most ``every_n_steps`` steps
-    ago, may already be contaminated; the oldest leaves a margin of at least
-    ``(keep - 1)·every_n_steps`` steps. Snapshots newer than the restored one are discarded
+    Which snapshot: the **newest** one that predates the trouble and fits the model and
+    optimizers as they are now. Detection has latency — a divergence is reported
+    ``patience`` steps after it starts, and a blow-up inflates Adam's second moments before
+    the loss shows it — so the caller passes ``before``, the first step of the evidence
+    (:attr:`~lr_monitor.events.Detection.onset`), and snapshots taken from then on are
+    passed over. Going back further than that only throws progress away. ``which="oldest"``
+    takes the oldest candidate instead. Snapshots newer than the restored one are discarded
     (they are suspect); the restored one is kept, so a repeated failure can roll back again.
+
+    Only a state worth returning to is kept: :meth:`take` checks the CPU copies (no device
+    sync beyond the copy itself) and keeps no snapshot with a non-finite weight or optimizer
+    state (``Snapshot.finite``). A restore is all-or-nothing: every candidate is checked
+    against the live objects first (state keys, shapes and dtypes, the number of optimizers,
+    param groups and parameters per group, schedulers), incompatible ones are passed over,
+    and nothing is touched unless one fits — after ``add_param_group`` or a changed module,
+    a snapshot from before the change cannot half-restore.
 
     Two ways back, which differ in the hyper-parameters:
 
@@ -644,6 +675,8 @@ class RollbackBuffer:
         every_n_steps: Snapshot period in optimizer steps (int ≥ 1): :meth:`maybe_take`
             snapshots when ``step % every_n_steps == 0``.
         keep: Maximum number of snapshots held (int ≥ 1); the oldest is dropped first.
+            Keep at least 2, so that a snapshot predates a trouble that began less than
+            ``every_n_steps`` steps before it was detected.
 
     Raises:
         ValueError: If an argument is outside its range (the message names it).
@@ -661,7 +694,7 @@ class RollbackBuffer:
         >>> buf.steps
         [20, 30]
         >>> weights = model.weight.detach().clone()
-        >>> buf.restore(model, [opt])  # the older one
+        >>> buf.restore(model, [opt], before=25)  # the newest taken before step 25
         20
         >>> buf.steps, bool((model.weight != weights).all())
         ([20], True)
@@ -754,7 +787,8 @@ class RollbackBuffer:
             extra: Extra state to store with the snapshot (deep-copied).
 
         Returns:
-            The new snapshot.
+            The new snapshot; when it is not :attr:`~Snapshot.finite` it is not kept (the
+            held ones stay).
         """
         counter = [0]
         snap = Snapshot(
@@ -767,9 +801,59 @@ class RollbackBuffer:
             extra=copy.deepcopy(dict(extra or {})),
         )
         snap.nbytes = counter[0]
-        self._snapshots.append(snap)
-        del self._snapshots[: -self.keep]
+        snap.finite = _all_finite(_tensors([snap.module, snap.optimizers]))
+        if snap.finite:
+            self._snapshots.append(snap)
+            del self._snapshots[: -self.keep]
         return snap
+
+    def fits(self, snapshot: Snapshot, module: torch.nn.Module, optimizers: Sequence[Any] = (),
+             schedulers: Sequence[Any] = ()) -> str | None:
+        """Why ``snapshot`` cannot be restored into these objects, or ``None`` if it can.
+
+        Args:
+            snapshot: A held snapshot.
+            module: The model.
+            optimizers: The optimizers, in the order given to :meth:`take` (``()``: not
+                restored, not checked).
+            schedulers: The schedulers, likewise.
+
+        Returns:
+            ``None``, or one line naming the first mismatch.
+        """
+        live = module.state_dict()
+        if set(live) != set(snapshot.module):
+            missing = sorted(set(snapshot.module) - set(live))[:5]
+            new = sorted(set(live) - set(snapshot.module))[:5]
+            return f"module state keys differ: missing {missing}, new {new}"
+        for name, saved in snapshot.module.items():
+            target = live[name]
+            if isinstance(saved, Tensor) and isinstance(target, Tensor) and (
+                    saved.shape != target.shape or saved.dtype != target.dtype):
+                return (f"module entry {name!r} is {tuple(target.shape)} {target.dtype}, "
+                        f"the snapshot's {tuple(saved.shape)} {saved.dtype}")
+        opts = [_unwrap(o) for o in _as_list(optimizers)]
+        if opts and len(opts) != len(snapshot.optimizers):
+            return f"optimizers has {len(opts)} entries, the snapshot {len(snapshot.optimizers)}"
+        for k, (opt, state) in enumerate(zip(opts, snapshot.optimizers, strict=False)):
+            groups = state.get("param_groups", [])
+            sizes = [len(g["params"]) for g in opt.param_groups]
+            saved_sizes = [len(g.get("params", ())) for g in groups]
+            if sizes != saved_sizes:
+                return (f"optimizer {k} has param groups of {sizes} parameters, the "
+                        f"snapshot {saved_sizes} (add_param_group since?)")
+            params = [p for g in opt.param_groups for p in g["params"]]
+            ids = [i for g in groups for i in g.get("params", ())]
+            for p, i in zip(params, ids, strict=True):
+                for key, value in state.get("state", {}).get(i, {}).items():
+                    if isinstance(value, Tensor) and value.dim() > 0 and \
+                            value.shape != p.shape:
+                        return (f"optimizer {k} state {key!r} of a parameter is "
+                                f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
+        scheds = _as_list(schedulers)
+        if scheds and len(scheds) != len(snapshot.schedulers):
+            return f"schedulers has {len(scheds)} entries, the snapshot {len(snapshot.schedulers)}"
+        return None
 
     def restore(
         self,
@@ -777,7 +861,7 @@ class RollbackBuffer:
         optimizers: Sequence[Any] = (),
         schedulers: Sequence[Any] = (),
         *,
-        which: Literal["oldest", "newest"] = "oldest",
+        which: Literal["oldest", "newest"] = "newest",
         before: int | None = None,
     ) -> int:
         """Restore a snapshot bit-identically and drop the snapshots newer than it.
@@ -788,34 +872,35 @@ class RollbackBuffer:
                 optimizer state alone.
             schedulers: The schedulers, in the order given to :meth:`take`; ``()`` leaves the
                 schedules alone.
-            which: ``"oldest"`` (default, see the class docstring) or ``"newest"``.
-            before: If given, only snapshots with ``step < before`` are candidates (e.g. the
-                step where a divergence started).
+            which: ``"newest"`` (default, see the class docstring) or ``"oldest"`` of the
+                candidates.
+            before: If given, only snapshots with ``step < before`` are candidates (the first
+                step of the trouble).
 
         Returns:
             The step of the restored snapshot; also :attr:`last_restored` holds it.
 
         Raises:
-            LookupError: If there is no candidate snapshot.
-            ValueError: If ``which`` is invalid, or the numbers of optimizers or schedulers
-                (when given), or the model's state keys differ from the snapshot's.
+            LookupError: If no snapshot was taken before ``before``.
+            ValueError: If ``which`` is invalid, or no candidate fits the objects given
+                (:meth:`fits`: the message names the newest candidate's mismatch); nothing
+                was changed then.
         """
         check_choice("which", which, ("oldest", "newest"))
         candidates = [k for k, s in enumerate(self._snapshots) if before is None or s.step < before]
         if not candidates:
             raise LookupError(f"no snapshot to restore (held: {self.steps}, before={before})")
-        k = candidates[0] if which == "oldest" else candidates[-1]
-        snap = self._snapshots[k]
+        if which == "newest":
+            candidates.reverse()
         opts = [_unwrap(o) for o in _as_list(optimizers)]
         scheds = _as_list(schedulers)
-        if opts and len(opts) != len(snap.optimizers):
-            raise ValueError(
-                f"optimizers has {len(opts)} entries, the snapshot {len(snap.optimizers)}"
-            )
-        if scheds and len(scheds) != len(snap.schedulers):
-            raise ValueError(
-                f"schedulers has {len(scheds)} entries, the snapshot {len(snap.schedulers)}"
-            )
+        reasons = {k: self.fits(self._snapshots[k], module, opts, scheds) for k in candidates}
+        fitting = [k for k in candidates if reasons[k] is None]
+        if not fitting:
+            k = candidates[0]
+            raise ValueError(f"no snapshot fits (step {self._snapshots[k].step}: {reasons[k]})")
+        k = fitting[0]
+        snap = self._snapshots[k]
         _restore_module(module, snap.module)
         for opt, state in zip(opts, snap.optimizers, strict=False):
             _restore_optimizer(opt, state)
@@ -830,7 +915,8 @@ class RollbackBuffer:
         module: torch.nn.Module,
         optimizers: Sequence[Any] = (),
         *,
-        which: Literal["oldest", "newest"] = "oldest",
+        which: Literal["oldest", "newest"] = "newest",
+        before: int | None = None,
     ) -> Snapshot:
         """Recover from a blow-up: weights and moments go back, the current LRs stay.
 
@@ -850,15 +936,17 @@ class RollbackBuffer:
         Args:
             module: The model (same architecture as at :meth:`take`).
             optimizers: The optimizers, in the order given to :meth:`take`.
-            which: ``"oldest"`` (default, see the class docstring) or ``"newest"``.
+            which: ``"newest"`` (default, see the class docstring) or ``"oldest"``.
+            before: If given, only snapshots with ``step < before`` are candidates (the first
+                step of the trouble).
 
         Returns:
             The restored snapshot; its ``extra`` holds what was stored with it (e.g. detector
             states to load back). Do not modify it: it stays in the buffer.
 
         Raises:
-            LookupError: If the buffer is empty.
-            ValueError: As :meth:`restore`, for objects that do not match the snapshot.
+            LookupError: If no snapshot was taken before ``before`` (or none at all).
+            ValueError: As :meth:`restore`: no candidate fits; nothing was changed.
 
         Example:
             >>> import torch
@@ -879,7 +967,7 @@ class RollbackBuffer:
         """
         opts = [_unwrap(o) for o in _as_list(optimizers)]
         kept = [_hyperparameters(o) for o in opts]
-        self.restore(module, opts, which=which)
+        self.restore(module, opts, which=which, before=before)
         for opt, groups in zip(opts, kept, strict=True):
             _put_hyperparameters(opt, groups)
         for p in module.parameters():
@@ -947,3 +1035,83 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any
                 elif loaded is not None:
                     original.fill_(loaded)
                 group[key] = original
+
+
+def nonfinite_state(module: torch.nn.Module,
+                    optimizers: Sequence[Any] = ()) -> tuple[list[str], list[list[Tensor]]]:
+    """Which weights, and which parameters' optimizer state, hold a NaN or an infinity.
+
+    One host read per device (a trouble step's cost, never a healthy step's): a skipped
+    step cannot cure either, so the guard checks after a non-finite step.
+
+    Args:
+        module: The model.
+        optimizers: Its optimizers (wrappers with ``_optimizer`` are unwrapped).
+
+    Returns:
+        ``(weights, state)``: the names of the non-finite parameters and buffers, and per
+        optimizer the parameters whose state (moments, ...) has a non-finite entry.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.Adam(model.parameters())
+        >>> model(torch.ones(1, 2)).sum().backward()
+        >>> opt.step()
+        >>> opt.state[model.bias]["exp_avg_sq"].fill_(float("nan"))  # doctest: +ELLIPSIS
+        tensor(...)
+        >>> weights, state = nonfinite_state(model, [opt])
+        >>> weights, [p is model.bias for p in state[0]]
+        ([], [True])
+    """
+    named = [(name, t) for name, t in module.state_dict(keep_vars=True).items()
+             if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
+    opts = [_unwrap(o) for o in _as_list(optimizers)]
+    owners: list[tuple[int, Tensor]] = []  # (optimizer, parameter) of each state tensor
+    tensors = [t.detach() for _, t in named]
+    for k, opt in enumerate(opts):
+        for p, entry in opt.state.items():
+            for v in entry.values() if isinstance(entry, Mapping) else ():
+                if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex()):
+                    owners.append((k, p))
+                    tensors.append(v.detach())
+    bad: list[bool] = [False] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for indices in by_device.values():
+        flags = torch.stack([~torch.isfinite(tensors[i]).all() for i in indices])
+        for i, flag in zip(indices, flags.tolist(), strict=True):
+            bad[i] = bool(flag)
+    weights = [name for (name, _), b in zip(named, bad, strict=False) if b]
+    state: list[list[Tensor]] = [[] for _ in opts]
+    for (k, p), b in zip(owners, bad[len(named):], strict=True):
+        if b and all(q is not p for q in state[k]):
+            state[k].append(p)
+    return weights, state
+
+
+def reset_state(optimizer: Any, params: Iterable[Tensor]) -> int:
+    """Drop the optimizer state of ``params``: the optimizer starts them afresh.
+
+    The repair of a poisoned moment when no snapshot can be restored: Adam re-creates
+    ``exp_avg``, ``exp_avg_sq`` and ``step`` for those parameters at its next step (its
+    bias correction starts again for them); momentum buffers start from the next gradient.
+
+    Args:
+        optimizer: The optimizer (a wrapper with ``_optimizer`` is unwrapped).
+        params: Parameters whose state goes.
+
+    Returns:
+        How many parameters had a state that was dropped.
+
+    Example:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = torch.optim.Adam([w])
+        >>> w.sum().backward(); opt.step()
+        >>> reset_state(opt, [w]), dict(opt.state)
+        (1, {})
+    """
+    opt = _unwrap(optimizer)
+    return sum(opt.state.pop(p, None) is not None for p in params)

@@ -20,6 +20,12 @@ without any ``Trainer``. The rules, in order:
 4. **Cooldown.** A ``cut`` within the cooldown after the previous cut is only recorded
    (``log``). A ``rollback`` always cuts: the repeated blow-up is the evidence that the
    last cut was not enough.
+5. **No skipping forever.** A ``skip`` of a non-finite step, once :data:`NONFINITE_STREAK`
+   steps in a row were non-finite, becomes ``stop`` (with ``escalate="stop"``, the
+   default; with ``"log"`` such steps are still skipped, never applied): skipping has not
+   helped, and a run that skips every step trains nothing. (The guard also checks the
+   weights and the optimizer state after a non-finite step: a skip cannot cure a
+   non-finite state, so it rolls back instead.)
 
 The :class:`Decision` lists what to carry out, in order (:attr:`Decision.plan`):
 ``skip`` → skip; ``cut`` → cut; ``rollback`` → roll back, then cut (a rollback also drops
@@ -49,8 +55,8 @@ from typing import Any
 from lr_monitor._validation import check_int, invalid
 from lr_monitor.events import DETECTION_KINDS, Action, Detection, GuardEvent
 
-__all__ = ["ACTIONS", "DEFAULT_POLICY", "Decision", "DecisionContext", "GuardPolicy",
-           "parse_action"]
+__all__ = ["ACTIONS", "DEFAULT_POLICY", "NONFINITE_STREAK", "Decision", "DecisionContext",
+           "GuardPolicy", "parse_action"]
 
 #: The policy's choices by severity: when several detectors fire at one step, the most
 #: severe wins. These are the names the guard's ``on_<kind>`` arguments accept.
@@ -67,6 +73,11 @@ DEFAULT_POLICY: dict[str, str] = {
 }
 
 _ESCALATIONS = (Action.STOP.label, Action.LOG.label)
+
+#: Non-finite steps in a row after which a ``skip`` escalates (rule 5 of the module). Ten
+#: batches in a row with NaN/inf are no passing glitch (one bad batch, an fp16 overflow
+#: the scaler has not absorbed yet): the data or the model is broken.
+NONFINITE_STREAK = 10
 
 
 def parse_action(arg: str, value: Any, choices: Sequence[str] = ACTIONS) -> Action:
@@ -111,6 +122,7 @@ class DecisionContext:
         amp: Whether an fp16 ``GradScaler`` is active.
         amp_streak: Non-finite steps in a row the policy left to the scaler before this one
             (from :meth:`GuardPolicy.next_amp_streak` of the previous step).
+        nonfinite_streak: Non-finite steps in a row just before this one.
     """
 
     step: int
@@ -118,6 +130,7 @@ class DecisionContext:
     cooling_down: bool = False
     amp: bool = False
     amp_streak: int = 0
+    nonfinite_streak: int = 0
 
 
 @dataclass(frozen=True)
@@ -325,5 +338,9 @@ class GuardPolicy:
         worst = max(range(len(detections)), key=lambda i: asked[i].severity())
         requested = asked[worst]
         action = self._resolve(requested, context)
+        if action is Action.SKIP and self.escalate is Action.STOP \
+                and context.nonfinite_streak + 1 >= NONFINITE_STREAK \
+                and any(d.kind == "nonfinite" for d in detections):
+            action = Action.STOP  # skipping has not helped (with "log": skip on, never apply)
         return Decision(step=context.step, action=action, cause=detections[worst],
                         detections=tuple(detections), plan=_PLANS[action], requested=requested)
