@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,27 @@ def test_divergence_smoke_writes_results(tmp_path: Path) -> None:
     md = (tmp_path / "divergence_smoke.md").read_text()
     assert "Detection and recovery per policy" in md
     assert all(f"| {p} |" in md for p in cfg["policies"])
+
+
+@pytest.mark.slow
+def test_divergence_ddp_runs_both_ranks_and_they_agree(tmp_path: Path) -> None:
+    """Two DDP runs (2 gloo processes each) at ×1000: the unguarded one blows up, the
+    guarded one acts, and both ranks of each took the same decisions and ended with the
+    same weights."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "divergence_ddp.py"), "--tasks",
+           "digits_mlp", "--optimizers", "sgd", "--mults", "1000", "--seeds", "1",
+           "--steps", "40", "--out", str(tmp_path), "--stem", "ddp"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          check=False, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "ddp.json").read_text())
+    assert doc["config"]["errors"] == 0
+    assert doc["ranks_agree"] == {"runs": 2, "agree": 2}
+    runs = {r["policy"]: r for r in doc["runs"]}
+    assert runs["none"]["blowup_step"] is not None and runs["none"]["n_interventions"] == 0
+    assert runs["guard"]["n_interventions"] >= 1
+    assert "Ranks agree" in (tmp_path / "ddp.md").read_text()
 
 
 @pytest.mark.slow
