@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from lr_monitor._validation import check_bool, check_str, invalid
+from lr_monitor._validation import check_bool, check_real, check_str, invalid
 from lr_monitor.alerts.ranks import is_env_rank_zero
 from lr_monitor.events import GuardEvent
 
@@ -353,9 +353,15 @@ def close_sinks(sinks: Iterable[AlertSink], timeout: float | None = 10.0) -> Non
         timeout: Total time budget in seconds for all the flushes; ``None`` waits until
             each sink is done. Closing itself is bounded by each sink.
 
+    Raises:
+        ValueError: If ``timeout`` is not a number ``>= 0`` or ``None`` (checked before
+            anything is flushed).
+
     Example:
         >>> close_sinks([CallableSink(print)], timeout=1.0)
     """
+    if timeout is not None:
+        timeout = check_real("timeout", timeout, low=0.0, low_closed=True)
     sinks = list(sinks)
     deadline = None if timeout is None else time.monotonic() + timeout
     for sink in sinks:
