@@ -335,3 +335,16 @@ def test_a_spike_far_below_the_starting_level_is_left_alone() -> None:
     assert bank.detect(0, 200, {LOSS: 0.05}) == []  # 50x, but 2 % of 2.3
     found = bank.detect(0, 201, {LOSS: 1.0})
     assert [(d.kind, d.signal) for d in found] == [("spike", LOSS)]  # 43 % of the start
+
+
+def test_a_loss_that_reached_exactly_zero_is_not_spiking_on_rounding_blips() -> None:
+    """Issue 15's noise-free regression: once loss and gradient norm are exactly 0, blips
+    of 1e-9 are many times the window's median (0) but far below where the run started —
+    harmless, never a skip."""
+    bank = DetectorBank()
+    found = []
+    for t in range(3000):
+        loss = 0.99**t if t < 2000 else (0.0 if t % 7 else 1e-9)
+        grad = 2.0 * 0.99**t if t < 2000 else (0.0 if t % 5 else 1e-9)
+        found += bank.detect(0, t, {"loss": loss, "grad_norm": grad})
+    assert found == []
