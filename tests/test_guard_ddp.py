@@ -30,3 +30,21 @@ def test_ranks_agree_when_only_one_rank_sees_the_fault(tmp_path: Path) -> None:
     assert r0["params"] == r1["params"]  # bit-identical replicas: no rank drifted
     assert r0["finite"] and r1["finite"]
     assert r0["global_step"] == r1["global_step"] == 40
+
+
+@pytest.mark.slow
+def test_a_state_poisoned_on_one_rank_is_rolled_back_on_both(tmp_path: Path) -> None:
+    """Rank 1's Adam moment turns NaN just before the step-50 snapshot. The snapshot's
+    finiteness is agreed across ranks, so both drop it and roll back to step 25 together;
+    they end finite and bit-identical (each rank deciding alone would part them)."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(30500 + os.getpid() % 1000),
+               PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "poison"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["events"] == r1["events"]
+    assert r0["events"][0][:2] == [50, "nonfinite"] and "rollback" in r0["events"][0][2]
+    assert r0["params"] == r1["params"]
+    assert r0["finite"] and r1["finite"]

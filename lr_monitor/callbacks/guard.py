@@ -341,7 +341,9 @@ class DivergenceGuard(pl.Callback):
                   force: bool = True) -> None:
         if force or self.snapshots.due(step):
             snap = self.snapshots.take(step, pl_module, self._optimizers(trainer),
-                                       extra={"detectors": self.bank.state_dict()})
+                                       extra={"detectors": self.bank.state_dict()},
+                                       agree=lambda finite: not self._any_rank(trainer,
+                                                                               not finite))
             if not snap.finite:  # the state about to be used is poisoned: act before it is
                 found = Detection(
                     step=step, kind="nonfinite", signal="state", value=math.nan,
@@ -441,7 +443,7 @@ class DivergenceGuard(pl.Callback):
             # a skip leaves the weights and moments as they are: it cannot cure a NaN in
             # them (one host read, on a non-finite step only)
             weights, state = nonfinite_state(pl_module, self._optimizers(trainer))
-            if weights or any(state):
+            if self._any_rank(trainer, bool(weights or any(state))):
                 decision = replace(decision, plan=(Action.ROLLBACK,))
         if decision is not None and tripped is False and decision.skips_step \
                 and Action.ROLLBACK not in decision.plan and grad_scaler(trainer) is None \
@@ -456,6 +458,18 @@ class DivergenceGuard(pl.Callback):
             rank_zero_warn(f"DivergenceGuard: step {step} was skipped on the device but no "
                            f"detector fired on {values}")
         return decision
+
+    @staticmethod
+    def _any_rank(trainer: pl.Trainer, flag: bool) -> bool:
+        """``flag`` on any rank (one all-reduce; a snapshot's or a trouble step's cost).
+
+        Weights and moments may be sharded: every rank must take the decision its own
+        shard asks for, or the ranks would part ways.
+        """
+        if trainer.world_size <= 1:
+            return flag
+        mark = torch.tensor(float(flag), device=trainer.strategy.root_device)
+        return bool(trainer.strategy.reduce(mark, reduce_op="sum") > 0)
 
     def _context(self, trainer: pl.Trainer, step: int) -> DecisionContext:
         cut = self.cut_policy
@@ -558,9 +572,11 @@ class DivergenceGuard(pl.Callback):
         if not len(self.snapshots):
             notes.append("no snapshot held")
         weights, state = nonfinite_state(pl_module, optimizers)
-        if weights:  # nothing healthy to go back to, and a skip cannot cure it
-            notes.append(f"non-finite weights ({', '.join(weights[:3])}"
-                         f"{', ...' if len(weights) > 3 else ''}) cannot be repaired")
+        if self._any_rank(trainer, bool(weights)):  # nothing healthy to go back to, and a
+            # skip cannot cure it
+            where = (", ".join(weights[:3]) + (", ..." if len(weights) > 3 else "")
+                     if weights else "on another rank")
+            notes.append(f"non-finite weights ({where}) cannot be repaired")
             if self.policy.escalate is Action.STOP:
                 self.stop_reason = f"{decision.reason}; non-finite weights, nothing to restore"
                 trainer.should_stop = True

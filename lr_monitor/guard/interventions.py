@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -776,6 +776,7 @@ class RollbackBuffer:
         schedulers: Sequence[Any] = (),
         *,
         extra: Mapping[str, Any] | None = None,
+        agree: Callable[[bool], bool] | None = None,
     ) -> Snapshot:
         """Snapshot now, dropping the oldest snapshot beyond ``keep``.
 
@@ -785,6 +786,9 @@ class RollbackBuffer:
             optimizers: Its optimizers (wrappers with ``_optimizer`` are unwrapped).
             schedulers: Its LR schedulers (anything with ``state_dict``/``load_state_dict``).
             extra: Extra state to store with the snapshot (deep-copied).
+            agree: Combines this process's "finite" with the other ranks' (e.g. an
+                all-reduce), so that every rank keeps or drops the snapshot together when
+                each holds a shard of the state.
 
         Returns:
             The new snapshot; when it is not :attr:`~Snapshot.finite` it is not kept (the
@@ -802,6 +806,8 @@ class RollbackBuffer:
         )
         snap.nbytes = counter[0]
         snap.finite = _all_finite(_tensors([snap.module, snap.optimizers]))
+        if agree is not None:
+            snap.finite = bool(agree(snap.finite))
         if snap.finite:
             self._snapshots.append(snap)
             del self._snapshots[: -self.keep]
