@@ -3,6 +3,7 @@ real HTTP server on 127.0.0.1 (standard library only, every wait bounded)."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import logging
@@ -12,6 +13,7 @@ import pickle
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -562,6 +564,58 @@ def test_webhook_rejects_bad_url_without_showing_it(url: str) -> None:
     with pytest.raises(ValueError) as info:
         WebhookSink(url)
     assert "SECRETtoken1" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("port", "shown"),
+    [("99999", ", not 99999"), ("65536", ", not 65536"), ("0", ", not 0"), ("+80", ""),
+     ("８０", ""), ("abc", ""), ("-1", "")],
+    ids=["99999", "65536", "zero", "plus-sign", "fullwidth-digits", "letters", "negative"],
+)
+def test_webhook_rejects_ports_outside_1_to_65535(port: str, shown: str) -> None:
+    # urllib would take :99999 and connect to 99999 % 65536 = 34463: the secret goes elsewhere
+    for host in ("127.0.0.1", "[::1]", "user:SECRETtoken1@127.0.0.1"):
+        with pytest.raises(ValueError) as info:
+            WebhookSink(f"http://{host}:{port}/SECRETtoken1")
+        text = str(info.value)
+        assert text == ("url='<webhook url hidden>' is invalid: must be an http:// or https:// "
+                        f"URL with a port in 1..65535{shown} (the URL itself is not shown: "
+                        "it is a secret)"), text
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1/x", "http://127.0.0.1:65535/x",
+                                 "HTTPS://[::1]:443/x", "http://127.0.0.1:/x",
+                                 "http://u:p@127.0.0.1:8080/x"])
+def test_webhook_accepts_ports_in_range(url: str) -> None:
+    WebhookSink(url).close()
+
+
+def test_webhook_sends_url_credentials_as_basic_auth_and_never_shows_them(
+    server: Recorder, webhook: Callable[..., WebhookSink], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    password = "pa@ss:w0rd/SECRETpw"
+    url = (f"http://bot%20one:{urllib.parse.quote(password, safe='')}@127.0.0.1:{server.port}"
+           "/hook?x=1#frag")
+    sink = webhook(url, format="json")
+    sink.send(ev())
+    sink.flush(WAIT)
+    assert sink.delivered == 1
+    (request,) = server.requests
+    assert request["path"] == "/hook?x=1"  # no credentials, no fragment in the request line
+    assert request["headers"]["Host"] == f"127.0.0.1:{server.port}"
+    expected = base64.b64encode(f"bot one:{password}".encode()).decode()
+    assert request["headers"]["Authorization"] == f"Basic {expected}"
+    # a failure is reported without them, and neither repr nor a pickle holds them
+    server.status = 401
+    server.body = lambda path: f"bad credentials for bot one:{password}".encode()
+    sink.send(ev(step=13, kind="divergence"))
+    sink.flush(WAIT)
+    assert sink.failed == 1 and "could not deliver" in caplog.text
+    stored = caplog.text + repr(sink) + repr(sink.__getstate__())
+    for needle in ("SECRETpw", urllib.parse.quote(password, safe=""), expected):
+        assert needle not in stored and needle.encode() not in pickle.dumps(sink)
 
 
 @pytest.mark.parametrize(

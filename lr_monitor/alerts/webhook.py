@@ -4,8 +4,9 @@
 JSON). :meth:`~WebhookSink.send` only rate-limits and enqueues; a daemon thread does the
 HTTP work with bounded retries. The URL is a secret: it is hidden from ``repr``, scrubbed
 from every reported error (in all its encoded forms and by its path tokens), not followed
-through redirects, and never pickled. Sinks still open when the interpreter exits get a
-bounded chance to flush.
+through redirects, and never pickled; credentials written in it (``user:password@``) are
+sent as HTTP Basic authentication, never in the request line. Sinks still open when the
+interpreter exits get a bounded chance to flush.
 
 Example:
     >>> sink = WebhookSink("https://hooks.slack.com/services/T000/B000/XXXXXXXXXXXX")
@@ -17,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import http.client
 import json
@@ -31,7 +33,14 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from lr_monitor._validation import check_callable, check_choice, check_int, check_real, invalid
+from lr_monitor._validation import (
+    check_callable,
+    check_choice,
+    check_http_url,
+    check_int,
+    check_real,
+    invalid,
+)
 from lr_monitor.alerts.sink import AlertSink, _log, event_line
 from lr_monitor.eventlog import _json_default
 from lr_monitor.events import GuardEvent
@@ -98,6 +107,29 @@ def _secret_fragments(url: str) -> list[str]:
     return sorted((f for f in frags | more if len(f) >= 4 and f != "/"), key=len, reverse=True)
 
 
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """The URL to request and the ``Authorization`` header for credentials written in ``url``.
+
+    ``http://user:pa%40ss@host/x`` is requested as ``http://host/x`` with
+    ``Authorization: Basic base64("user:pa@ss")`` (percent-decoded, UTF-8, RFC 7617); a URL
+    without ``@`` is requested as it is. The fragment is never sent.
+
+    Example:
+        >>> _split_credentials("https://bot:pa%40ss@hooks.example.com/x?a=1#f")
+        ('https://hooks.example.com/x?a=1', 'Basic Ym90OnBhQHNz')
+        >>> _split_credentials("https://hooks.example.com/x")
+        ('https://hooks.example.com/x', None)
+    """
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    target = urllib.parse.urlunsplit((parts.scheme, hostport, parts.path, parts.query, ""))
+    if not at or not userinfo:
+        return target, None
+    user, _, password = userinfo.partition(":")
+    pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+    return target, "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+
+
 def _scrub(text: str, fragments: Iterable[str]) -> str:
     for frag in fragments:
         if frag in text:
@@ -150,14 +182,19 @@ class WebhookSink(AlertSink):
     The URL is a secret: it is hidden from ``repr``, never logged, and never pickled.
     A pickled copy (e.g. sent to ``ddp_spawn`` workers) reads the URL again from
     :data:`WEBHOOK_URL_ENV` if that is where it came from; otherwise the copy is
-    disabled and says so on its first event.
+    disabled and says so on its first event. Credentials in the URL
+    (``https://user:password@host/...``, percent-encoded) are sent as HTTP Basic
+    authentication (``Authorization`` header), never in the request line, and are as
+    secret as the rest of the URL; redirects are never followed, so they go to that host
+    only.
 
     Payload: ``format="slack"`` posts ``{"text": line}`` (``&``, ``<``, ``>`` escaped
     as Slack requires); ``format="json"`` posts :meth:`GuardEvent.to_dict` plus
     ``"text"``.
 
     Args:
-        url: The webhook URL (``http://`` or ``https://``); ``None`` reads
+        url: The webhook URL: ``http://`` or ``https://``, a host, a port (when written)
+            in ``1..65535``, no whitespace or control characters; ``None`` reads
             :data:`WEBHOOK_URL_ENV`.
         format: ``"slack"`` or ``"json"``.
         timeout: Socket timeout in seconds of each HTTP attempt, at most
@@ -175,7 +212,8 @@ class WebhookSink(AlertSink):
     Raises:
         ValueError: If there is no URL (naming both ``url`` and
             :data:`WEBHOOK_URL_ENV`), the URL is not an http(s) URL (the message names
-            where it came from but never shows it), or an option is out of range:
+            where it came from but never shows it, only a bad port number), or an
+            option is out of range:
             ``timeout`` must be in ``(0, MAX_TIMEOUT]``, ``min_interval`` a number ``>= 0``
             (``inf``: one message per ``(kind, signal)`` per run), counts ints.
 
@@ -190,6 +228,10 @@ class WebhookSink(AlertSink):
         Traceback (most recent call last):
         ...
         ValueError: url='<webhook url hidden>' is invalid: must be an http:// or https:// URL...
+        >>> WebhookSink("https://hooks.example.com:99999/T000/XXXX")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: url='<webhook url hidden>' is invalid: must be ... in 1..65535, not 99999...
     """
 
     def __init__(
@@ -236,21 +278,7 @@ class WebhookSink(AlertSink):
     @staticmethod
     def _check_url(url: object, arg: str = "url") -> None:
         """Raise ``ValueError`` naming ``arg`` (never showing the URL) unless it is usable."""
-        hidden = _Secret(None)
-        if not isinstance(url, str):
-            raise invalid(arg, hidden, "an http:// or https:// URL (a string) or None, not "
-                          f"{type(url).__name__} (the value is not shown: it may be a secret)")
-        try:
-            parts = urllib.parse.urlsplit(url)
-            ok = parts.hostname is not None and parts.scheme in ("http", "https")
-        except ValueError:  # e.g. a malformed IPv6 host
-            ok = False
-        if not ok:
-            raise invalid(arg, hidden, "an http:// or https:// URL with a host "
-                          "(the URL itself is not shown: it is a secret)")
-        if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
-            raise invalid(arg, hidden, "a URL without whitespace or control characters "
-                          "(the URL itself is not shown: it is a secret)")
+        check_http_url(arg, url, shown=_Secret(None))
 
     def _init_runtime(self) -> None:
         """State that is rebuilt rather than pickled."""
@@ -511,11 +539,12 @@ class WebhookSink(AlertSink):
         """One attempt. Returns (ok, retry delay or None if not retryable, reason)."""
         url = self._url.reveal()
         assert url is not None
-        request = urllib.request.Request(
-            url, data=body, method="POST",
-            headers={"Content-Type": "application/json; charset=utf-8",
-                     "User-Agent": "lr-monitor-webhook"},
-        )
+        target, auth = _split_credentials(url)
+        headers = {"Content-Type": "application/json; charset=utf-8",
+                   "User-Agent": "lr-monitor-webhook"}
+        if auth is not None:
+            headers["Authorization"] = auth
+        request = urllib.request.Request(target, data=body, method="POST", headers=headers)
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
                 response.read(65536)
