@@ -262,7 +262,7 @@ def test_only_rank_zero_sends(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
         if isinstance(sink, WebhookSink):
             sink.min_interval = 0
             sink.send(ev())
-            assert (sink._thread is not None) is sends
+            assert (sink._session is not None) is sends
             return
         sink.send(ev())
         outputs = {
@@ -621,7 +621,8 @@ def test_webhook_sends_url_credentials_as_basic_auth_and_never_shows_them(
 @pytest.mark.parametrize(
     "kw",
     [{"format": "xml"}, {"timeout": 0}, {"max_retries": -1}, {"backoff": -1.0},
-     {"queue_size": 0}, {"min_interval": -1.0}, {"max_per_run": 0}],
+     {"queue_size": 0}, {"min_interval": -1.0}, {"max_per_run": 0}, {"close_timeout": -1},
+     {"close_timeout": math.inf}],
     ids=lambda kw: next(iter(kw)),
 )
 def test_webhook_rejects_bad_options(kw: dict[str, Any]) -> None:
@@ -751,8 +752,9 @@ def test_webhook_never_blocks_and_reports_once(
 
     wait_until(lambda: sink.failed >= 2)
     sink.close()
-    assert sink.delivered == 0
-    assert sink.failed + sink.dropped == 100
+    # a request still in flight at close is abandoned and counted when it times out
+    wait_until(lambda: sink.failed + sink.dropped == 100)
+    assert sink.delivered == 0 and sink.abandoned <= 1
     (report,) = failure_reports(caplog)
     reason = {"server-down": "connection error", "slow": "timed out", "http-500": "HTTP 500"}
     assert reason[mode] in report.getMessage()
@@ -865,25 +867,45 @@ def test_webhook_full_queue_drops_counts_and_warns_once(
     assert sink.delivered == 3 and sink.pending == 0
 
 
-def test_webhook_flush_is_bounded_and_close_discards(
+def test_webhook_flush_and_close_are_bounded_and_close_abandons_a_stuck_worker(
     server: Recorder, webhook: Callable[..., WebhookSink], caplog: pytest.LogCaptureFixture
 ) -> None:
-    server.delay = WAIT
-    sink = webhook(server.url(), timeout=1.0, min_interval=0.0, max_retries=0)
+    server.delay = 4 * WAIT  # answers only when released
+    # the socket timeout is far beyond close_timeout: only abandoning the worker is quick
+    sink = webhook(server.url(), timeout=4 * WAIT, close_timeout=0.5, min_interval=0.0,
+                   max_retries=0)
     for step in range(5):
         sink.send(ev(step=step))
     start = time.perf_counter()
     sink.flush(0.1)
-    assert time.perf_counter() - start < 0.5 * sink.timeout
-    assert sink.pending > 0
+    assert time.perf_counter() - start < 0.5 * WAIT
+    assert sink.pending == 5
+    worker = sink._session.thread  # type: ignore[union-attr]
+    start = time.perf_counter()
     sink.close()
+    assert time.perf_counter() - start < sink.close_timeout + 5.0
+    assert worker.is_alive() and sink.abandoned == 1  # left inside its request
+    assert sink.dropped == 4 and sink.pending == 0
+    assert "closed with 4 alert(s) not yet sent" in caplog.text
     sink.close()  # idempotent
-    assert sink._thread is not None and not sink._thread.is_alive()
-    assert sink.dropped >= 3
-    assert "closed with" in caplog.text
-    before = sink.dropped
-    sink.send(ev(step=9))  # after close: counted, never raises, never sends
-    assert sink.dropped == before + 1
+    assert sink.abandoned == 1 and sink.dropped == 4
+    server.release.set()  # the abandoned request ends; its thread sends nothing more
+    worker.join(WAIT)
+    assert not worker.is_alive() and server.count == 1
+
+
+def test_webhook_opens_again_after_close(server: Recorder,
+                                         webhook: Callable[..., WebhookSink]) -> None:
+    sink = webhook(server.url(), min_interval=math.inf, max_per_run=1)
+    for run in range(3):  # as the guard does: one run per fit, closed at its end
+        sink.send(ev(step=run))
+        sink.send(ev(step=run + 100))  # the rate limit and max_per_run hold within a run
+        sink.close()
+        assert sink.delivered == run + 1 and sink.suppressed == run + 1
+    assert [json.loads(r["body"])["text"].split(": ")[1] for r in server.requests] == \
+        ["[lightning_logs/version_0] step 0", "[lightning_logs/version_0] step 1",
+         "[lightning_logs/version_0] step 2"]
+    assert sink.dropped == 0 and sink.abandoned == 0
 
 
 # --------------------------------------------------------------------------- webhook: secrecy

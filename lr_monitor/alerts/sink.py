@@ -4,8 +4,12 @@
 :meth:`~AlertSink.flush` and :meth:`~AlertSink.close`, rank-zero gating through
 :meth:`~AlertSink.active`). :class:`CallableSink` makes any ``fn(event)`` a sink and
 :func:`as_sink` applies it where needed. :func:`dispatch` sends one event to many sinks with
-every fault contained; :func:`close_sinks` flushes and closes them within a time budget.
-:func:`event_line` is the one readable line the text sinks share.
+every fault contained; :func:`close_sinks` flushes and closes them, each within its own
+bound. :func:`event_line` is the one readable line the text sinks share.
+
+A sink can serve several runs: :meth:`~AlertSink.close` ends one, and a later
+:meth:`~AlertSink.send` opens the sink again (the guard closes its sinks at the end of
+every ``fit`` and uses them again in the next one).
 
 Faults are reported on the ``lr_monitor.alerts`` logger, never raised into training.
 
@@ -152,7 +156,11 @@ class AlertSink(abc.ABC):
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook
-        """Release resources (no-op by default). Safe to call twice."""
+        """End a run: deliver what is buffered and release resources, in bounded time.
+
+        No-op by default. Safe to call twice; a later :meth:`send` must open the sink
+        again (the guard closes its sinks after every ``fit`` and uses them in the next).
+        """
 
     def __enter__(self) -> AlertSink:
         return self
@@ -345,16 +353,22 @@ def dispatch(sinks: Iterable[AlertSink], event: GuardEvent) -> int:
     return failures
 
 
-def close_sinks(sinks: Iterable[AlertSink], timeout: float | None = 10.0) -> None:
+def close_sinks(sinks: Iterable[AlertSink], timeout: float | None = 0.0) -> None:
     """Flush, then close, every sink, containing any exception (for training teardown).
+
+    Each :meth:`~AlertSink.close` is bounded by its sink (a
+    :class:`~lr_monitor.alerts.WebhookSink` waits at most its ``close_timeout`` for queued
+    alerts; the other built-in sinks do local work only), so with the default ``timeout``
+    this returns within the sum of those bounds.
 
     Args:
         sinks: The sinks.
-        timeout: Total time budget in seconds for all the flushes; ``None`` waits until
-            each sink is done. Closing itself is bounded by each sink.
+        timeout: Extra time budget in seconds for all the flushes before closing, in
+            total (default ``0``: flush what can be flushed at once, wait for nothing);
+            ``None`` waits until each sink is done.
 
     Example:
-        >>> close_sinks([CallableSink(print)], timeout=1.0)
+        >>> close_sinks([CallableSink(print)])
     """
     sinks = list(sinks)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -371,3 +385,4 @@ def close_sinks(sinks: Iterable[AlertSink], timeout: float | None = 10.0) -> Non
         except Exception as exc:
             _log.warning("closing alert sink %s failed: %s: %s", _sink_name(sink),
                          type(exc).__name__, exc)
+

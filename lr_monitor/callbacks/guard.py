@@ -40,6 +40,7 @@ from torch import Tensor
 from lr_monitor._validation import check_bool, check_int, check_path, check_real, check_str
 from lr_monitor.alerts import (
     AlertSink,
+    GlobalZero,
     TensorBoardSink,
     as_sinks,
     close_sinks,
@@ -246,8 +247,17 @@ class DivergenceGuard(pl.Callback):
         self._last_event_step = -(10**9)
         self._amp_streak = 0
         self.faults = FaultBarrier("DivergenceGuard", report=self._report_fault,
-                                   step=lambda: None if self._trainer is None
-                                   else self._trainer.global_step)
+                                   step=self._fault_step)
+
+    def _fault_step(self) -> int | None:
+        """The step a fault is recorded at (a method, not a lambda: the guard pickles)."""
+        return None if self._trainer is None else self._trainer.global_step
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the trainer, the subscriptions and the open sinks (setup reopens)."""
+        state = self.__dict__.copy()
+        state.update(_trainer=None, _monitors=[], sinks=[])
+        return state
 
     @property
     def streams(self) -> list[DetectorStream]:
@@ -299,8 +309,7 @@ class DivergenceGuard(pl.Callback):
 
     def _open_sinks(self, trainer: pl.Trainer) -> None:
         log_dir = self.events_dir if self.events_dir is not None else run_dir(trainer)
-        def is_zero() -> bool:
-            return trainer.is_global_zero
+        is_zero = GlobalZero(trainer)  # picklable, and does not keep the trainer alive
         sinks = make_default_sinks(str(log_dir) if trainer.is_global_zero else None,
                                    jsonl=self.jsonl, logging=self.log_events,
                                    is_rank_zero=is_zero)
@@ -318,7 +327,7 @@ class DivergenceGuard(pl.Callback):
             self.faults.call("teardown", m.unsubscribe, self._on_record)
         if self.sinks:
             sinks, self.sinks = self.sinks, []
-            self.faults.call("teardown", close_sinks, sinks, timeout=10.0)
+            self.faults.call("teardown", close_sinks, sinks)  # each within its own bound
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
