@@ -4,8 +4,12 @@ teardown against a server that never answers, and a resume after a SIGKILL."""
 from __future__ import annotations
 
 import copy
+import os
 import pickle
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +20,15 @@ import pytest
 import pytorch_lightning as pl
 
 from lr_monitor import DivergenceGuard
-from lr_monitor.alerts import GlobalZero, JsonlSink, WebhookSink, read_events
+from lr_monitor.alerts import (
+    SUPERSEDED_EVENTS_FILENAME,
+    GlobalZero,
+    JsonlSink,
+    WebhookSink,
+    read_events,
+)
+from lr_monitor.cli.report import build_report, load_run
+from tests import resume_kill_script as killed
 from tests import test_alerts
 from tests.lightning_models import Faulty, digits_loaders, trainer
 from tests.test_alerts import WAIT, Recorder, wait_until
@@ -154,3 +166,36 @@ def test_jsonl_sink_reopens_after_the_guard_closed_it(tmp_path: Path) -> None:
     fit(tmp_path / "a", guard, nan_at=(5,))
     fit(tmp_path / "b", guard, nan_at=(6,))
     assert [e.step for e in read_events(sink.path)] == [5, 6]
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["immediate", "deferred"])
+def test_resume_after_sigkill_records_each_event_once(tmp_path: Path, deferred: bool) -> None:
+    # Killed at step 27 after a checkpoint at step 20: the events of steps 22 and 25 are on
+    # disk, and the resumed run decides them again. Deferred, step 19's event is written
+    # after the checkpoint too (read at step 20): a cut by step would keep it twice.
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PL_DISABLE_FORK="1")
+    proc = subprocess.run([sys.executable, killed.__file__, str(tmp_path),
+                           "deferred" if deferred else "immediate"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    log_dir = tmp_path / "run" / "version_0"
+    events_file = log_dir / "events.jsonl"
+    before = [e.step for e in read_events(events_file)]
+    assert before == [5, 19, 22, 25]  # fsync-ed before the kill
+
+    guard = DivergenceGuard(deferred=deferred)
+    tr, model, train = killed.make_trainer(tmp_path, guard)
+    tr.fit(model, train, ckpt_path=str(tmp_path / "checkpoints" / "epoch=0-step=20.ckpt"))
+
+    after = read_events(events_file)
+    assert [e.step for e in after] == [5, 19, 22, 25]  # each once: no 22, 25 from the dead run
+    assert [e.step for e in guard.events] == [5, 19, 22, 25]
+    dead = read_events(log_dir / SUPERSEDED_EVENTS_FILENAME)
+    assert [e.step for e in dead] == ([19, 22, 25] if deferred else [22, 25])
+    assert all(a.time > d.time for a, d in zip(after[-2:], dead[-2:], strict=True))
+    report = build_report(load_run(log_dir))
+    assert report["guard"]["events"] == 4
+    assert report["guard"]["kinds"] == {"nonfinite": 1, "divergence": 3}

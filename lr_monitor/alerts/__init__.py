@@ -18,14 +18,16 @@ The guard (:class:`lr_monitor.DivergenceGuard`) turns every decision into a
 
 Guarantees: no sink blocks training (the webhook only enqueues), no sink exception
 reaches the training loop when called through :func:`dispatch`, on multi-process runs
-only rank zero sends anything, and every sink pickles and serves any number of runs (a
-closed sink opens again on its next event). This package does not import Lightning.
+only rank zero sends anything, every sink pickles and serves any number of runs (a closed
+sink opens again on its next event), and a run resumed from a checkpoint writes each event
+to ``events.jsonl`` once (:func:`checkpoint_sinks`, :func:`resume_sinks`). This package
+does not import Lightning.
 
 The package is split by concern; every name is importable from here:
 
 * :mod:`lr_monitor.alerts.sink` -- the protocol: :class:`AlertSink`, :class:`CallableSink`,
   :func:`as_sink`, :func:`as_sinks`, :func:`dispatch`, :func:`close_sinks`,
-  :func:`event_line`.
+  :func:`checkpoint_sinks`, :func:`resume_sinks`, :func:`event_line`.
 * :mod:`lr_monitor.alerts.sinks` -- the log line, the event log, TensorBoard text and
   :func:`make_default_sinks`.
 * :mod:`lr_monitor.alerts.webhook` -- :class:`WebhookSink`.
@@ -57,9 +59,11 @@ from lr_monitor.alerts.sink import (
     CallableSink,
     as_sink,
     as_sinks,
+    checkpoint_sinks,
     close_sinks,
     dispatch,
     event_line,
+    resume_sinks,
 )
 from lr_monitor.alerts.sinks import (
     GUARD_LOGGER_NAME,
@@ -75,7 +79,14 @@ from lr_monitor.alerts.webhook import (
     WebhookFormat,
     WebhookSink,
 )
-from lr_monitor.eventlog import DEFAULT_MAX_BYTES, EVENTS_FILENAME, EventFileError, read_events
+from lr_monitor.eventlog import (
+    DEFAULT_MAX_BYTES,
+    EVENTS_FILENAME,
+    SUPERSEDED_EVENTS_FILENAME,
+    EventFileError,
+    read_events,
+    unique_events,
+)
 
 __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
@@ -83,6 +94,7 @@ __all__ = [
     "EVENTS_FILENAME",
     "GUARD_LOGGER_NAME",
     "RANK_ENV_VARS",
+    "SUPERSEDED_EVENTS_FILENAME",
     "WEBHOOK_URL_ENV",
     "AlertSink",
     "CallableSink",
@@ -96,6 +108,7 @@ __all__ = [
     "WebhookSink",
     "as_sink",
     "as_sinks",
+    "checkpoint_sinks",
     "close_sinks",
     "dispatch",
     "env_rank",
@@ -103,4 +116,6 @@ __all__ = [
     "is_env_rank_zero",
     "make_default_sinks",
     "read_events",
+    "resume_sinks",
+    "unique_events",
 ]

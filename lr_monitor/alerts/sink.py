@@ -5,7 +5,9 @@
 :meth:`~AlertSink.active`). :class:`CallableSink` makes any ``fn(event)`` a sink and
 :func:`as_sink` applies it where needed. :func:`dispatch` sends one event to many sinks with
 every fault contained; :func:`close_sinks` flushes and closes them, each within its own
-bound. :func:`event_line` is the one readable line the text sinks share.
+bound. :func:`checkpoint_sinks` and :func:`resume_sinks` carry what a sink needs across a
+resume from a checkpoint (the event log's end, so a resumed run writes each event once).
+:func:`event_line` is the one readable line the text sinks share.
 
 A sink can serve several runs: :meth:`~AlertSink.close` ends one, and a later
 :meth:`~AlertSink.send` opens the sink again (the guard closes its sinks at the end of
@@ -33,7 +35,7 @@ from __future__ import annotations
 import abc
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from lr_monitor._validation import check_bool, check_str, invalid
@@ -46,9 +48,11 @@ __all__ = [
     "CallableSink",
     "as_sink",
     "as_sinks",
+    "checkpoint_sinks",
     "close_sinks",
     "dispatch",
     "event_line",
+    "resume_sinks",
 ]
 
 #: Logger on which sink faults, webhook failures and dropped alerts are reported.
@@ -160,6 +164,25 @@ class AlertSink(abc.ABC):
 
         No-op by default. Safe to call twice; a later :meth:`send` must open the sink
         again (the guard closes its sinks after every ``fit`` and uses them in the next).
+        """
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """What a run resumed from a checkpoint taken now needs from this sink (plain data).
+
+        Returns:
+            ``None`` by default: nothing. :class:`~lr_monitor.alerts.JsonlSink` returns
+            where its file ends (:meth:`lr_monitor.eventlog.EventLogWriter.mark`).
+        """
+        return None
+
+    def resume(self, saved: Sequence[Mapping[str, Any]]) -> None:  # noqa: B027
+        """Continue from a checkpoint: ``saved`` is what the sinks' :meth:`checkpoint` said.
+
+        No-op by default; a sink picks its own entry.
+
+        Args:
+            saved: The non-``None`` results of :meth:`checkpoint` of the checkpoint's
+                sinks (:func:`checkpoint_sinks`).
         """
 
     def __enter__(self) -> AlertSink:
@@ -386,3 +409,55 @@ def close_sinks(sinks: Iterable[AlertSink], timeout: float | None = 0.0) -> None
             _log.warning("closing alert sink %s failed: %s: %s", _sink_name(sink),
                          type(exc).__name__, exc)
 
+
+def checkpoint_sinks(sinks: Iterable[AlertSink]) -> list[dict[str, Any]]:
+    """Every sink's :meth:`~AlertSink.checkpoint`, for a checkpoint; faults are contained.
+
+    Args:
+        sinks: The sinks.
+
+    Returns:
+        The states that are not ``None`` (plain data), in sink order.
+
+    Example:
+        >>> checkpoint_sinks([CallableSink(print)])
+        []
+    """
+    saved = []
+    for sink in sinks:
+        try:
+            state = sink.checkpoint()
+        except Exception as exc:
+            _log.warning("alert sink %s could not say where its record ends (%s: %s); a run "
+                         "resumed from this checkpoint may repeat its events", _sink_name(sink),
+                         type(exc).__name__, exc)
+            continue
+        if state is not None:
+            saved.append(state)
+    return saved
+
+
+def resume_sinks(sinks: Iterable[AlertSink], saved: object) -> None:
+    """Hand every sink what :func:`checkpoint_sinks` saved; faults are logged, never raised.
+
+    Args:
+        sinks: The sinks of the resumed run.
+        saved: What :func:`checkpoint_sinks` returned when the checkpoint was taken (read
+            back from it: anything else is ignored with a warning).
+
+    Example:
+        >>> resume_sinks([CallableSink(print)], [{"path": "run/events.jsonl"}])
+    """
+    if saved is None:
+        return
+    if not isinstance(saved, Sequence) or isinstance(saved, (str, bytes)) or not all(
+            isinstance(s, Mapping) for s in saved):
+        _log.warning("the checkpoint's alert sink states are not a list of dicts (%.80r); "
+                     "ignored", saved)
+        return
+    for sink in sinks:
+        try:
+            sink.resume(saved)
+        except Exception as exc:
+            _log.warning("alert sink %s could not resume from the checkpoint: %s: %s",
+                         _sink_name(sink), type(exc).__name__, exc)

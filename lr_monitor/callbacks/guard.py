@@ -43,9 +43,11 @@ from lr_monitor.alerts import (
     GlobalZero,
     TensorBoardSink,
     as_sinks,
+    checkpoint_sinks,
     close_sinks,
     dispatch,
     make_default_sinks,
+    resume_sinks,
 )
 from lr_monitor.callbacks._compat import (
     grad_scaler,
@@ -600,6 +602,7 @@ class DivergenceGuard(pl.Callback):
             "last_event_step": self._last_event_step,
             "stop_reason": self.stop_reason,
             "staged": None if self._staged is None else self._staged.state_dict(),
+            "sinks": checkpoint_sinks(self.sinks),  # where events.jsonl ends
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -615,3 +618,6 @@ class DivergenceGuard(pl.Callback):
         self.stop_reason = state_dict.get("stop_reason")
         staged = state_dict.get("staged")
         self._staged = None if not staged else StagedStep.from_state_dict(staged)
+        # events.jsonl goes back to where this checkpoint left it: the steps after it are
+        # decided again, and each decision is written once
+        resume_sinks(self.sinks, state_dict.get("sinks"))
