@@ -23,14 +23,18 @@ from __future__ import annotations
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "HTTP_SCHEMES",
+    "PORT_RANGE",
     "check_bool",
     "check_callable",
     "check_choice",
+    "check_http_url",
     "check_int",
     "check_path",
     "check_real",
@@ -183,3 +187,70 @@ def check_regex(arg: str, value: Any) -> re.Pattern[str] | None:
         return re.compile(value)
     except re.error as e:
         raise invalid(arg, value, f"a valid regular expression ({e})") from e
+
+
+#: Schemes :func:`check_http_url` accepts.
+HTTP_SCHEMES = ("http", "https")
+#: Ports :func:`check_http_url` accepts, both ends included.
+PORT_RANGE = (1, 65535)
+
+
+def check_http_url(arg: str, value: Any, *, shown: object = None) -> urllib.parse.SplitResult:
+    """``value`` split into its parts, if it is a usable ``http://`` or ``https://`` URL.
+
+    Checked, in this order: a string; no whitespace or control characters anywhere (they
+    would be cut off or smuggled into the request line); scheme ``http`` or ``https``
+    (any case); a host; and, when a port is written, ASCII digits in ``1..65535``
+    (``urllib`` itself would accept ``:99999`` and connect to port ``99999 % 65536``).
+    Credentials (``user:password@host``) are allowed: the caller decides what to do with
+    them (:attr:`~urllib.parse.SplitResult.username` and ``.password`` are still
+    percent-encoded).
+
+    Args:
+        arg: The argument's name as the user typed it (or the environment variable).
+        value: The value to check.
+        shown: What the message shows in place of the value, for a URL that is a secret
+            (``None`` shows the value). With ``shown``, only the port number, never
+            another part of the URL, appears in a message.
+
+    Returns:
+        :func:`urllib.parse.urlsplit` of ``value``.
+
+    Raises:
+        ValueError: For anything else, naming ``arg`` and what is allowed.
+
+    Example:
+        >>> check_http_url("url", "https://hooks.example.com/T0/B0").hostname
+        'hooks.example.com'
+        >>> check_http_url("url", "http://127.0.0.1:99999/hook")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: url='http://...:99999/hook' is invalid: must be ... port in 1..65535, not 99999
+        >>> check_http_url("url", "ftp://example.com/x", shown="<hidden>")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: url='<hidden>' is invalid: must be ... with a host (the URL itself is not...
+    """
+    display = value if shown is None else shown
+    secret = "" if shown is None else " (the URL itself is not shown: it is a secret)"
+    kind = "an http:// or https:// URL"
+    if not isinstance(value, str):
+        raise invalid(arg, display, f"{kind} (a string), not {type(value).__name__}"
+                      + ("" if shown is None else " (the value is not shown: it may be a secret)"))
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise invalid(arg, display, f"{kind} without whitespace or control characters{secret}")
+    try:
+        parts = urllib.parse.urlsplit(value)
+        host = parts.hostname
+    except ValueError:  # e.g. a malformed IPv6 host
+        parts, host = None, None
+    if parts is None or parts.scheme not in HTTP_SCHEMES or not host:
+        raise invalid(arg, display, f"{kind} with a host{secret}")
+    hostport = parts.netloc.rpartition("@")[2]
+    port = hostport.rpartition("]")[2] if hostport.startswith("[") else hostport
+    port = port.rpartition(":")[2] if ":" in port else ""
+    low, high = PORT_RANGE
+    if port and not (port.isascii() and port.isdigit() and low <= int(port) <= high):
+        got = f", not {int(port)}" if port.isascii() and port.isdigit() else ""
+        raise invalid(arg, display, f"{kind} with a port in {low}..{high}{got}{secret}")
+    return parts

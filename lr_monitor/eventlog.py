@@ -22,6 +22,13 @@ the file format, so the writer (:class:`~lr_monitor.alerts.JsonlSink`, through
   becomes ``events.jsonl.1`` (``.1`` becomes ``.2``, ...; the oldest beyond
   ``backup_count`` is deleted), so the log never holds more than
   ``max_bytes * (backup_count + 1)`` bytes.
+* **Resume.** A checkpoint stores :meth:`EventLogWriter.mark`: where the log ended when it
+  was taken (size, and a digest of the bytes before). A run resumed from it calls
+  :meth:`EventLogWriter.rewind`, which moves every line written after the mark -- the
+  events of a timeline the resume replaces, e.g. between the last checkpoint and a
+  ``SIGKILL`` -- to ``events.superseded.jsonl``, so each event of the resumed run is in
+  ``events.jsonl`` once. :func:`unique_events` keeps a reader right on logs written
+  without it.
 
 Only the standard library and :mod:`lr_monitor.events` are used: reading a run's record
 needs neither torch nor Lightning.
@@ -41,18 +48,19 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from lr_monitor._validation import check_bool, check_choice, check_int, check_path
 from lr_monitor.events import GuardEvent
-from lr_monitor.tags import EVENTS_FILENAME
+from lr_monitor.tags import EVENTS_FILENAME, SUPERSEDED_EVENTS_FILENAME
 
 __all__ = [
     "DEFAULT_BACKUP_COUNT",
@@ -61,16 +69,20 @@ __all__ = [
     "MAX_FILE_BYTES",
     "MAX_LINE_BYTES",
     "MAX_NAMED_LINES",
+    "SUPERSEDED_EVENTS_FILENAME",
     "EventFileError",
     "EventLogWriter",
     "NotRegularFileError",
     "backup_path",
     "decode_event",
     "encode_event",
+    "event_key",
     "file_kind",
     "open_regular",
     "read_events",
     "rotated_paths",
+    "superseded_path",
+    "unique_events",
 ]
 
 #: Default size at which :class:`EventLogWriter` rotates its file (50 MiB).
@@ -175,6 +187,20 @@ def decode_event(line: bytes | str) -> GuardEvent:
     return GuardEvent.from_dict(obj)
 
 
+def superseded_path(path: str | os.PathLike[str]) -> Path:
+    """Where :meth:`EventLogWriter.rewind` moves the lines of a replaced timeline.
+
+    ``.superseded`` goes before the suffix, so a reader of ``events.jsonl`` and its rotated
+    files never reads it.
+
+    Example:
+        >>> superseded_path("run/events.jsonl").name == SUPERSEDED_EVENTS_FILENAME
+        True
+    """
+    p = Path(path)
+    return p.with_name(f"{p.stem}.superseded{p.suffix}")
+
+
 def backup_path(path: str | os.PathLike[str], index: int) -> Path:
     """The ``index``-th rotated file of ``path`` (``1`` is the newest).
 
@@ -275,6 +301,106 @@ class EventLogWriter:
         with self._lock:
             self._close_file()
 
+    def mark(self) -> dict[str, Any]:
+        """Where the log ends now, for a checkpoint; :meth:`rewind` comes back to it.
+
+        Returns:
+            Plain data: ``path`` (absolute), ``size`` (bytes up to the end of the last
+            complete line; ``0`` when there is no file yet) and ``digest`` (SHA-256 of the
+            up to 4 KiB before ``size``, which identifies the file on resume, even once
+            rotated).
+        """
+        with self._lock:
+            size, digest = 0, _digest(b"")
+            with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as f:
+                end = os.fstat(f.fileno()).st_size
+                size = _last_line_start(f, end)
+                f.seek(max(0, size - _MARK_BYTES))
+                digest = _digest(f.read(size - max(0, size - _MARK_BYTES)))
+            return {"path": os.path.abspath(self.path), "size": size, "digest": digest}
+
+    def rewind(self, mark: Mapping[str, Any]) -> int:
+        """Make the log end where ``mark`` (:meth:`mark`) says; move what followed aside.
+
+        The lines written after the mark are appended to :func:`superseded_path` (the
+        file is created if needed, flushed and fsync-ed first), then cut from the log.
+        The mark is looked for in ``events.jsonl`` and then in the rotated files: if the
+        log rotated after the mark, the newer files are moved aside as well and the
+        rotated files are renamed back. An incomplete last line (an interrupted write) is
+        dropped. A mark for another file changes nothing.
+
+        Args:
+            mark: What :meth:`mark` returned when the checkpoint was taken.
+
+        Returns:
+            How many lines were moved aside (``0`` when the log ends at the mark).
+
+        Raises:
+            ValueError: If ``mark`` is not a mark (from a corrupt checkpoint).
+            OSError: If the files cannot be read or written.
+        """
+        size, digest, path = _check_mark(mark)
+        if path != os.path.abspath(self.path):
+            return 0
+        with self._lock:
+            self._close_file()
+            files = [self.path] + [backup_path(self.path, i)
+                                   for i in range(1, len(rotated_paths(self.path)) + 1)]
+            index = next((i for i, f in enumerate(files) if _ends_at(f, size, digest)), None)
+            if index is None:
+                _log.warning("%s: the point where the checkpoint left the event log was not "
+                             "found (the log was replaced, edited or rotated beyond its %d "
+                             "kept files); events written after the checkpoint may be in it "
+                             "twice (lr-monitor report counts each once)", self.path,
+                             self.backup_count)
+                return 0
+            moved = self._move_aside(files[: index + 1], size)
+            if index == 0 and _size_of(files[0]) <= size:
+                return moved
+            with open(files[index], "rb+") as f:
+                f.truncate(size)
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+            if index:
+                for newer in files[:index]:
+                    with contextlib.suppress(FileNotFoundError):
+                        newer.unlink()
+                for i in range(index, len(files)):  # the rotated files move back by ``index``
+                    if files[i].exists():
+                        os.replace(files[i], files[i - index])
+            _fsync_dir(self.path.parent)
+            if moved:
+                _log.info("%s: resumed from a checkpoint; moved the %d event(s) written "
+                             "after it to %s", self.path, moved,
+                             superseded_path(self.path).name)
+            return moved
+
+    def _move_aside(self, files: list[Path], size: int) -> int:
+        """Append ``files[-1][size:]``, then ``files[-2]`` ... ``files[0]`` to the superseded file.
+
+        Whole lines only. Returns how many.
+        """
+        chunks: list[bytes] = []
+        for i, file in enumerate(reversed(files)):
+            try:
+                with open(file, "rb") as f:
+                    if i == 0:
+                        f.seek(size)
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            chunks.append(data[: data.rfind(b"\n") + 1])
+        lines = sum(c.count(b"\n") for c in chunks)
+        if lines:
+            with open(superseded_path(self.path), "ab") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                out.flush()
+                if self.fsync:
+                    os.fsync(out.fileno())
+        return lines
+
     def __enter__(self) -> EventLogWriter:
         return self
 
@@ -353,6 +479,44 @@ class EventLogWriter:
     def __repr__(self) -> str:
         return (f"EventLogWriter(path={str(self.path)!r}, max_bytes={self.max_bytes}, "
                 f"backup_count={self.backup_count})")
+
+
+#: Bytes before a mark whose digest identifies the file (:meth:`EventLogWriter.mark`).
+_MARK_BYTES = 4096
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _size_of(file: Path) -> int:
+    try:
+        return file.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _check_mark(mark: object) -> tuple[int, str, str]:
+    """``(size, digest, path)`` of a mark read back from a checkpoint."""
+    if isinstance(mark, Mapping):
+        size, digest, path = mark.get("size"), mark.get("digest"), mark.get("path")
+        if (isinstance(size, int) and not isinstance(size, bool) and size >= 0
+                and isinstance(digest, str) and isinstance(path, str)):
+            return size, digest, path
+    raise ValueError(f"not an event log mark: {mark!r:.200}")
+
+
+def _ends_at(file: Path, size: int, digest: str) -> bool:
+    """Whether ``file`` holds at least ``size`` bytes and the digest matches before them."""
+    try:
+        with open(file, "rb") as f:
+            if os.fstat(f.fileno()).st_size < size:
+                return False
+            start = max(0, size - _MARK_BYTES)
+            f.seek(start)
+            return _digest(f.read(size - start)) == digest
+    except FileNotFoundError:
+        return size == 0  # no file yet is where an empty mark left it
 
 
 def _last_line_start(f: BinaryIO, size: int) -> int:
@@ -559,6 +723,46 @@ def read_events(
                 raise
             _log.warning("%s: skipped (%s)", file, exc.strerror or exc)
     return events
+
+
+def event_key(event: GuardEvent) -> tuple[str | None, int, str, str]:
+    """What makes an event one decision: its run, step, kind and signal.
+
+    A guard records at most one event per step, and a component's fault once, so two
+    events with the same key are the same decision written twice -- by a run resumed
+    from a checkpoint, replaying the steps after it.
+
+    Example:
+        >>> event_key(GuardEvent(step=4, kind="spike", signal="loss", value=9.0,
+        ...                      threshold=3.0, time=0.0))
+        (None, 4, 'spike', 'loss')
+    """
+    return event.run, event.step, event.kind, event.signal
+
+
+def unique_events(events: Iterable[GuardEvent]) -> list[GuardEvent]:
+    """``events`` with each decision once (:func:`event_key`): the last copy is kept.
+
+    A run resumed from a checkpoint decides the steps after it again; when that record
+    could not be rewound (:meth:`EventLogWriter.rewind`: a log written by an older version,
+    or replaced), both copies are in the file, and the later one is the resumed run's.
+
+    Args:
+        events: Events in file order.
+
+    Returns:
+        The events whose key does not appear again later, in file order.
+
+    Example:
+        >>> def e(step, value):
+        ...     return GuardEvent(step=step, kind="spike", signal="loss", value=value,
+        ...                       threshold=3.0, time=0.0)
+        >>> [(x.step, x.value) for x in unique_events([e(1, 5.0), e(2, 6.0), e(2, 7.0)])]
+        [(1, 5.0), (2, 7.0)]
+    """
+    events = list(events)
+    last = {event_key(e): i for i, e in enumerate(events)}
+    return [e for i, e in enumerate(events) if last[event_key(e)] == i]
 
 
 def _describe(exc: BaseException) -> str:

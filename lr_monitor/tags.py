@@ -41,6 +41,7 @@ __all__ = [
     "STATISTICS",
     "STEP_QUALITY_STATISTICS",
     "STEP_STATISTICS",
+    "SUPERSEDED_EVENTS_FILENAME",
     "TENSORBOARD_FILE_MARK",
     "TRAIN_ACC",
     "TRAIN_LOSS",
@@ -123,6 +124,9 @@ GUARD_EVENTS = "guard/events"
 
 #: The run's record of guard decisions and faults, one JSON object per line.
 EVENTS_FILENAME = "events.jsonl"
+#: Where a resumed run moves the events written after the checkpoint it resumed from (a
+#: timeline that no longer exists); not read by ``lr-monitor report``.
+SUPERSEDED_EVENTS_FILENAME = "events.superseded.jsonl"
 
 #: Part of every TensorBoard event file's name (``events.out.tfevents.<time>.<host>...``).
 TENSORBOARD_FILE_MARK = "tfevents"

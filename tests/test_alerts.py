@@ -3,6 +3,7 @@ real HTTP server on 127.0.0.1 (standard library only, every wait bounded)."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import logging
@@ -12,6 +13,7 @@ import pickle
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -260,7 +262,7 @@ def test_only_rank_zero_sends(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
         if isinstance(sink, WebhookSink):
             sink.min_interval = 0
             sink.send(ev())
-            assert (sink._thread is not None) is sends
+            assert (sink._session is not None) is sends
             return
         sink.send(ev())
         outputs = {
@@ -565,9 +567,62 @@ def test_webhook_rejects_bad_url_without_showing_it(url: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("port", "shown"),
+    [("99999", ", not 99999"), ("65536", ", not 65536"), ("0", ", not 0"), ("+80", ""),
+     ("８０", ""), ("abc", ""), ("-1", "")],
+    ids=["99999", "65536", "zero", "plus-sign", "fullwidth-digits", "letters", "negative"],
+)
+def test_webhook_rejects_ports_outside_1_to_65535(port: str, shown: str) -> None:
+    # urllib would take :99999 and connect to 99999 % 65536 = 34463: the secret goes elsewhere
+    for host in ("127.0.0.1", "[::1]", "user:SECRETtoken1@127.0.0.1"):
+        with pytest.raises(ValueError) as info:
+            WebhookSink(f"http://{host}:{port}/SECRETtoken1")
+        text = str(info.value)
+        assert text == ("url='<webhook url hidden>' is invalid: must be an http:// or https:// "
+                        f"URL with a port in 1..65535{shown} (the URL itself is not shown: "
+                        "it is a secret)"), text
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1/x", "http://127.0.0.1:65535/x",
+                                 "HTTPS://[::1]:443/x", "http://127.0.0.1:/x",
+                                 "http://u:p@127.0.0.1:8080/x"])
+def test_webhook_accepts_ports_in_range(url: str) -> None:
+    WebhookSink(url).close()
+
+
+def test_webhook_sends_url_credentials_as_basic_auth_and_never_shows_them(
+    server: Recorder, webhook: Callable[..., WebhookSink], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    password = "pa@ss:w0rd/SECRETpw"
+    url = (f"http://bot%20one:{urllib.parse.quote(password, safe='')}@127.0.0.1:{server.port}"
+           "/hook?x=1#frag")
+    sink = webhook(url, format="json")
+    sink.send(ev())
+    sink.flush(WAIT)
+    assert sink.delivered == 1
+    (request,) = server.requests
+    assert request["path"] == "/hook?x=1"  # no credentials, no fragment in the request line
+    assert request["headers"]["Host"] == f"127.0.0.1:{server.port}"
+    expected = base64.b64encode(f"bot one:{password}".encode()).decode()
+    assert request["headers"]["Authorization"] == f"Basic {expected}"
+    # a failure is reported without them, and neither repr nor a pickle holds them
+    server.status = 401
+    server.body = lambda path: f"bad credentials for bot one:{password}".encode()
+    sink.send(ev(step=13, kind="divergence"))
+    sink.flush(WAIT)
+    assert sink.failed == 1 and "could not deliver" in caplog.text
+    stored = caplog.text + repr(sink) + repr(sink.__getstate__())
+    for needle in ("SECRETpw", urllib.parse.quote(password, safe=""), expected):
+        assert needle not in stored and needle.encode() not in pickle.dumps(sink)
+
+
+@pytest.mark.parametrize(
     "kw",
     [{"format": "xml"}, {"timeout": 0}, {"max_retries": -1}, {"backoff": -1.0},
-     {"queue_size": 0}, {"min_interval": -1.0}, {"max_per_run": 0}],
+     {"queue_size": 0}, {"min_interval": -1.0}, {"max_per_run": 0}, {"close_timeout": -1},
+     {"close_timeout": math.inf}],
     ids=lambda kw: next(iter(kw)),
 )
 def test_webhook_rejects_bad_options(kw: dict[str, Any]) -> None:
@@ -697,8 +752,9 @@ def test_webhook_never_blocks_and_reports_once(
 
     wait_until(lambda: sink.failed >= 2)
     sink.close()
-    assert sink.delivered == 0
-    assert sink.failed + sink.dropped == 100
+    # a request still in flight at close is abandoned and counted when it times out
+    wait_until(lambda: sink.failed + sink.dropped == 100)
+    assert sink.delivered == 0 and sink.abandoned <= 1
     (report,) = failure_reports(caplog)
     reason = {"server-down": "connection error", "slow": "timed out", "http-500": "HTTP 500"}
     assert reason[mode] in report.getMessage()
@@ -811,25 +867,45 @@ def test_webhook_full_queue_drops_counts_and_warns_once(
     assert sink.delivered == 3 and sink.pending == 0
 
 
-def test_webhook_flush_is_bounded_and_close_discards(
+def test_webhook_flush_and_close_are_bounded_and_close_abandons_a_stuck_worker(
     server: Recorder, webhook: Callable[..., WebhookSink], caplog: pytest.LogCaptureFixture
 ) -> None:
-    server.delay = WAIT
-    sink = webhook(server.url(), timeout=1.0, min_interval=0.0, max_retries=0)
+    server.delay = 4 * WAIT  # answers only when released
+    # the socket timeout is far beyond close_timeout: only abandoning the worker is quick
+    sink = webhook(server.url(), timeout=4 * WAIT, close_timeout=0.5, min_interval=0.0,
+                   max_retries=0)
     for step in range(5):
         sink.send(ev(step=step))
     start = time.perf_counter()
     sink.flush(0.1)
-    assert time.perf_counter() - start < 0.5 * sink.timeout
-    assert sink.pending > 0
+    assert time.perf_counter() - start < 0.5 * WAIT
+    assert sink.pending == 5
+    worker = sink._session.thread  # type: ignore[union-attr]
+    start = time.perf_counter()
     sink.close()
+    assert time.perf_counter() - start < sink.close_timeout + 5.0
+    assert worker.is_alive() and sink.abandoned == 1  # left inside its request
+    assert sink.dropped == 4 and sink.pending == 0
+    assert "closed with 4 alert(s) not yet sent" in caplog.text
     sink.close()  # idempotent
-    assert sink._thread is not None and not sink._thread.is_alive()
-    assert sink.dropped >= 3
-    assert "closed with" in caplog.text
-    before = sink.dropped
-    sink.send(ev(step=9))  # after close: counted, never raises, never sends
-    assert sink.dropped == before + 1
+    assert sink.abandoned == 1 and sink.dropped == 4
+    server.release.set()  # the abandoned request ends; its thread sends nothing more
+    worker.join(WAIT)
+    assert not worker.is_alive() and server.count == 1
+
+
+def test_webhook_opens_again_after_close(server: Recorder,
+                                         webhook: Callable[..., WebhookSink]) -> None:
+    sink = webhook(server.url(), min_interval=math.inf, max_per_run=1)
+    for run in range(3):  # as the guard does: one run per fit, closed at its end
+        sink.send(ev(step=run))
+        sink.send(ev(step=run + 100))  # the rate limit and max_per_run hold within a run
+        sink.close()
+        assert sink.delivered == run + 1 and sink.suppressed == run + 1
+    assert [json.loads(r["body"])["text"].split(": ")[1] for r in server.requests] == \
+        ["[lightning_logs/version_0] step 0", "[lightning_logs/version_0] step 1",
+         "[lightning_logs/version_0] step 2"]
+    assert sink.dropped == 0 and sink.abandoned == 0
 
 
 # --------------------------------------------------------------------------- webhook: secrecy

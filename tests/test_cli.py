@@ -212,6 +212,26 @@ def test_report_tolerates_a_truncated_last_line(logdir: Path, tmp_path: Path,
     assert [e["step"] for e in runs["too-high/version_0"]["events"]] == [3, 9, 17, 25]
 
 
+def test_report_counts_an_event_recorded_twice_once(logdir: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # a log a resumed run could not rewind (an older version wrote it): the steps after the
+    # checkpoint are in it twice, the resumed run's copy last
+    root = copy_logdir(logdir, tmp_path / "logs")
+    path = root / "too-high" / "version_0" / "events.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    replayed = [json.loads(line) | {"value": 99.0} for line in lines[2:]]
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(d) + "\n" for d in replayed)
+    assert main(["report", str(root), "--json"]) == 0
+    out, err = capsys.readouterr()
+    run = by_name(json.loads(out))["too-high/version_0"]
+    assert run["guard"]["events"] == 4
+    assert sum(run["guard"]["kinds"].values()) == 4  # per kind, each decision counted once
+    assert [e["step"] for e in run["events"]] == [3, 9, 17, 25]
+    assert [e["value"] for e in run["events"]][2:] == [99.0, 99.0]  # the resumed run's copy
+    assert "2 event(s) recorded twice" in err
+
+
 def test_report_without_monitor_or_guard(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     write_run(tmp_path / "plain", steps=5, lr=2.0**-10, monitor=False, guard=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pickle
 from pathlib import Path
@@ -10,14 +11,19 @@ from typing import Any
 
 import pytest
 
+from lr_monitor.alerts import JsonlSink, checkpoint_sinks, resume_sinks
 from lr_monitor.eventlog import (
     EVENTS_FILENAME,
+    SUPERSEDED_EVENTS_FILENAME,
     EventFileError,
     EventLogWriter,
     backup_path,
     decode_event,
     encode_event,
     read_events,
+    rotated_paths,
+    superseded_path,
+    unique_events,
 )
 from lr_monitor.events import Action, GuardEvent
 from lr_monitor.tags import EVENTS_FILENAME as TAGS_EVENTS_FILENAME
@@ -240,3 +246,119 @@ def test_writer_validates(tmp_path: Path, kw: dict[str, Any], message: str) -> N
 def test_writer_path_must_be_a_path() -> None:
     with pytest.raises(ValueError, match=r"^path=3 is invalid"):
         EventLogWriter(3)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def steps(path: Path, **kw: Any) -> list[int]:
+    return [e.step for e in read_events(path, **kw)] if path.exists() else []
+
+
+def test_rewind_moves_what_followed_the_mark_aside(tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "lr_monitor.eventlog")
+    path = tmp_path / EVENTS_FILENAME
+    log = EventLogWriter(path)
+    for step in range(3):
+        log.append(ev(step))
+    mark = log.mark()
+    assert mark["path"] == str(path.resolve()) and mark["size"] == path.stat().st_size
+    json.dumps(mark)  # plain data, for a checkpoint
+    for step in (3, 4):  # the killed run went on past its checkpoint ...
+        log.append(ev(step))
+    with open(path, "ab") as f:  # ... and died mid-write
+        f.write(good_line(5)[:9])
+    resumed = EventLogWriter(path)
+    assert resumed.rewind(mark) == 2
+    assert steps(path) == [0, 1, 2]
+    assert superseded_path(path).name == SUPERSEDED_EVENTS_FILENAME
+    assert steps(superseded_path(path)) == [3, 4]  # whole lines only: the torn one is gone
+    assert "moved the 2 event(s) written after it" in caplog.text
+    resumed.append(ev(3))  # the resumed run decides step 3 again: once in the log
+    log.append(ev(4))  # the old writer's handle appends at the new end
+    assert steps(path) == [0, 1, 2, 3, 4]
+    assert resumed.rewind(mark) == 2 and steps(superseded_path(path)) == [3, 4, 3, 4]
+    assert resumed.rewind(mark) == 0 and steps(path) == [0, 1, 2]  # at the mark: nothing
+
+
+def test_rewind_to_a_mark_taken_before_the_file_existed(tmp_path: Path) -> None:
+    path = tmp_path / EVENTS_FILENAME
+    log = EventLogWriter(path)
+    mark = log.mark()
+    assert mark["size"] == 0 and not path.exists()
+    assert log.rewind(mark) == 0 and not path.exists() and not superseded_path(path).exists()
+    log.append(ev(1))
+    assert log.rewind(mark) == 1
+    assert steps(path) == [] and steps(superseded_path(path)) == [1]
+
+
+def test_rewind_undoes_a_rotation_after_the_mark(tmp_path: Path) -> None:
+    path = tmp_path / EVENTS_FILENAME
+    line = len(good_line(0))
+    log = EventLogWriter(path, max_bytes=3 * line + 5, backup_count=4)  # 3 lines a file
+    for step in range(5):  # events.jsonl.1 = [0, 1, 2], events.jsonl = [3, 4]
+        log.append(ev(step))
+    mark = log.mark()
+    for step in range(5, 12):  # two more rotations: .3 = [0..2], .2 = [3..5], .1 = [6..8]
+        log.append(ev(step))
+    assert len(rotated_paths(path)) == 3
+    assert log.rewind(mark) == 7
+    assert steps(path, include_rotated=True) == [0, 1, 2, 3, 4]
+    assert steps(path) == [3, 4] and len(rotated_paths(path)) == 1
+    assert steps(superseded_path(path)) == list(range(5, 12))
+    log.append(ev(5))
+    assert steps(path, include_rotated=True) == [0, 1, 2, 3, 4, 5]
+
+
+def test_rewind_leaves_a_file_it_cannot_place_alone(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / EVENTS_FILENAME
+    log = EventLogWriter(path)
+    for step in range(3):
+        log.append(ev(step))
+    mark = log.mark()
+    other = EventLogWriter(tmp_path / "other" / EVENTS_FILENAME)
+    other.append(ev(7))
+    assert other.rewind(mark) == 0 and steps(other.path) == [7]  # another file's mark
+    path.write_bytes(good_line(9) * 5)  # replaced since the checkpoint
+    assert log.rewind(mark) == 0
+    assert steps(path) == [9] * 5 and not superseded_path(path).exists()
+    assert "the point where the checkpoint left the event log was not found" in caplog.text
+    for bad in ({}, {"path": str(path), "size": -1, "digest": ""}, [1], None):
+        with pytest.raises(ValueError, match="not an event log mark"):
+            log.rewind(bad)  # type: ignore[arg-type]
+
+
+def test_jsonl_sink_checkpoint_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    sink = JsonlSink(tmp_path / EVENTS_FILENAME)
+    for step in range(2):
+        sink.send(ev(step))
+    saved = checkpoint_sinks([sink])
+    assert [s["sink"] for s in saved] == ["JsonlSink"]
+    saved = json.loads(json.dumps(saved))  # as read back from a checkpoint
+    for step in range(2, 4):
+        sink.send(ev(step))
+    sink.close()
+    resumed = pickle.loads(pickle.dumps(sink))
+    resume_sinks([resumed], saved)
+    for step in range(2, 5):
+        resumed.send(ev(step))
+    assert steps(resumed.path) == [0, 1, 2, 3, 4]
+    resume_sinks([resumed], [{"sink": "JsonlSink", "path": str(resumed.path.resolve())}])
+    assert "could not resume from the checkpoint: ValueError" in caplog.text  # contained
+    resume_sinks([resumed], "garbage")
+    assert "not a list of dicts" in caplog.text
+    monkeypatch.setenv("RANK", "1")  # another rank neither marks nor rewinds
+    assert checkpoint_sinks([resumed]) == []
+    resume_sinks([resumed], saved)
+    assert steps(resumed.path) == [0, 1, 2, 3, 4]
+
+
+def test_unique_events_keeps_the_last_copy_of_each_decision() -> None:
+    events = [ev(1), ev(2, value=5.0), ev(2, kind="nonfinite"), ev(3), ev(2, value=6.0),
+              ev(2, run="other")]
+    assert [(e.step, e.kind, e.value, e.run) for e in unique_events(events)] == [
+        (1, "spike", 9.0, None), (2, "nonfinite", 9.0, None), (3, "spike", 9.0, None),
+        (2, "spike", 6.0, None), (2, "spike", 9.0, "other")]

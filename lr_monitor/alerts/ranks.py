@@ -3,6 +3,7 @@
 Alert sinks send on rank zero only (:class:`~lr_monitor.alerts.AlertSink`). Launchers tell a
 process its rank through environment variables; this module reads them in the order
 Lightning's ``rank_zero_only`` does, so the sinks agree with Lightning without importing it.
+:class:`GlobalZero` asks a trainer instead, and stays picklable.
 
 Example:
     >>> env_rank({"LOCAL_RANK": "2"}), env_rank({"RANK": "x", "SLURM_PROCID": "3"})
@@ -12,9 +13,11 @@ Example:
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["RANK_ENV_VARS", "env_rank", "is_env_rank_zero"]
+__all__ = ["RANK_ENV_VARS", "GlobalZero", "env_rank", "is_env_rank_zero"]
 
 #: Environment variables holding the process rank, in the order they are consulted
 #: (the same order as Lightning's ``rank_zero_only``).
@@ -55,3 +58,46 @@ def is_env_rank_zero() -> bool:
         ``True`` on rank zero and on single-process runs.
     """
     return env_rank() == 0
+
+
+class GlobalZero:
+    """``is_rank_zero`` for a sink: ``owner.is_global_zero``, and picklable.
+
+    The guard hands one to its sinks, built from the trainer (right under ``ddp_spawn``
+    too). It holds the owner weakly, so a sink does not keep a finished trainer alive,
+    and it pickles without it: a copy, like a call after the owner is gone, falls back to
+    :func:`is_env_rank_zero`.
+
+    Args:
+        owner: Anything with an ``is_global_zero`` attribute, e.g. a Lightning ``Trainer``.
+
+    Example:
+        >>> import pickle
+        >>> class Trainer:
+        ...     is_global_zero = False
+        >>> trainer = Trainer()
+        >>> check = GlobalZero(trainer)
+        >>> check(), pickle.loads(pickle.dumps(check))()  # the copy reads the environment
+        (False, True)
+    """
+
+    def __init__(self, owner: Any) -> None:
+        self._owner: weakref.ref[Any] | None = weakref.ref(owner)
+
+    def __call__(self) -> bool:
+        """Whether the owner is global rank zero (:func:`is_env_rank_zero` without one).
+
+        Returns:
+            ``owner.is_global_zero``, or :func:`is_env_rank_zero` when the owner is gone.
+        """
+        owner = None if self._owner is None else self._owner()
+        if owner is None:
+            return is_env_rank_zero()
+        return bool(owner.is_global_zero)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_owner": None}
+
+    def __repr__(self) -> str:
+        owner = None if self._owner is None else self._owner()
+        return f"GlobalZero({type(owner).__name__ if owner is not None else 'environment'})"

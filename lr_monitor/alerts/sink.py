@@ -4,8 +4,14 @@
 :meth:`~AlertSink.flush` and :meth:`~AlertSink.close`, rank-zero gating through
 :meth:`~AlertSink.active`). :class:`CallableSink` makes any ``fn(event)`` a sink and
 :func:`as_sink` applies it where needed. :func:`dispatch` sends one event to many sinks with
-every fault contained; :func:`close_sinks` flushes and closes them within a time budget.
+every fault contained; :func:`close_sinks` flushes and closes them, each within its own
+bound. :func:`checkpoint_sinks` and :func:`resume_sinks` carry what a sink needs across a
+resume from a checkpoint (the event log's end, so a resumed run writes each event once).
 :func:`event_line` is the one readable line the text sinks share.
+
+A sink can serve several runs: :meth:`~AlertSink.close` ends one, and a later
+:meth:`~AlertSink.send` opens the sink again (the guard closes its sinks at the end of
+every ``fit`` and uses them again in the next one).
 
 Faults are reported on the ``lr_monitor.alerts`` logger, never raised into training.
 
@@ -29,7 +35,7 @@ from __future__ import annotations
 import abc
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from lr_monitor._validation import check_bool, check_real, check_str, invalid
@@ -42,9 +48,11 @@ __all__ = [
     "CallableSink",
     "as_sink",
     "as_sinks",
+    "checkpoint_sinks",
     "close_sinks",
     "dispatch",
     "event_line",
+    "resume_sinks",
 ]
 
 #: Logger on which sink faults, webhook failures and dropped alerts are reported.
@@ -152,7 +160,30 @@ class AlertSink(abc.ABC):
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook
-        """Release resources (no-op by default). Safe to call twice."""
+        """End a run: deliver what is buffered and release resources, in bounded time.
+
+        No-op by default. Safe to call twice; a later :meth:`send` must open the sink
+        again (the guard closes its sinks after every ``fit`` and uses them in the next).
+        """
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """What a run resumed from a checkpoint taken now needs from this sink (plain data).
+
+        Returns:
+            ``None`` by default: nothing. :class:`~lr_monitor.alerts.JsonlSink` returns
+            where its file ends (:meth:`lr_monitor.eventlog.EventLogWriter.mark`).
+        """
+        return None
+
+    def resume(self, saved: Sequence[Mapping[str, Any]]) -> None:  # noqa: B027
+        """Continue from a checkpoint: ``saved`` is what the sinks' :meth:`checkpoint` said.
+
+        No-op by default; a sink picks its own entry.
+
+        Args:
+            saved: The non-``None`` results of :meth:`checkpoint` of the checkpoint's
+                sinks (:func:`checkpoint_sinks`).
+        """
 
     def __enter__(self) -> AlertSink:
         return self
@@ -345,20 +376,26 @@ def dispatch(sinks: Iterable[AlertSink], event: GuardEvent) -> int:
     return failures
 
 
-def close_sinks(sinks: Iterable[AlertSink], timeout: float | None = 10.0) -> None:
+def close_sinks(sinks: Iterable[AlertSink], timeout: float | None = 0.0) -> None:
     """Flush, then close, every sink, containing any exception (for training teardown).
+
+    Each :meth:`~AlertSink.close` is bounded by its sink (a
+    :class:`~lr_monitor.alerts.WebhookSink` waits at most its ``close_timeout`` for queued
+    alerts; the other built-in sinks do local work only), so with the default ``timeout``
+    this returns within the sum of those bounds.
 
     Args:
         sinks: The sinks.
-        timeout: Total time budget in seconds for all the flushes; ``None`` waits until
-            each sink is done. Closing itself is bounded by each sink.
+        timeout: Extra time budget in seconds for all the flushes before closing, in
+            total (default ``0``: flush what can be flushed at once, wait for nothing);
+            ``None`` waits until each sink is done.
 
     Raises:
         ValueError: If ``timeout`` is not a number ``>= 0`` or ``None`` (checked before
             anything is flushed).
 
     Example:
-        >>> close_sinks([CallableSink(print)], timeout=1.0)
+        >>> close_sinks([CallableSink(print)])
     """
     if timeout is not None:
         timeout = check_real("timeout", timeout, low=0.0, low_closed=True)
@@ -377,3 +414,56 @@ def close_sinks(sinks: Iterable[AlertSink], timeout: float | None = 10.0) -> Non
         except Exception as exc:
             _log.warning("closing alert sink %s failed: %s: %s", _sink_name(sink),
                          type(exc).__name__, exc)
+
+
+def checkpoint_sinks(sinks: Iterable[AlertSink]) -> list[dict[str, Any]]:
+    """Every sink's :meth:`~AlertSink.checkpoint`, for a checkpoint; faults are contained.
+
+    Args:
+        sinks: The sinks.
+
+    Returns:
+        The states that are not ``None`` (plain data), in sink order.
+
+    Example:
+        >>> checkpoint_sinks([CallableSink(print)])
+        []
+    """
+    saved = []
+    for sink in sinks:
+        try:
+            state = sink.checkpoint()
+        except Exception as exc:
+            _log.warning("alert sink %s could not say where its record ends (%s: %s); a run "
+                         "resumed from this checkpoint may repeat its events", _sink_name(sink),
+                         type(exc).__name__, exc)
+            continue
+        if state is not None:
+            saved.append(state)
+    return saved
+
+
+def resume_sinks(sinks: Iterable[AlertSink], saved: object) -> None:
+    """Hand every sink what :func:`checkpoint_sinks` saved; faults are logged, never raised.
+
+    Args:
+        sinks: The sinks of the resumed run.
+        saved: What :func:`checkpoint_sinks` returned when the checkpoint was taken (read
+            back from it: anything else is ignored with a warning).
+
+    Example:
+        >>> resume_sinks([CallableSink(print)], [{"path": "run/events.jsonl"}])
+    """
+    if saved is None:
+        return
+    if not isinstance(saved, Sequence) or isinstance(saved, (str, bytes)) or not all(
+            isinstance(s, Mapping) for s in saved):
+        _log.warning("the checkpoint's alert sink states are not a list of dicts (%.80r); "
+                     "ignored", saved)
+        return
+    for sink in sinks:
+        try:
+            sink.resume(saved)
+        except Exception as exc:
+            _log.warning("alert sink %s could not resume from the checkpoint: %s: %s",
+                         _sink_name(sink), type(exc).__name__, exc)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -116,7 +116,14 @@ class JsonlSink(AlertSink):
     in one call, flushed and ``os.fsync``-ed before :meth:`send` returns, so a killed
     process loses nothing already decided. The file and its directory are created on the
     first event (on rank zero only). If a previous process was killed mid-write, the
-    incomplete last line is removed when the file is reopened.
+    incomplete last line is removed when the file is reopened. :meth:`close` closes the
+    file and the next :meth:`send` reopens it, so the sink serves any number of runs.
+
+    Resume: :meth:`checkpoint` says where the file ends; a run resumed from that
+    checkpoint calls :meth:`resume`, which moves the events written after it (by a run
+    that was killed, or that went on past the checkpoint) to ``events.superseded.jsonl``
+    (:meth:`~lr_monitor.eventlog.EventLogWriter.rewind`): the resumed run decides those
+    steps again, and each decision is in ``events.jsonl`` once.
 
     Rotation: before a line would take the file past ``max_bytes``, ``events.jsonl``
     becomes ``events.jsonl.1`` (``.1`` becomes ``.2`` and so on; the oldest beyond
@@ -210,6 +217,35 @@ class JsonlSink(AlertSink):
     def close(self) -> None:
         """Close the file; a later :meth:`send` reopens it in append mode."""
         self.writer.close()
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """Where the file ends now (:meth:`~lr_monitor.eventlog.EventLogWriter.mark`).
+
+        Returns:
+            The mark, or ``None`` on a process that does not write (not rank zero).
+        """
+        if not self.active():
+            return None
+        return {"sink": type(self).__name__, **self.writer.mark()}
+
+    def resume(self, saved: Sequence[Mapping[str, Any]]) -> None:
+        """Rewind the file to this file's mark in ``saved``, if there is one.
+
+        Args:
+            saved: The checkpoint's sink states (:func:`~lr_monitor.alerts.checkpoint_sinks`);
+                marks of other files are ignored.
+
+        Raises:
+            ValueError: If this file's mark is malformed (contained by
+                :func:`~lr_monitor.alerts.resume_sinks`).
+            OSError: If the file cannot be rewound.
+        """
+        if not self.active():
+            return
+        path = os.path.abspath(self.path)
+        for state in saved:
+            if state.get("sink") == type(self).__name__ and state.get("path") == path:
+                self.writer.rewind(state)
 
     def __repr__(self) -> str:
         return (f"JsonlSink(path={str(self.path)!r}, max_bytes={self.max_bytes}, "

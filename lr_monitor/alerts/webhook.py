@@ -4,8 +4,13 @@
 JSON). :meth:`~WebhookSink.send` only rate-limits and enqueues; a daemon thread does the
 HTTP work with bounded retries. The URL is a secret: it is hidden from ``repr``, scrubbed
 from every reported error (in all its encoded forms and by its path tokens), not followed
-through redirects, and never pickled. Sinks still open when the interpreter exits get a
-bounded chance to flush.
+through redirects, and never pickled; credentials written in it (``user:password@``) are
+sent as HTTP Basic authentication, never in the request line.
+
+:meth:`~WebhookSink.close` waits at most ``close_timeout`` seconds (a worker stuck in a
+request is abandoned, never waited for), and a sink that was closed opens again on its
+next event: one sink serves any number of runs. Sinks still open when the interpreter
+exits get a bounded chance to flush.
 
 Example:
     >>> sink = WebhookSink("https://hooks.slack.com/services/T000/B000/XXXXXXXXXXXX")
@@ -17,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import http.client
 import json
@@ -31,17 +37,28 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from lr_monitor._validation import check_callable, check_choice, check_int, check_real, invalid
+from lr_monitor._validation import (
+    check_callable,
+    check_choice,
+    check_http_url,
+    check_int,
+    check_real,
+    invalid,
+)
 from lr_monitor.alerts.sink import AlertSink, _log, event_line
 from lr_monitor.eventlog import _json_default
 from lr_monitor.events import GuardEvent
 
-__all__ = ["MAX_TIMEOUT", "WEBHOOK_URL_ENV", "WebhookFormat", "WebhookSink"]
+__all__ = ["DEFAULT_CLOSE_TIMEOUT", "MAX_TIMEOUT", "WEBHOOK_URL_ENV", "WebhookFormat",
+           "WebhookSink"]
 
 #: Environment variable :class:`WebhookSink` reads its URL from when none is passed.
 WEBHOOK_URL_ENV = "LR_MONITOR_WEBHOOK_URL"
-#: Longest ``timeout`` of one HTTP attempt, in seconds (teardown waits up to this long).
+#: Longest ``timeout`` (one HTTP attempt) and ``close_timeout``, in seconds.
 MAX_TIMEOUT = 600.0
+#: Default ``close_timeout`` of :class:`WebhookSink`: the longest :meth:`WebhookSink.close`
+#: (and so the end of ``fit``) waits for queued alerts, in seconds.
+DEFAULT_CLOSE_TIMEOUT = 2.0
 #: Longest wait between two attempts, in seconds (also the cap on ``Retry-After``).
 _MAX_DELAY = 30.0
 
@@ -98,6 +115,29 @@ def _secret_fragments(url: str) -> list[str]:
     return sorted((f for f in frags | more if len(f) >= 4 and f != "/"), key=len, reverse=True)
 
 
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """The URL to request and the ``Authorization`` header for credentials written in ``url``.
+
+    ``http://user:pa%40ss@host/x`` is requested as ``http://host/x`` with
+    ``Authorization: Basic base64("user:pa@ss")`` (percent-decoded, UTF-8, RFC 7617); a URL
+    without ``@`` is requested as it is. The fragment is never sent.
+
+    Example:
+        >>> _split_credentials("https://bot:pa%40ss@hooks.example.com/x?a=1#f")
+        ('https://hooks.example.com/x?a=1', 'Basic Ym90OnBhQHNz')
+        >>> _split_credentials("https://hooks.example.com/x")
+        ('https://hooks.example.com/x', None)
+    """
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    target = urllib.parse.urlunsplit((parts.scheme, hostport, parts.path, parts.query, ""))
+    if not at or not userinfo:
+        return target, None
+    user, _, password = userinfo.partition(":")
+    pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+    return target, "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+
+
 def _scrub(text: str, fragments: Iterable[str]) -> str:
     for frag in fragments:
         if frag in text:
@@ -115,6 +155,41 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _LIVE_WEBHOOKS: weakref.WeakSet[WebhookSink] = weakref.WeakSet()
 _AT_EXIT_BUDGET = 5.0
 _STOP = object()
+
+
+class _Session:
+    """One run of a sink, from its first event to :meth:`WebhookSink.close`.
+
+    A queue, a stop flag and the worker thread emptying the queue. A session is never
+    reused: :meth:`~WebhookSink.close` ends it (an abandoned worker keeps its own queue and
+    flag, so it cannot touch the next session) and the next event starts a new one.
+    """
+
+    def __init__(self, sink: WebhookSink) -> None:
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=sink.queue_size)
+        self.stop = threading.Event()
+        self.pid = os.getpid()
+        self.thread = threading.Thread(target=sink._run, args=(self,),
+                                       name="lr_monitor-webhook", daemon=True)
+
+
+def _wait_done(q: queue.Queue[Any], deadline: float | None) -> bool:
+    """Wait until every item of ``q`` is done or ``deadline`` (monotonic) passes.
+
+    Returns:
+        Whether the queue is done.
+    """
+    cond = q.all_tasks_done
+    with cond:
+        while q.unfinished_tasks:
+            if deadline is None:
+                cond.wait()
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            cond.wait(remaining)
+    return True
 
 
 @atexit.register
@@ -141,7 +216,12 @@ class WebhookSink(AlertSink):
     Rate limit: at most one message per ``(kind, signal)`` per ``min_interval``
     seconds; the events in between are counted in :attr:`suppressed` and the next
     message for that key ends with ``(+N similar suppressed)``. At most
-    ``max_per_run`` messages are sent per sink; the last one says so.
+    ``max_per_run`` messages are sent per run (until :meth:`close`); the last one says so.
+
+    Runs: the first event starts a worker thread, :meth:`close` ends it within
+    ``close_timeout`` seconds, and the next event starts a new one with a fresh rate limit.
+    The guard closes its sinks at the end of every ``fit``, so the same sink (and a guard
+    holding it) can be used for any number of fits. The counters add up over all runs.
 
     Failures are reported once per failure streak on the ``lr_monitor.alerts`` logger,
     with the reason but never the URL. Every event also stays in the JSONL record
@@ -150,14 +230,19 @@ class WebhookSink(AlertSink):
     The URL is a secret: it is hidden from ``repr``, never logged, and never pickled.
     A pickled copy (e.g. sent to ``ddp_spawn`` workers) reads the URL again from
     :data:`WEBHOOK_URL_ENV` if that is where it came from; otherwise the copy is
-    disabled and says so on its first event.
+    disabled and says so on its first event. Credentials in the URL
+    (``https://user:password@host/...``, percent-encoded) are sent as HTTP Basic
+    authentication (``Authorization`` header), never in the request line, and are as
+    secret as the rest of the URL; redirects are never followed, so they go to that host
+    only.
 
     Payload: ``format="slack"`` posts ``{"text": line}`` (``&``, ``<``, ``>`` escaped
     as Slack requires); ``format="json"`` posts :meth:`GuardEvent.to_dict` plus
     ``"text"``.
 
     Args:
-        url: The webhook URL (``http://`` or ``https://``); ``None`` reads
+        url: The webhook URL: ``http://`` or ``https://``, a host, a port (when written)
+            in ``1..65535``, no whitespace or control characters; ``None`` reads
             :data:`WEBHOOK_URL_ENV`.
         format: ``"slack"`` or ``"json"``.
         timeout: Socket timeout in seconds of each HTTP attempt, at most
@@ -167,7 +252,13 @@ class WebhookSink(AlertSink):
         backoff: First retry delay in seconds, doubled on each retry (at most 30 s).
         queue_size: Messages waiting for the thread; more are dropped.
         min_interval: Seconds between two messages with the same ``(kind, signal)``.
-        max_per_run: Most messages this sink sends; ``None`` for no cap.
+        max_per_run: Most messages this sink sends per run (until :meth:`close`);
+            ``None`` for no cap.
+        close_timeout: The longest :meth:`close` waits, in seconds, in
+            ``[0, MAX_TIMEOUT]``: queued alerts get this long to go out, then the rest is
+            dropped and a worker still inside a request is abandoned (it sends nothing
+            more and ends when its request times out). The guard closes its sinks at the
+            end of ``fit``, so this is also the longest the alerts delay ``fit``.
         rank_zero: See :class:`~lr_monitor.alerts.AlertSink`.
         is_rank_zero: See :class:`~lr_monitor.alerts.AlertSink`.
         clock: Monotonic clock used by the rate limit (injectable for tests).
@@ -175,8 +266,9 @@ class WebhookSink(AlertSink):
     Raises:
         ValueError: If there is no URL (naming both ``url`` and
             :data:`WEBHOOK_URL_ENV`), the URL is not an http(s) URL (the message names
-            where it came from but never shows it), or an option is out of range:
-            ``timeout`` must be in ``(0, MAX_TIMEOUT]``, ``min_interval`` a number ``>= 0``
+            where it came from but never shows it, only a bad port number), or an
+            option is out of range: ``timeout`` must be in ``(0, MAX_TIMEOUT]``,
+            ``close_timeout`` in ``[0, MAX_TIMEOUT]``, ``min_interval`` a number ``>= 0``
             (``inf``: one message per ``(kind, signal)`` per run), counts ints.
 
     Example:
@@ -190,6 +282,10 @@ class WebhookSink(AlertSink):
         Traceback (most recent call last):
         ...
         ValueError: url='<webhook url hidden>' is invalid: must be an http:// or https:// URL...
+        >>> WebhookSink("https://hooks.example.com:99999/T000/XXXX")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: url='<webhook url hidden>' is invalid: must be ... in 1..65535, not 99999...
     """
 
     def __init__(
@@ -203,6 +299,7 @@ class WebhookSink(AlertSink):
         queue_size: int = 100,
         min_interval: float = 60.0,
         max_per_run: int | None = 50,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
         rank_zero: bool = True,
         is_rank_zero: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -217,6 +314,9 @@ class WebhookSink(AlertSink):
         self.queue_size: int = check_int("queue_size", queue_size, 1)
         self.min_interval: float = _check_interval("min_interval", min_interval)
         self.max_per_run: int | None = check_int("max_per_run", max_per_run, 1, allow_none=True)
+        self.close_timeout: float = check_real("close_timeout", close_timeout, low=0.0,
+                                               high=MAX_TIMEOUT, low_closed=True,
+                                               high_closed=True)
         self.clock: Callable[[], float] = check_callable("clock", clock, "a clock () -> seconds")
         from_env = url is None
         if url is None:
@@ -228,7 +328,7 @@ class WebhookSink(AlertSink):
         self._url = _Secret(url)
         self._url_from_env = from_env
         self._delivered = self._failed = self._dropped = self._suppressed = 0
-        self._accepted = 0
+        self._accepted = self._abandoned = 0
         self._last_sent: dict[tuple[str, str], float] = {}
         self._pending_suppressed: dict[tuple[str, str], int] = {}
         self._init_runtime()
@@ -236,30 +336,12 @@ class WebhookSink(AlertSink):
     @staticmethod
     def _check_url(url: object, arg: str = "url") -> None:
         """Raise ``ValueError`` naming ``arg`` (never showing the URL) unless it is usable."""
-        hidden = _Secret(None)
-        if not isinstance(url, str):
-            raise invalid(arg, hidden, "an http:// or https:// URL (a string) or None, not "
-                          f"{type(url).__name__} (the value is not shown: it may be a secret)")
-        try:
-            parts = urllib.parse.urlsplit(url)
-            ok = parts.hostname is not None and parts.scheme in ("http", "https")
-        except ValueError:  # e.g. a malformed IPv6 host
-            ok = False
-        if not ok:
-            raise invalid(arg, hidden, "an http:// or https:// URL with a host "
-                          "(the URL itself is not shown: it is a secret)")
-        if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
-            raise invalid(arg, hidden, "a URL without whitespace or control characters "
-                          "(the URL itself is not shown: it is a secret)")
+        check_http_url(arg, url, shown=_Secret(None))
 
     def _init_runtime(self) -> None:
         """State that is rebuilt rather than pickled."""
         self._lock = threading.Lock()
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.queue_size)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
-        self._closed = False
+        self._session: _Session | None = None  # the current run's queue and worker
         self._failing = False  # inside a failure streak
         self._streak_failed = 0
         self._dropping = False  # inside a queue-full streak
@@ -279,8 +361,13 @@ class WebhookSink(AlertSink):
 
     @property
     def dropped(self) -> int:
-        """Events not sent because the queue was full or the sink was closed/disabled."""
+        """Events not sent: a full queue, :meth:`close` out of time, or no URL (unpickled)."""
         return self._dropped
+
+    @property
+    def abandoned(self) -> int:
+        """Workers :meth:`close` left inside a request when ``close_timeout`` ran out."""
+        return self._abandoned
 
     @property
     def suppressed(self) -> int:
@@ -289,8 +376,9 @@ class WebhookSink(AlertSink):
 
     @property
     def pending(self) -> int:
-        """Messages enqueued or in flight."""
-        return self._queue.unfinished_tasks
+        """Messages enqueued or in flight in the current run."""
+        session = self._session
+        return 0 if session is None else session.queue.unfinished_tasks
 
     # -- AlertSink
 
@@ -304,13 +392,11 @@ class WebhookSink(AlertSink):
             return
         key = (event.kind, event.signal)
         with self._lock:
-            if self._closed or self._url.reveal() is None:
+            if self._url.reveal() is None:
                 self._dropped += 1
-                reason = ("it was closed" if self._closed else
-                          "its URL was not pickled with it; set " + WEBHOOK_URL_ENV)
-                self._warn_once(("unusable", self._closed),
-                                "WebhookSink got an event but %s; the event stays in the "
-                                "event file only", reason)
+                self._warn_once("unusable", "WebhookSink got an event but its URL was not "
+                                "pickled with it; set %s. The event stays in the event file "
+                                "only", WEBHOOK_URL_ENV)
                 return
             now = self.clock()
             last = self._last_sent.get(key)
@@ -323,9 +409,9 @@ class WebhookSink(AlertSink):
                 return
             n_similar = self._pending_suppressed.pop(key, 0)
             last_of_run = self.max_per_run is not None and self._accepted + 1 == self.max_per_run
-            self._ensure_thread()
+            session = self._open()
             try:
-                self._queue.put_nowait((event, n_similar, last_of_run))
+                session.queue.put_nowait((event, n_similar, last_of_run))
             except queue.Full:
                 self._dropped += 1
                 if n_similar:
@@ -347,76 +433,84 @@ class WebhookSink(AlertSink):
             timeout: Longest wait in seconds; ``None`` waits until done (each message
                 is bounded by its timeout and retries).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        cond = self._queue.all_tasks_done
-        with cond:
-            while self._queue.unfinished_tasks:
-                if deadline is None:
-                    cond.wait()
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                cond.wait(remaining)
+        session = self._session
+        if session is not None:
+            _wait_done(session.queue, None if timeout is None else
+                       time.monotonic() + timeout)
 
     def close(self) -> None:
-        """Stop the thread; messages still queued are discarded and counted as dropped.
+        """End the run within ``close_timeout`` seconds; the next event starts a new one.
 
-        Call :meth:`flush` first to give them a chance. Waits at most ``timeout``
-        seconds for a request in flight.
+        Queued alerts get up to ``close_timeout`` seconds to go out. What is still queued
+        then is dropped (counted in :attr:`dropped`, reported once; every event stays in
+        ``events.jsonl``), and a worker still inside a request is abandoned (counted in
+        :attr:`abandoned`): it is a daemon thread, it sends nothing more and it ends when
+        its request times out. The rate limit and ``max_per_run`` start again with the
+        next event. Safe to call twice.
         """
+        deadline = time.monotonic() + self.close_timeout
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            thread = self._thread
+            session, self._session = self._session, None
+            self._last_sent.clear()
+            self._pending_suppressed.clear()
+            self._accepted = 0
+            self._dropping = False
         _LIVE_WEBHOOKS.discard(self)
-        self._stop.set()
+        if session is None or session.pid != os.getpid():
+            return  # never started, or a forked child's copy of its parent's run
+        _wait_done(session.queue, deadline)
+        session.stop.set()
         discarded = 0
         while True:
             try:
-                self._queue.get_nowait()
+                item = session.queue.get_nowait()
             except queue.Empty:
                 break
-            discarded += 1
-            self._queue.task_done()
-        if thread is not None:
-            with contextlib.suppress(queue.Full):
-                self._queue.put_nowait(_STOP)
-            thread.join(self.timeout + 1.0)
+            discarded += item is not _STOP
+            session.queue.task_done()
+        with contextlib.suppress(queue.Full):
+            session.queue.put_nowait(_STOP)
+        session.thread.join(max(0.0, deadline - time.monotonic()))
+        abandoned = session.thread.is_alive()
+        with self._lock:
+            self._dropped += discarded
+            self._abandoned += abandoned
         if discarded:
-            with self._lock:
-                self._dropped += discarded
-            _log.warning("WebhookSink closed with %d alert(s) not yet sent; they stay in the "
-                         "event file", discarded)
+            _log.warning("WebhookSink closed with %d alert(s) not yet sent after waiting "
+                         "close_timeout=%g s; they stay in the event file", discarded,
+                         self.close_timeout)
+        if abandoned:
+            _log.info("WebhookSink: a request was still in flight after close_timeout=%g s; "
+                      "its thread is left to end on its own and sends nothing more",
+                      self.close_timeout)
 
     # -- worker
 
-    def _ensure_thread(self) -> None:
-        """Start the worker on first use (and again in a forked child). Holds the lock."""
-        if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
-            return
-        if self._pid != os.getpid():  # forked: the parent's thread and queue are not ours
-            self._queue = queue.Queue(maxsize=self.queue_size)
-            self._pid = os.getpid()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="lr_monitor-webhook",
-                                        daemon=True)
-        self._thread.start()
-        _LIVE_WEBHOOKS.add(self)
+    def _open(self) -> _Session:
+        """The current run, started on its first event (again in a forked child).
 
-    def _run(self) -> None:
-        q = self._queue
+        The lock is held.
+        """
+        session = self._session
+        if session is not None and session.pid == os.getpid():
+            return session
+        session = self._session = _Session(self)
+        session.thread.start()
+        _LIVE_WEBHOOKS.add(self)
+        return session
+
+    def _run(self, session: _Session) -> None:
+        q = session.queue
         while True:
             item = q.get()
             try:
                 if item is _STOP:
                     return
-                if self._stop.is_set():
+                if session.stop.is_set():
                     with self._lock:
                         self._dropped += 1
                     continue
-                self._deliver(*item)
+                self._deliver(session, *item)
             except Exception as exc:  # never let the thread die
                 with self._lock:
                     self._failed += 1
@@ -463,7 +557,8 @@ class WebhookSink(AlertSink):
             body = {**event.to_dict(), "text": text}
         return json.dumps(body, default=_json_default).encode("utf-8")
 
-    def _deliver(self, event: GuardEvent, n_similar: int, last_of_run: bool) -> None:
+    def _deliver(self, session: _Session, event: GuardEvent, n_similar: int,
+                 last_of_run: bool) -> None:
         body = self.payload(event, n_similar, last_of_run)
         attempt = 0
         while True:
@@ -477,13 +572,13 @@ class WebhookSink(AlertSink):
                     _log.info("WebhookSink delivers again (%d alert(s) were not delivered)",
                               streak)
                 return
-            if retry_after is None or attempt >= self.max_retries or self._stop.is_set():
+            if retry_after is None or attempt >= self.max_retries or session.stop.is_set():
                 with self._lock:
                     self._failed += 1
                 self._report_failure(event, reason, attempt + 1)
                 return
             delay = max(retry_after, min(_MAX_DELAY, self.backoff * 2.0 ** min(attempt, 32)))
-            if self._stop.wait(delay):
+            if session.stop.wait(delay):
                 with self._lock:
                     self._failed += 1
                 return
@@ -511,11 +606,12 @@ class WebhookSink(AlertSink):
         """One attempt. Returns (ok, retry delay or None if not retryable, reason)."""
         url = self._url.reveal()
         assert url is not None
-        request = urllib.request.Request(
-            url, data=body, method="POST",
-            headers={"Content-Type": "application/json; charset=utf-8",
-                     "User-Agent": "lr-monitor-webhook"},
-        )
+        target, auth = _split_credentials(url)
+        headers = {"Content-Type": "application/json; charset=utf-8",
+                   "User-Agent": "lr-monitor-webhook"}
+        if auth is not None:
+            headers["Authorization"] = auth
+        request = urllib.request.Request(target, data=body, method="POST", headers=headers)
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
                 response.read(65536)
@@ -554,13 +650,16 @@ class WebhookSink(AlertSink):
 
     def __getstate__(self) -> dict[str, Any]:
         keep = ("format", "timeout", "max_retries", "backoff", "queue_size", "min_interval",
-                "max_per_run", "clock", "rank_zero", "is_rank_zero", "_url_from_env",
-                "_delivered", "_failed", "_dropped", "_suppressed", "_accepted")
+                "max_per_run", "close_timeout", "clock", "rank_zero", "is_rank_zero",
+                "_url_from_env", "_delivered", "_failed", "_dropped", "_suppressed",
+                "_accepted", "_abandoned")
         state = {k: self.__dict__[k] for k in keep if k in self.__dict__}
         state["_url"] = _Secret(None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("close_timeout", DEFAULT_CLOSE_TIMEOUT)  # pickled by an older version
+        state.setdefault("_abandoned", 0)
         self.__dict__.update(state)
         self._last_sent = {}
         self._pending_suppressed = {}
@@ -576,5 +675,5 @@ class WebhookSink(AlertSink):
     def __repr__(self) -> str:
         return (f"WebhookSink(url={_HIDDEN!r}, format={self.format!r}, timeout={self.timeout}, "
                 f"max_retries={self.max_retries}, min_interval={self.min_interval}, "
-                f"max_per_run={self.max_per_run})")
+                f"max_per_run={self.max_per_run}, close_timeout={self.close_timeout})")
 

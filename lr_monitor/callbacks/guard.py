@@ -40,11 +40,14 @@ from torch import Tensor
 from lr_monitor._validation import check_bool, check_int, check_path, check_real, check_str
 from lr_monitor.alerts import (
     AlertSink,
+    GlobalZero,
     TensorBoardSink,
     as_sinks,
+    checkpoint_sinks,
     close_sinks,
     dispatch,
     make_default_sinks,
+    resume_sinks,
 )
 from lr_monitor.callbacks._compat import (
     grad_scaler,
@@ -252,8 +255,17 @@ class DivergenceGuard(pl.Callback):
         self._amp_streak = 0
         self._nonfinite_streak = 0  # non-finite steps in a row
         self.faults = FaultBarrier("DivergenceGuard", report=self._report_fault,
-                                   step=lambda: None if self._trainer is None
-                                   else self._trainer.global_step)
+                                   step=self._fault_step)
+
+    def _fault_step(self) -> int | None:
+        """The step a fault is recorded at (a method, not a lambda: the guard pickles)."""
+        return None if self._trainer is None else self._trainer.global_step
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the trainer, the subscriptions and the open sinks (setup reopens)."""
+        state = self.__dict__.copy()
+        state.update(_trainer=None, _monitors=[], sinks=[])
+        return state
 
     @property
     def streams(self) -> list[DetectorStream]:
@@ -305,8 +317,7 @@ class DivergenceGuard(pl.Callback):
 
     def _open_sinks(self, trainer: pl.Trainer) -> None:
         log_dir = self.events_dir if self.events_dir is not None else run_dir(trainer)
-        def is_zero() -> bool:
-            return trainer.is_global_zero
+        is_zero = GlobalZero(trainer)  # picklable, and does not keep the trainer alive
         sinks = make_default_sinks(str(log_dir) if trainer.is_global_zero else None,
                                    jsonl=self.jsonl, logging=self.log_events,
                                    is_rank_zero=is_zero)
@@ -324,7 +335,7 @@ class DivergenceGuard(pl.Callback):
             self.faults.call("teardown", m.unsubscribe, self._on_record)
         if self.sinks:
             sinks, self.sinks = self.sinks, []
-            self.faults.call("teardown", close_sinks, sinks, timeout=10.0)
+            self.faults.call("teardown", close_sinks, sinks)  # each within its own bound
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
@@ -676,6 +687,7 @@ class DivergenceGuard(pl.Callback):
             "nonfinite_streak": self._nonfinite_streak,
             "stop_reason": self.stop_reason,
             "staged": None if self._staged is None else self._staged.state_dict(),
+            "sinks": checkpoint_sinks(self.sinks),  # where events.jsonl ends
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -692,3 +704,6 @@ class DivergenceGuard(pl.Callback):
         self.stop_reason = state_dict.get("stop_reason")
         staged = state_dict.get("staged")
         self._staged = None if not staged else StagedStep.from_state_dict(staged)
+        # events.jsonl goes back to where this checkpoint left it: the steps after it are
+        # decided again, and each decision is written once
+        resume_sinks(self.sinks, state_dict.get("sinks"))

@@ -57,7 +57,7 @@ import numpy as np
 
 from lr_monitor.cli.safe_text import display_path, terminal_safe
 from lr_monitor.cli.tfevents import Series, read_scalars
-from lr_monitor.eventlog import file_kind, read_events
+from lr_monitor.eventlog import file_kind, read_events, unique_events
 from lr_monitor.events import Action, GuardEvent
 from lr_monitor.tags import (
     DEFAULT_PREFIX,
@@ -323,8 +323,10 @@ def load_run(
 
     Event files are read with :func:`~lr_monitor.cli.tfevents.read_scalars` (as one run, in
     name order); ``events.jsonl`` and its rotated files with
-    :func:`lr_monitor.eventlog.read_events` (``errors="warn"``). Whatever they hold, this
-    returns: what could not be read is skipped with a warning naming it.
+    :func:`lr_monitor.eventlog.read_events` (``errors="warn"``), each decision once
+    (:func:`lr_monitor.eventlog.unique_events`: a log a resumed run could not rewind holds
+    the steps after its checkpoint twice). Whatever they hold, this returns: what could not
+    be read is skipped with a warning naming it.
 
     Args:
         run_dir: The run directory.
@@ -355,7 +357,12 @@ def load_run(
     events_path = jsonl if os.path.lexists(jsonl) else None
     if events_path is not None:
         try:
-            events = read_events(jsonl, include_rotated=True, errors="warn")
+            read = read_events(jsonl, include_rotated=True, errors="warn")
+            events = unique_events(read)
+            if len(events) < len(read):
+                _log.warning("%s: %d event(s) recorded twice (by a run resumed from a "
+                             "checkpoint); each is counted once", display_path(jsonl),
+                             len(read) - len(events))
         except OSError as exc:
             _log.warning("%s: skipped (%s)", display_path(jsonl), exc.strerror or exc)
     return RunData(

@@ -48,7 +48,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
@@ -255,6 +255,10 @@ class GuardPolicy:
                            parse_action("escalate", self.escalate, _ESCALATIONS))
         check_int("amp_patience", self.amp_patience, 1)
         object.__setattr__(self, "actions", MappingProxyType(parsed))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # ``actions`` (a read-only view) is derived: rebuild it rather than pickle it
+        return type(self), tuple(getattr(self, f.name) for f in fields(self) if f.init)
 
     def _amp_deferred(self, detections: Sequence[Detection], context: DecisionContext) -> bool:
         """Whether these detections are an overflow the fp16 scaler handles by itself."""
