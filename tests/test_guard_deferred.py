@@ -385,6 +385,32 @@ def test_unread_step_in_a_checkpoint_is_judged_after_resume(tmp_path: Path) -> N
     assert _events(resumed) == [(2, "divergence", "loss", ("skip",))]
 
 
+def test_a_resumed_run_has_a_snapshot_before_the_next_trouble(tmp_path: Path) -> None:
+    """Resumed right after an event (not yet quiet), a NaN at step 5 reaches the non-fused
+    weights a step before it is read: the first state judged clean after the resume was
+    kept, so the guard rolls back to it instead of being left with NaN weights."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3,
+                           save_top_k=-1, save_on_train_epoch_end=False)
+    kw: dict[str, Any] = dict(deferred=True, on_divergence="skip", jsonl=False,
+                              log_events=False)
+    tr = trainer(tmp_path, max_steps=3, max_epochs=-1, callbacks=[DivergenceGuard(**kw), ckpt],
+                 enable_checkpointing=True, logger=False)
+    tr.fit(Corrupted(OPTIMIZERS["adam"], scale_at=(2,)),
+           regression_loader(n=512, batch_size=16))
+    resumed = DivergenceGuard(**kw)
+    weights = Weights()
+    tr2 = trainer(tmp_path, max_steps=9, max_epochs=-1, callbacks=[resumed, weights],
+                  logger=False)
+    tr2.fit(Corrupted(OPTIMIZERS["adam"], nan_at=(5,)), regression_loader(n=512, batch_size=16),
+            ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=3.ckpt"))
+    assert _events(resumed) == [(2, "divergence", "loss", ("skip",)),
+                                (5, "nonfinite", "loss", ("rollback", "cut_lr"))]
+    assert resumed.snapshots.last_restored is not None
+    assert resumed.snapshots.last_restored.step == 4
+    assert resumed.stop_reason is None
+    assert all(bool(torch.isfinite(w).all()) for w in weights.after[-2:])
+
+
 def test_a_nonfinite_step_asked_to_be_skipped_is_rolled_back(tmp_path: Path) -> None:
     """on_nonfinite="skip", not fused: the NaN reached the weights a step before it was
     read, and skipping the next update would leave it there; the guard rolls back."""

@@ -413,9 +413,11 @@ class DivergenceGuard(pl.Callback):
                 self._skip_now = True  # rolled back or stopping: not this update either
             elif decision is not None and Action.SKIP in decision.plan and not tripped:
                 self._late_skips.add(staged.index)  # that optimizer's next update instead
-            elif decision is None and self._quiet(staged.step) and self.bank.healthy():
+            elif decision is None and (not len(self.snapshots) or (
+                    self._quiet(staged.step) and self.bank.healthy())):
                 # the weights about to be updated passed judgement: keep them (at once
-                # when there is no snapshot yet, as after a resume with an unread step)
+                # when there is no snapshot yet, as after a resume with an unread step:
+                # a state to go back to beats none, even shortly after an event)
                 self._snapshot(trainer, pl_module, step, force=not len(self.snapshots))
             self._decision = decision
         if self._skip_now or index in self._late_skips:
@@ -525,6 +527,8 @@ class DivergenceGuard(pl.Callback):
                 continue
             if action is Action.ROLLBACK:
                 done += self._rollback(trainer, pl_module, decision, notes)
+                if Action.STOP in done:
+                    break  # nothing to restore and nothing to repair: the run ends here
             elif action is Action.CUT:  # the policy allowed it (a rollback always cuts)
                 if self.cut_policy.cut(decision.step, self._optimizers(trainer),
                                        self._schedulers(trainer), ignore_cooldown=True):
