@@ -3,8 +3,10 @@
 The Lightning hooks only; the logic is framework-free in :mod:`lr_monitor.guard`. At each
 optimizer step the guard gathers the loss (``on_before_backward``, averaged over
 gradient-accumulation micro-batches) and the gradient norm (``on_before_optimizer_step``:
-after unscaling, before clipping) with :mod:`~lr_monitor.guard.signals` — averaged across
-ranks in one all-reduce, so every rank takes the same decision. A
+after unscaling, before clipping) with :mod:`~lr_monitor.guard.signals` — combined across
+ranks in one all-reduce (the loss averaged; the squared norm averaged when replicated as
+under DDP, summed over the shards of FSDP2/DTensor gradients), so every rank takes the same
+decision. DeepSpeed and FSDP1 (``FSDPStrategy``) are refused in ``setup``. A
 :class:`~lr_monitor.StepSizeMonitor` hands it its recorded ``update_cosine`` and
 ``update_ratio`` (the guard subscribes to it). :mod:`~lr_monitor.guard.bank` detects,
 :mod:`~lr_monitor.guard.policy` decides, and the decision is carried out with
@@ -47,6 +49,7 @@ from lr_monitor.alerts import (
     make_default_sinks,
 )
 from lr_monitor.callbacks._compat import (
+    check_strategy,
     grad_scaler,
     is_tensorboard_logger,
     pl,
@@ -282,9 +285,14 @@ class DivergenceGuard(pl.Callback):
 
     # -- lifecycle -----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Subscribe to the monitors; open the alert sinks (rank zero only sends anything)."""
+        """Subscribe to the monitors; open the alert sinks (rank zero only sends anything).
+
+        Raises:
+            RuntimeError: For a strategy whose gradients it cannot see (DeepSpeed, FSDP1).
+        """
         self._trainer = trainer
         if stage == "fit":
+            check_strategy(trainer, type(self).__name__)
             self.faults.call("setup", self._subscribe, trainer)
             if not self.sinks:
                 self.faults.call("setup", self._open_sinks, trainer)
