@@ -371,7 +371,13 @@ class DivergenceGuard(pl.Callback):
 
     def _add_loss(self, trainer: pl.Trainer, loss: torch.Tensor) -> None:
         # fp16 AMP: Lightning hands callbacks the *scaled* loss; the scale comes back out.
-        self.signals.add_loss(loss, loss_scale(grad_scaler(trainer)))
+        # Accumulating (automatic optimization only), it first divided the loss by
+        # accumulate_grad_batches, also in a short last window: that comes back out too.
+        scale = loss_scale(grad_scaler(trainer))
+        k = int(getattr(trainer, "accumulate_grad_batches", 1))
+        if k > 1 and trainer.lightning_module.automatic_optimization:
+            scale = 1.0 / k if scale is None else scale / k
+        self.signals.add_loss(loss, scale)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:

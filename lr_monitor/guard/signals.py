@@ -4,9 +4,9 @@ Framework-free (plain :mod:`torch`). A :class:`StepSignals` accumulates the loss
 micro-batch on the device (:meth:`~StepSignals.add_loss`, dividing an fp16 ``GradScaler``'s
 scale back out without a host sync), then, once per optimizer step,
 :meth:`~StepSignals.collect` stacks the mean loss and the squared gradient norm (one
-``foreach`` norm) into one small tensor, averages it across ranks with the reduce function
-it is given (one all-reduce) and reads it back in one host transfer. Every rank therefore
-gets identical values, and a NaN on one rank is a NaN in the average.
+``foreach`` norm, float32 at least) into one small tensor, averages it across ranks with the
+reduce function it is given (one all-reduce) and reads it back in one host transfer. Every
+rank therefore gets identical values, and a NaN on one rank is a NaN in the average.
 
 Each rank has its own batch, so the loss is averaged. The squared gradient norm is
 averaged too where every rank holds the whole (all-reduced) gradient, as under DDP; a
@@ -198,9 +198,8 @@ class StepSignals:
                 if reduce is None:
                     parts[-1] = parts[-1].sqrt()
             else:
-                if grads:  # one norm per tensor, then the norm of the norms
-                    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)),
-                                                    dtype=torch.float64).to(device)
+                if grads:  # one norm per tensor (float32 at least), the norm of the norms
+                    norm = torch.linalg.vector_norm(tensor_norms(grads)).to(device)
                 else:
                     norm = torch.zeros((), dtype=torch.float64, device=device)
                 parts.append(norm if reduce is None else norm.square())
