@@ -519,7 +519,9 @@ def attach(
             ``fn(metrics, step)``; ``step`` is the optimizer's own step index.
         every_n_steps: Record every n-th ``optimizer.step()`` (the first step is recorded).
         name: Optimizer name in the tags (default: its class name).
-        model: Gives parameter names, needed for ``granularity="tensor"``.
+        model: Gives parameter names, needed for ``granularity="tensor"``; a wrapper
+            whose ``module`` holds the same parameters (Fabric's, DDP) gives the names in
+            the wrapped module.
         **recorder_kwargs: Passed to :class:`StepRecorder`: the recording options of
             :class:`~lr_monitor.recording.config.RecorderConfig` (``prefix``,
             ``granularity``, ``include``, ``exclude``, ``update_cosine``,
@@ -555,7 +557,7 @@ def attach(
         raise TypeError(f"writer={writer!r} is invalid: needs add_scalar() or to be callable")
 
     names: dict[Tensor, str] | None = (
-        {p: n for n, p in model.named_parameters()} if model is not None else None)
+        {p: n for n, p in _unwrapped(model).named_parameters()} if model is not None else None)
     if "reduce" not in recorder_kwargs and _distributed() and any(
             is_dtensor(p) for g in optimizer.param_groups for p in g["params"]):
         recorder_kwargs["reduce"] = _sum_across_ranks
@@ -583,3 +585,12 @@ def _distributed() -> bool:
 def _sum_across_ranks(sums: StepSums) -> None:
     """The ``reduce`` of sharded parameters: every field combined across ranks by its rule."""
     sums.all_reduce()
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside wrappers (Fabric's, DDP) that only hold it as ``module``."""
+    inner = getattr(model, "module", None)
+    while isinstance(inner, torch.nn.Module) and inner is not model and \
+            {id(p) for p in inner.parameters()} == {id(p) for p in model.parameters()}:
+        model, inner = inner, getattr(inner, "module", None)
+    return model
