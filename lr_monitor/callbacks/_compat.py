@@ -18,8 +18,39 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
-__all__ = ["grad_scaler", "is_tensorboard_logger", "logging_off", "loss_tensor", "pl",
-           "rank_zero_warn", "run_dir"]
+__all__ = ["UNSUPPORTED_STRATEGIES", "check_strategy", "grad_scaler", "is_tensorboard_logger",
+           "logging_off", "loss_tensor", "pl", "rank_zero_warn", "run_dir"]
+
+#: Strategies whose gradients, parameters or optimizer steps the callbacks cannot see as
+#: they are (by class name, so that both Lightning packages match): why, and what to use.
+UNSUPPORTED_STRATEGIES: dict[str, str] = {
+    "DeepSpeedStrategy": (
+        "DeepSpeed keeps gradients and optimizer state in its own partitioned flat buffers "
+        "and steps its own optimizer, so parameters have no .grad to measure; use "
+        "strategy='ddp', or ModelParallelStrategy with torch.distributed.fsdp.fully_shard "
+        "(FSDP2) for sharding"),
+    "FSDPStrategy": (
+        "FSDP1 flattens and pads each rank's parameters into FlatParameter shards, so "
+        "norms, counts and effective learning rates would describe padded pieces; use "
+        "ModelParallelStrategy with torch.distributed.fsdp.fully_shard (FSDP2) in "
+        "configure_model(), whose DTensor shards are supported"),
+}
+
+
+def check_strategy(trainer: Any, who: str) -> None:
+    """Refuse a strategy the callbacks cannot measure (:data:`UNSUPPORTED_STRATEGIES`).
+
+    Args:
+        trainer: The trainer (its ``strategy`` is checked).
+        who: The callback, for the message.
+
+    Raises:
+        RuntimeError: Naming the strategy, why, and what to use instead.
+    """
+    names = {c.__name__ for c in type(getattr(trainer, "strategy", None)).__mro__}
+    for name, why in UNSUPPORTED_STRATEGIES.items():
+        if name in names:
+            raise RuntimeError(f"{who} does not support {name}: {why}.")
 
 
 def is_tensorboard_logger(logger: object) -> bool:

@@ -3,8 +3,10 @@
 The Lightning hooks only; the logic is framework-free in :mod:`lr_monitor.guard`. At each
 optimizer step the guard gathers the loss (``on_before_backward``, averaged over
 gradient-accumulation micro-batches) and the gradient norm (``on_before_optimizer_step``:
-after unscaling, before clipping) with :mod:`~lr_monitor.guard.signals` — averaged across
-ranks in one all-reduce, so every rank takes the same decision. A
+after unscaling, before clipping) with :mod:`~lr_monitor.guard.signals` — combined across
+ranks in one all-reduce (the loss averaged; the squared norm averaged when replicated as
+under DDP, summed over the shards of FSDP2/DTensor gradients), so every rank takes the same
+decision. DeepSpeed and FSDP1 (``FSDPStrategy``) are refused in ``setup``. A
 :class:`~lr_monitor.StepSizeMonitor` hands it its recorded ``update_cosine`` and
 ``update_ratio`` (the guard subscribes to it). :mod:`~lr_monitor.guard.bank` detects,
 :mod:`~lr_monitor.guard.policy` decides, and the decision is carried out with
@@ -50,6 +52,7 @@ from lr_monitor.alerts import (
     resume_sinks,
 )
 from lr_monitor.callbacks._compat import (
+    check_strategy,
     grad_scaler,
     is_tensorboard_logger,
     pl,
@@ -294,9 +297,14 @@ class DivergenceGuard(pl.Callback):
 
     # -- lifecycle -----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Subscribe to the monitors; open the alert sinks (rank zero only sends anything)."""
+        """Subscribe to the monitors; open the alert sinks (rank zero only sends anything).
+
+        Raises:
+            RuntimeError: For a strategy whose gradients it cannot see (DeepSpeed, FSDP1).
+        """
         self._trainer = trainer
         if stage == "fit":
+            check_strategy(trainer, type(self).__name__)
             self.faults.call("setup", self._subscribe, trainer)
             if not self.sinks:
                 self.faults.call("setup", self._open_sinks, trainer)
@@ -376,7 +384,13 @@ class DivergenceGuard(pl.Callback):
 
     def _add_loss(self, trainer: pl.Trainer, loss: torch.Tensor) -> None:
         # fp16 AMP: Lightning hands callbacks the *scaled* loss; the scale comes back out.
-        self.signals.add_loss(loss, loss_scale(grad_scaler(trainer)))
+        # Accumulating (automatic optimization only), it first divided the loss by
+        # accumulate_grad_batches, also in a short last window: that comes back out too.
+        scale = loss_scale(grad_scaler(trainer))
+        k = int(getattr(trainer, "accumulate_grad_batches", 1))
+        if k > 1 and trainer.lightning_module.automatic_optimization:
+            scale = 1.0 / k if scale is None else scale / k
+        self.signals.add_loss(loss, scale)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:

@@ -41,7 +41,12 @@ from typing import Any, cast
 import torch
 
 from lr_monitor._validation import check_bool, check_int
-from lr_monitor.callbacks._compat import is_tensorboard_logger, pl, rank_zero_warn
+from lr_monitor.callbacks._compat import (
+    check_strategy,
+    is_tensorboard_logger,
+    pl,
+    rank_zero_warn,
+)
 from lr_monitor.callbacks._publisher import Publisher
 from lr_monitor.functional.statistics import grad_values, histogram_buckets
 from lr_monitor.recording import RecorderConfig, StepRecord, StepRecorder
@@ -149,6 +154,15 @@ class StepSizeMonitor(Publisher):
                                         granularity=self.config.granularity)
 
     # -- lifecycle -----------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse a strategy whose steps cannot be measured (DeepSpeed, FSDP1).
+
+        Raises:
+            RuntimeError: Naming the strategy and what to use instead.
+        """
+        if stage == "fit":
+            check_strategy(trainer, type(self).__name__)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Attach one recorder per optimizer (after a checkpoint has been restored)."""
         self._detach()

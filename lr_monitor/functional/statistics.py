@@ -16,7 +16,9 @@ Every field declares in :data:`FIELD_COMBINE` how two values of it combine (a
 at every level: across the tensors of a row (on the device, chunk by chunk), across ranks
 for sharded parameters (:meth:`StepSums.all_reduce`) and across rows, param groups into the
 ``global`` row (:meth:`HostStepSums.combine`). Norms are therefore ``√Σ``: *sum squares,
-then take the root* on the host. Per tensor, a field holds:
+then take the root* on the host. Summed across ranks, every element must enter once
+(``step_sums(across_ranks=True)``, :func:`counted_part`): a DTensor's shard on the ranks
+holding its first replica, a plain (replicated) tensor on rank 0. Per tensor, a field holds:
 
 ====================  =======  ==========================================================
 field                 combine  value for one tensor
@@ -118,8 +120,10 @@ __all__ = [
     "HostStepSums",
     "StepSums",
     "SupportsSwap",
+    "counted_part",
     "grad_values",
     "histogram_buckets",
+    "is_dtensor",
     "quantile_from_histogram",
     "rounded_away",
     "sample_index",
@@ -351,6 +355,55 @@ def _local(t: Tensor) -> Tensor:
     return to_local() if callable(to_local) else t
 
 
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (FSDP2, tensor parallelism): it has ``to_local``."""
+    return callable(getattr(t, "to_local", None))
+
+
+def counted_part(t: Tensor, *, across_ranks: bool) -> Tensor | None:
+    """This rank's part of ``t`` in a sum over ranks, or ``None`` when another rank counts it.
+
+    A sum over ranks (an all-reduce with ``SUM``) must see every element once. A DTensor's
+    local shard counts on the ranks at coordinate 0 of every mesh dimension it is
+    replicated over (one copy of each distinct shard: FSDP2 counts every shard, HSDP and a
+    tensor-parallel ``Replicate`` parameter one replica); a plain tensor is replicated (as
+    under DDP, or a layer a tensor-parallel plan leaves alone) and counts on rank 0 only.
+    Without ``across_ranks`` the local part always counts.
+
+    Args:
+        t: A tensor or a DTensor (a parameter, its gradient, an update).
+        across_ranks: Whether the sums are combined across ranks afterwards.
+
+    Returns:
+        The local tensor (a DTensor's shard, possibly empty), or ``None``.
+
+    Raises:
+        ValueError: For a DTensor with a ``Partial`` placement: its local values are
+            addends of the tensor, not a part of it (reduce it first).
+
+    Example:
+        >>> counted_part(torch.ones(2), across_ranks=False).tolist()
+        [1.0, 1.0]
+    """
+    if not is_dtensor(t):
+        if not across_ranks:
+            return t
+        import torch.distributed as dist
+
+        counted = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        return t if counted else None
+    placements = tuple(t.placements)  # type: ignore[attr-defined]
+    if any(p.is_partial() for p in placements):
+        raise ValueError(f"a DTensor with placements {placements} is a partial sum "
+                         "(Partial): its norm needs the reduced tensor")
+    if across_ranks:
+        coordinate = t.device_mesh.get_coordinate()  # type: ignore[attr-defined]
+        if coordinate is None or any(c != 0 for c, p in zip(coordinate, placements, strict=True)
+                                     if not p.is_shard()):
+            return None
+    return t.to_local()  # type: ignore[attr-defined, no-any-return]
+
+
 @dataclass
 class StepSums:
     """Reducible fields of one optimizer step, still on the device.
@@ -370,19 +423,24 @@ class StepSums:
     extra: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     nonfinite_tensors: list[list[Tensor]] = field(default_factory=list)
     tensor_params: list[Tensor] = field(default_factory=list)
+    #: ``(group,)`` once :meth:`all_reduce` ran: the exact non-finite counts are summed
+    #: over the same group.
+    reduced: tuple[Any] | None = None
 
     def all_reduce(self, group: Any = None) -> None:
         """Combine across ranks for sharded parameters (FSDP2/DTensor), by each field's rule.
 
-        Replicated parameters (DDP) must not be reduced: every rank holds the same values.
-        One collective per run of columns with the same :class:`Combine` rule, and one for
-        the histograms.
+        The sums must come from ``step_sums(across_ranks=True)`` on every rank of
+        ``group`` (each element counted on one rank). Replicated parameters alone (DDP)
+        need no reduction: every rank holds the same values. One collective per run of
+        columns with the same :class:`Combine` rule, and one for the histograms.
 
         Args:
             group: The process group (default: the world).
         """
         _all_reduce(self.values, _FIELD_SPANS, group)
         _all_reduce(self.hist, _HIST_SPANS, group)
+        self.reduced = (group,)
 
     def to_host(self) -> HostStepSums:
         """Everything to the host in one transfer (one ``.tolist()``)."""
@@ -393,8 +451,8 @@ class StepSums:
         host = np.asarray(flat.tolist(), dtype=np.float64)
         nv, nh = rows * nf, self.hist.numel()
         values = host[:nv].reshape(rows, nf)
-        if values[:, _F["nonfinite_tensors"]].any():
-            _count_nonfinite(values, self.nonfinite_tensors)
+        if values[:, _F["nonfinite_tensors"]].any():  # (the same on every rank once reduced)
+            _count_nonfinite(values, self.nonfinite_tensors, device, self.reduced)
         return HostStepSums(values=values,
                             hist=host[nv:nv + nh].reshape(self.hist.shape),
                             extra=host[nv + nh:])
@@ -425,14 +483,24 @@ class HostStepSums:
                             extra=self.extra)
 
 
-def _count_nonfinite(values: np.ndarray, tensors: list[list[Tensor]]) -> None:
-    """Second, small transfer: exact non-finite element counts of the flagged rows."""
+def _count_nonfinite(values: np.ndarray, tensors: list[list[Tensor]], device: torch.device,
+                     reduced: tuple[Any] | None = None) -> None:
+    """Second, small transfer: exact non-finite element counts of the flagged rows.
+
+    ``reduced``: ``(group,)`` when the sums were summed across ranks: so are the counts
+    (every rank has the same rows and flags, so every rank joins).
+    """
     counts = []
     for row in tensors:
         c = [torch.count_nonzero(~torch.isfinite(t)) for t in row]
         counts.append(torch.stack(c).sum() if c else torch.zeros((), dtype=torch.int64))
     if counts:
-        host = torch.stack([c.to("cpu") for c in counts]).tolist()
+        total = torch.stack([c.to(device) for c in counts])
+        if reduced is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(total, group=reduced[0])
+        host = total.to("cpu").tolist()
         for i, n in enumerate(host):
             values[i, _F["nonfinite_tensors"]] = n
 
@@ -526,6 +594,7 @@ def step_sums(
     tensor_rows: Callable[[Tensor], bool] | None = None,
     extra: Sequence[Tensor | float] = (),
     chunk_numel: int = CHUNK_NUMEL,
+    across_ranks: bool = False,
 ) -> StepSums:
     """Reduce the steps of one optimizer to per-row fields, on the device.
 
@@ -546,6 +615,10 @@ def step_sums(
             in the order met). ``None``: group rows only.
         extra: Scalars to carry in the same host transfer (floats or 0-d tensors).
         chunk_numel: Elements per chunk (≥ 1).
+        across_ranks: The sums will be summed across ranks (:meth:`StepSums.all_reduce`,
+            sharded parameters): a parameter enters only where :func:`counted_part` counts
+            it, elsewhere its tensor row (if any) holds the identities. An empty local
+            shard (FSDP2 shards a dimension smaller than the world) never enters.
 
     Returns:
         The sums; rows are the param groups, then the selected tensors
@@ -566,6 +639,14 @@ def step_sums(
         chunk: list[ParamStep] = []
         size = 0
         for s in group:
+            part = counted_part(s.param, across_ranks=across_ranks)
+            if part is None or part.numel() == 0:
+                if tensor_rows is not None and tensor_rows(s.param):
+                    if chunk:  # tensor rows stay in parameter order, the same on every rank
+                        acc.reduce(gi, chunk)
+                        chunk, size = [], 0
+                    acc.skip(s)
+                continue
             chunk.append(s)
             size += s.update.numel()
             if size >= chunk_numel:
@@ -598,6 +679,14 @@ class _Accumulator:
         self.device = dev
         self.group_values = _identity_rows(self.n_groups, len(FIELDS), _FIELD_SPANS, dev)
         self.group_hist = _identity_rows(self.n_groups, _NBINS, _HIST_SPANS, dev)
+
+    def skip(self, step: ParamStep) -> None:
+        """The tensor row of a step counted elsewhere (another rank): the identities."""
+        dev = self.device or _local(step.update).device
+        self.tensor_params.append(step.param)
+        self.tensor_values.append(_identity_rows(1, len(FIELDS), _FIELD_SPANS, dev)[0])
+        self.tensor_hist.append(_identity_rows(1, _NBINS, _HIST_SPANS, dev)[0])
+        self.nonfinite.append([])
 
     def reduce(self, group: int, steps: list[ParamStep]) -> None:
         if self.device is None:
@@ -642,12 +731,15 @@ def grad_values(g: Tensor) -> Tensor:
     Returns:
         The local dense tensor, or a sparse gradient's coalesced values.
 
+    Raises:
+        ValueError: For a ``Partial`` DTensor (see :func:`counted_part`).
+
     Example:
         >>> g = torch.sparse_coo_tensor([[0, 0, 2]], [1.0, 2.0, 5.0], (4,), check_invariants=True)
         >>> grad_values(g).tolist()
         [3.0, 5.0]
     """
-    g = _local(g)
+    g = counted_part(g, across_ranks=False)  # type: ignore[assignment]
     return g.coalesce().values() if g.is_sparse else g
 
 
@@ -667,16 +759,20 @@ def tensor_norms(tensors: list[Tensor]) -> Tensor:
         >>> tensor_norms([torch.tensor([3.0, 4.0]), torch.ones(4, dtype=torch.bfloat16)])
         tensor([5., 2.], dtype=torch.float64)
     """
-    out = torch.zeros(len(tensors), dtype=torch.float64,
-                      device=tensors[0].device if tensors else "cpu")
+    dev = tensors[0].device if tensors else torch.device("cpu")
     low = [i for i, t in enumerate(tensors) if t.dtype in (torch.bfloat16, torch.float16)]
     rest = [i for i, t in enumerate(tensors) if t.dtype not in (torch.bfloat16, torch.float16)]
-    if low:
-        n = torch._foreach_norm([tensors[i] for i in low], 2, dtype=torch.float32)
-        out[low] = torch.stack(n).to(out.device, torch.float64)
-    if rest:
-        n = torch._foreach_norm([tensors[i] for i in rest])
-        out[rest] = torch.stack(n).to(out.device, torch.float64)
+    if not low or not rest:  # one dtype class: no scatter (no index copied to the device)
+        if not tensors:
+            return torch.zeros(0, dtype=torch.float64, device=dev)
+        n = torch._foreach_norm(tensors, 2, dtype=torch.float32) if low \
+            else torch._foreach_norm(tensors)
+        return torch.stack([x.to(dev) for x in n]).to(torch.float64)
+    out = torch.zeros(len(tensors), dtype=torch.float64, device=dev)
+    n = torch._foreach_norm([tensors[i] for i in low], 2, dtype=torch.float32)
+    out[low] = torch.stack(n).to(out.device, torch.float64)
+    n = torch._foreach_norm([tensors[i] for i in rest])
+    out[rest] = torch.stack(n).to(out.device, torch.float64)
     return out
 
 

@@ -4,9 +4,15 @@ Framework-free (plain :mod:`torch`). A :class:`StepSignals` accumulates the loss
 micro-batch on the device (:meth:`~StepSignals.add_loss`, dividing an fp16 ``GradScaler``'s
 scale back out without a host sync), then, once per optimizer step,
 :meth:`~StepSignals.collect` stacks the mean loss and the squared gradient norm (one
-``foreach`` norm) into one small tensor, averages it across ranks with the reduce function
-it is given (one all-reduce) and reads it back in one host transfer. Every rank therefore
-gets identical values, and a NaN on one rank is a NaN in the average.
+``foreach`` norm, float32 at least) into one small tensor, averages it across ranks with the
+reduce function it is given (one all-reduce) and reads it back in one host transfer. Every
+rank therefore gets identical values, and a NaN on one rank is a NaN in the average.
+
+Each rank has its own batch, so the loss is averaged. The squared gradient norm is
+averaged too where every rank holds the whole (all-reduced) gradient, as under DDP; a
+sharded gradient (a DTensor: FSDP2, tensor parallelism) enters as its shard times the world
+size, so that the average is the *sum* over the shards, each replica counted once
+(:func:`~lr_monitor.functional.statistics.counted_part`).
 
 The values come back keyed by the detectors' signal names (:data:`LOSS`,
 :data:`GRAD_NORM`), which is how :class:`~lr_monitor.guard.bank.DetectorBank` feeds them
@@ -53,6 +59,7 @@ import torch
 from torch import Tensor
 
 from lr_monitor._validation import check_bool
+from lr_monitor.functional.statistics import counted_part, is_dtensor, tensor_norms
 
 __all__ = ["GRAD_NORM", "LOSS", "StagedStep", "StepSignals", "Tripwire", "loss_scale"]
 
@@ -61,7 +68,7 @@ LOSS = "loss"
 #: Signal name of the global gradient norm (after unscaling and accumulation, before clipping).
 GRAD_NORM = "grad_norm"
 
-#: A function averaging a tensor across ranks (e.g. a strategy's reduce with ``"mean"``).
+#: A function averaging a tensor across all ranks (e.g. a strategy's reduce with ``"mean"``).
 Reduce = Callable[[Tensor], Tensor]
 
 
@@ -173,7 +180,8 @@ class StepSignals:
         Forgets the losses added so far. The loss is a placeholder 0 when none was added
         (second return value ``False``); the norm is left out when not watched and is 0
         without gradients: every rank stacks the same shape and joins the same
-        all-reduce, which averages the loss and the *squared* norm.
+        all-reduce, which averages the loss and the *squared* norm (for sharded gradients
+        a sum over the shards, see :func:`_sharded_norm_sq`).
         """
         has_loss = self._loss_sum is not None and self._loss_count > 0
         loss = None if not has_loss or self._loss_sum is None \
@@ -185,12 +193,16 @@ class StepSignals:
         parts = [torch.zeros((), dtype=torch.float64, device=device) if loss is None
                  else loss.to(torch.float64)]
         if self.watch_grad_norm:
-            if grads:  # one norm per tensor, then the norm of the norms
-                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)),
-                                                dtype=torch.float64).to(device)
+            if any(is_dtensor(g) for g in grads):
+                parts.append(_sharded_norm_sq(grads, device, reduce is not None))
+                if reduce is None:
+                    parts[-1] = parts[-1].sqrt()
             else:
-                norm = torch.zeros((), dtype=torch.float64, device=device)
-            parts.append(norm if reduce is None else norm.square())
+                if grads:  # one norm per tensor (float32 at least), the norm of the norms
+                    norm = torch.linalg.vector_norm(tensor_norms(grads)).to(device)
+                else:
+                    norm = torch.zeros((), dtype=torch.float64, device=device)
+                parts.append(norm if reduce is None else norm.square())
         vec = torch.stack(parts)
         if reduce is not None:
             vec = reduce(vec)
@@ -278,6 +290,34 @@ class StepSignals:
         payload = torch.cat([vec, over.reshape(1).to(vec.dtype)])
         return StagedStep(step=step, index=index, names=tuple(names[i] for i in rows),
                           rows=rows, over=over, host=self._host.copy(payload))
+
+
+def _sharded_norm_sq(grads: list[Tensor], device: torch.device, reduced: bool) -> Tensor:
+    """The squared gradient norm when some gradients are DTensors, ready for a rank mean.
+
+    A replicated gradient (a plain tensor: the same on every rank once all-reduced, as
+    under DDP or outside a tensor-parallel plan) enters whole and is averaged by the
+    reduction. A sharded one (FSDP2, tensor parallelism) enters as this rank's shard,
+    counted on one replica (:func:`~lr_monitor.functional.statistics.counted_part`) and
+    multiplied by the world size, so that the mean over ranks is the *sum* over shards.
+    """
+    plain = [g for g in grads if not is_dtensor(g)]
+    shards = [s for g in grads if is_dtensor(g)
+              if (s := counted_part(g, across_ranks=reduced)) is not None and s.numel()]
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    if plain:
+        total = total + tensor_norms(plain).square().sum().to(device)
+    if shards:
+        weight = _world_size() if reduced else 1
+        total = total + weight * tensor_norms(shards).square().sum().to(device)
+    return total
+
+
+def _world_size() -> int:
+    """The processes of the default group (what the guard's reduction averages over)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class _HostBuffers:

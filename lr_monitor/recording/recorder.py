@@ -59,6 +59,7 @@ from lr_monitor.functional.rules import (
 from lr_monitor.functional.statistics import (
     StepSums,
     grad_values,
+    is_dtensor,
     rounded_away,
     step_sums,
     summarize,
@@ -140,6 +141,8 @@ class StepRecorder:
         log_global: See :class:`~lr_monitor.recording.config.RecorderConfig`.
         reduce: Applied to the device sums before the host transfer; for sharded
             parameters pass ``lambda sums: sums.all_reduce()`` (every rank must record).
+            With it, the sums count each element on one rank only
+            (``step_sums(across_ranks=True)``).
         faults: The barrier the hooks run behind (default: one that only logs).
 
     Raises:
@@ -415,7 +418,7 @@ class StepRecorder:
         consecutive = self._consecutive_totals()
         sums = step_sums([self._group_steps(g) for g in groups], history=self.history,
                          grad_sq=self._grad_sq, tensor_rows=tensor_rows,
-                         extra=[*lrs, *consecutive])
+                         extra=[*lrs, *consecutive], across_ranks=self.reduce is not None)
         tensor_params = sums.tensor_params
         if self.reduce is not None:
             self.reduce(sums)
@@ -502,18 +505,28 @@ def attach(
 ) -> MonitorHandle:
     """Record an optimizer's step sizes without Lightning (raw loops, Fabric).
 
+    Fabric's optimizer wrapper (what ``fabric.setup`` returns) is unwrapped: the
+    statistics and the tags are those of the optimizer inside (``Adam``, not
+    ``FabricAdam``, whose class has no exact rule). With sharded parameters (DTensor:
+    FSDP2's ``fully_shard``, tensor parallelism) under ``torch.distributed``, the sums are
+    combined across ranks (``reduce=lambda sums: sums.all_reduce()``, each element counted
+    on one rank): call ``attach`` on every rank with the same ``every_n_steps``; every
+    rank's writer then gets the same values.
+
     Args:
         optimizer: The optimizer to watch.
         writer: A ``SummaryWriter`` (anything with ``add_scalar``) or a callable
             ``fn(metrics, step)``; ``step`` is the optimizer's own step index.
         every_n_steps: Record every n-th ``optimizer.step()`` (the first step is recorded).
         name: Optimizer name in the tags (default: its class name).
-        model: Gives parameter names, needed for ``granularity="tensor"``.
+        model: Gives parameter names, needed for ``granularity="tensor"``; a wrapper
+            whose ``module`` holds the same parameters (Fabric's, DDP) gives the names in
+            the wrapped module.
         **recorder_kwargs: Passed to :class:`StepRecorder`: the recording options of
             :class:`~lr_monitor.recording.config.RecorderConfig` (``prefix``,
             ``granularity``, ``include``, ``exclude``, ``update_cosine``,
             ``cosine_samples``, ``consecutive``, ``consecutive_tensors``, ``log_global``),
-            and ``listeners``.
+            ``listeners`` and ``reduce``.
 
     Returns:
         A :class:`MonitorHandle`.
@@ -524,6 +537,9 @@ def attach(
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise invalid("optimizer", optimizer, "a torch.optim.Optimizer")
+    inner = getattr(optimizer, "_optimizer", None)  # Fabric's wrapper (a subclass made on
+    if isinstance(inner, torch.optim.Optimizer):    # the fly) steps the optimizer inside
+        optimizer = inner
     check_int("every_n_steps", every_n_steps, 1)
     if name is not None and (not isinstance(name, str) or not name):
         raise invalid("name", name, "None or a non-empty string")
@@ -541,7 +557,10 @@ def attach(
         raise TypeError(f"writer={writer!r} is invalid: needs add_scalar() or to be callable")
 
     names: dict[Tensor, str] | None = (
-        {p: n for n, p in model.named_parameters()} if model is not None else None)
+        {p: n for n, p in _unwrapped(model).named_parameters()} if model is not None else None)
+    if "reduce" not in recorder_kwargs and _distributed() and any(
+            is_dtensor(p) for g in optimizer.param_groups for p in g["params"]):
+        recorder_kwargs["reduce"] = _sum_across_ranks
     rec = StepRecorder(
         optimizer, name or type(optimizer).__name__,
         should_record=lambda index: index % every_n_steps == 0,
@@ -554,3 +573,24 @@ def attach(
     rec.subscribe(write)
     rec.attach()
     return MonitorHandle(rec)
+
+
+def _distributed() -> bool:
+    """Whether ``torch.distributed`` runs with more than one process."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _sum_across_ranks(sums: StepSums) -> None:
+    """The ``reduce`` of sharded parameters: every field combined across ranks by its rule."""
+    sums.all_reduce()
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside wrappers (Fabric's, DDP) that only hold it as ``module``."""
+    inner = getattr(model, "module", None)
+    while isinstance(inner, torch.nn.Module) and inner is not model and \
+            {id(p) for p in inner.parameters()} == {id(p) for p in model.parameters()}:
+        model, inner = inner, getattr(inner, "module", None)
+    return model
