@@ -1,7 +1,8 @@
 """Run by tests/test_guard_ddp.py: DDP on 2 CPU processes (gloo), a fault on rank 1 only.
 
 ``script OUT`` — a NaN loss and a spike on rank 1; ``script OUT poison`` — a NaN written
-into rank 1's optimizer state just before a snapshot.
+into rank 1's optimizer state just before a snapshot; ``script OUT snapfail`` — rank 1
+fails to copy a snapshot, then a NaN loss on rank 1.
 
 Each rank writes what it decided and where it ended to OUT/rank<r>.json.
 """
@@ -9,6 +10,7 @@ Each rank writes what it decided and where it ended to OUT/rank<r>.json.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -47,6 +49,20 @@ def main(out: Path, mode: str = "fault") -> None:
         guard = DivergenceGuard(jsonl=False, snapshot_every_n_steps=25)
         callbacks: list[pl.Callback] = [PoisonRankOne(50), guard]
         steps = 60
+    elif mode == "snapfail":  # rank 1 cannot copy its snapshot at step 20; NaN at 30
+        model = Faulty(nan_at=(30,), rank=1, lr=1e-3, hidden=64)
+        guard = DivergenceGuard(jsonl=False, snapshot_every_n_steps=10)
+        callbacks = [guard]
+        steps = 40
+        if int(os.environ.get("LOCAL_RANK", "0")) == 1:
+            copy = guard.snapshots.copy
+
+            def failing(step: int, *args: object, **kwargs: object) -> object:
+                if step == 20:
+                    raise OSError("out of host memory (injected)")
+                return copy(step, *args, **kwargs)  # type: ignore[arg-type]
+
+            guard.snapshots.copy = failing  # type: ignore[method-assign]
     else:
         model = Faulty(nan_at=(6,), scale_at=(25,), scale=8.0, rank=1, lr=1e-3, hidden=64)
         guard = DivergenceGuard(jsonl=False)
@@ -59,6 +75,7 @@ def main(out: Path, mode: str = "fault") -> None:
     trainer.fit(model, train)
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({
+        "snapshots": guard.snapshots.steps,
         "events": [[e.step, e.kind, list(e.actions)] for e in guard.events],
         "lr": trainer.optimizers[0].param_groups[0]["lr"],
         "params": flat.tolist(),

@@ -48,3 +48,21 @@ def test_a_state_poisoned_on_one_rank_is_rolled_back_on_both(tmp_path: Path) -> 
     assert r0["events"][0][:2] == [50, "nonfinite"] and "rollback" in r0["events"][0][2]
     assert r0["params"] == r1["params"]
     assert r0["finite"] and r1["finite"]
+
+
+@pytest.mark.slow
+def test_a_snapshot_that_fails_on_one_rank_is_dropped_on_both(tmp_path: Path) -> None:
+    """Rank 1 cannot copy the step-20 snapshot (its snapshot stage is then off): the ranks
+    agree to hold neither that one nor any later one — no rank waits in an all-reduce the
+    other never reaches — and the NaN at step 30 rolls both back to step 10."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(31500 + os.getpid() % 1000),
+               PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "snapfail"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["events"][0] == [30, "nonfinite", ["rollback", "cut_lr"]]
+    assert r0["events"][:1] == r1["events"][:1]
+    assert r0["snapshots"] == r1["snapshots"] == [0, 10]
+    assert r0["params"] == r1["params"] and r0["finite"]

@@ -141,3 +141,84 @@ def test_non_finite_batches_that_never_end_stop_the_run(tmp_path: Path) -> None:
     assert last.step == 30 + NONFINITE_STREAK - 1 and "stop" in last.actions
     assert all("skip" in e.actions for e in guard.events)
     assert _finite(module)
+
+
+class MaskedMLP(DigitsMLP):
+    """DigitsMLP with a ``-inf`` buffer, as an additive attention mask holds one."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("mask", torch.full((4,), float("-inf")))
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_an_infinite_buffer_is_no_poisoned_state(tmp_path: Path, deferred: bool) -> None:
+    """Only parameters and optimizer state are checked: a ``-inf`` mask buffer is a
+    healthy model's, and the run trains untouched."""
+    guard = DivergenceGuard(jsonl=False, log_events=False, deferred=deferred)
+    module = _fit(tmp_path, [guard], MaskedMLP(lr=3e-3), epochs=1)
+    assert guard.events == [] and len(guard.snapshots) >= 1
+    assert _accuracy(module) > 0.8
+
+
+def test_a_poisoned_state_under_an_fp16_scaler_is_acted_on_at_once(tmp_path: Path) -> None:
+    """The scaler handles overflowing steps, not a NaN moment: the snapshot that finds it
+    acts before the next update, as without a scaler."""
+    from pytorch_lightning.plugins import MixedPrecision
+
+    guard = DivergenceGuard(jsonl=False, log_events=False, deferred=False)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    pl.seed_everything(0, verbose=False)
+    module = DigitsMLP(lr=3e-3)
+    train, _ = digits_loaders(32, 0)
+    trainer(tmp_path, max_epochs=4, logger=False, plugins=[plugin],
+            callbacks=[Poison(100, "exp_avg_sq"), guard]).fit(module, train)
+    acted = [e for e in guard.events if e.actions]
+    assert acted and (acted[0].step, acted[0].kind, acted[0].signal) == (100, "nonfinite", "state")
+    assert "rollback" in acted[0].actions
+    assert _finite(module)
+
+
+class Weights(pl.Callback):
+    """The first layer's weights after every batch."""
+
+    def __init__(self) -> None:
+        self.after: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.after[trainer.global_step] = pl_module.net[0].weight.detach().clone()
+
+
+def test_a_skip_found_between_steps_is_carried_out_on_the_next_update(tmp_path: Path) -> None:
+    """Read every step, the poisoned snapshot is found after step 100's update; with no
+    snapshot to restore, the moments are reset and the event says "skip": the next update
+    is the one skipped, so the event describes what happened."""
+    guard = DivergenceGuard(jsonl=False, log_events=False, deferred=False)
+    weights = Weights()
+    _fit(tmp_path, [Poison(100, "add_group+exp_avg_sq"), guard, weights])
+    acted = [e for e in guard.events if e.actions]
+    assert acted[0].step == 100 and "skip" in acted[0].actions
+    assert torch.equal(weights.after[100], weights.after[101])  # update 100 was skipped
+    assert not torch.equal(weights.after[101], weights.after[102])  # and only that one
+
+
+def test_a_state_that_keeps_turning_non_finite_is_cut_and_escalates(tmp_path: Path) -> None:
+    """``on_nonfinite="skip"`` and a NaN written into a weight every 10 steps: the first
+    rollback comes without a cut; as the trouble recurs before the run was healthy long
+    enough to snapshot again, the rollbacks cut, and once the cuts are used up the run
+    stops instead of rolling back forever."""
+
+    class Again(Poison):
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                               outputs: Any, batch: Any, batch_idx: int) -> None:
+            if trainer.global_step >= self.at and trainer.global_step % 10 == 0:
+                with torch.no_grad():
+                    pl_module.net[0].weight[0, 0] = float("nan")
+
+    guard = DivergenceGuard(jsonl=False, log_events=False, on_nonfinite="skip", max_cuts=2)
+    _fit(tmp_path, [Again(60, "weights"), guard])
+    acted = [[str(a) for a in e.actions] for e in guard.events if e.actions]
+    assert acted[0] == ["rollback"]
+    assert acted[1] == ["rollback", "cut_lr"] and acted[2] == ["rollback", "cut_lr"]
+    assert acted[3] == ["skip", "stop"] and guard.stop_reason is not None

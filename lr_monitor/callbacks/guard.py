@@ -257,6 +257,7 @@ class DivergenceGuard(pl.Callback):
         self._last_event_step = -(10**9)
         self._amp_streak = 0
         self._nonfinite_streak = 0  # non-finite steps in a row
+        self._state_rollbacks = 0  # rollbacks for a non-finite state a skip could not cure
         self.faults = FaultBarrier("DivergenceGuard", report=self._report_fault,
                                    step=self._fault_step)
 
@@ -354,26 +355,63 @@ class DivergenceGuard(pl.Callback):
         """Snapshot the starting state: a blow-up in the first steps can be undone too."""
         if not len(self.snapshots) and self._staged is None:  # (a resumed unread step is
             # judged first: its weights may be the ones to roll back from)
-            self.faults.call("snapshot", self._snapshot, trainer, pl_module, trainer.global_step)
+            self._snapshot(trainer, pl_module, trainer.global_step)
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
                   force: bool = True) -> None:
-        if force or self.snapshots.due(step):
-            snap = self.snapshots.take(step, pl_module, self._optimizers(trainer),
-                                       extra={"detectors": self.bank.state_dict()},
-                                       agree=lambda finite: not self._any_rank(trainer,
-                                                                               not finite))
-            if not snap.finite:  # the state about to be used is poisoned: act before it is
-                found = Detection(
-                    step=step, kind="nonfinite", signal="state", value=math.nan,
-                    threshold=math.inf, message=f"a weight or optimizer state is non-finite "
-                    f"after step {step - 1} (found when taking a snapshot)")
-                decision = self.policy.decide([found], self._context(trainer, step))
-                if decision is not None and decision.plan == (Action.SKIP,):
-                    decision = replace(decision, plan=(Action.ROLLBACK,))  # see _judge
-                if decision is not None:
-                    self._carry_out(trainer, pl_module, decision)
-                    self._skip_now = self._skip_now or decision.skips_step
+        """Take a snapshot if due (or ``force``); a poisoned state is acted on at once.
+
+        Called on every rank at the same points and never inside a fault barrier: the
+        ranks agree on the outcome in one all-reduce (a copy that failed on one rank, or
+        a shard that is not finite, drops the snapshot on every rank), so no rank can be
+        left waiting in it.
+        """
+        if not (force or self.snapshots.due(step)):
+            return
+        snap = self.faults.call("snapshot", self.snapshots.copy, step, pl_module,
+                                self._optimizers(trainer),
+                                extra={"detectors": self.bank.state_dict()})
+        failed, poisoned = snap is None, snap is not None and not snap.finite
+        failed, poisoned = self._any_ranks(trainer, failed, poisoned)
+        if snap is not None and not failed and not poisoned:
+            self.snapshots.hold(snap)
+            if not force:
+                self._state_rollbacks = 0  # healthy long enough to snapshot again
+        if poisoned:
+            self.faults.call("decide", self._poisoned, trainer, pl_module, step)
+
+    def _poisoned(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """A snapshot found a non-finite parameter or optimizer state: act before it is used."""
+        found = Detection(
+            step=step, kind="nonfinite", signal="state", value=math.nan, threshold=math.inf,
+            message=f"a parameter or optimizer state is non-finite before step {step}'s "
+                    "update (found when taking a snapshot)")
+        # not the fp16 scaler's business: it skips overflowing steps, it cannot cure a state
+        context = replace(self._context(trainer, step), amp=False)
+        decision = self.policy.decide([found], context)
+        if decision is None:
+            return
+        if decision.plan == (Action.SKIP,):
+            decision = self._cannot_skip(decision, context)
+        self._carry_out(trainer, pl_module, decision)
+        if decision.skips_step:
+            if self._decided_step == step:  # deferred: before this step's update
+                self._skip_now = True
+            else:  # after a step (or at the start): the next update of each optimizer
+                self._late_skips.update(range(len(self._optimizers(trainer))))
+
+    def _cannot_skip(self, decision: Decision, context: DecisionContext) -> Decision:
+        """A skip cannot cure a non-finite parameter or moment: roll back instead.
+
+        The first time without a cut (the policy asked for none); when it recurs before
+        the run was healthy long enough to snapshot again, with a cut, so repeated trouble
+        runs into ``max_cuts`` and escalates instead of rolling back forever.
+        """
+        self._state_rollbacks += 1
+        if self._state_rollbacks == 1:
+            return replace(decision, plan=(Action.ROLLBACK,))
+        action, plan = self.policy.plan(Action.ROLLBACK, context)
+        return replace(decision, action=action, plan=plan)
 
     # -- the step ------------------------------------------------------------------------
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -471,7 +509,7 @@ class DivergenceGuard(pl.Callback):
             # them (one host read, on a non-finite step only)
             weights, state = nonfinite_state(pl_module, self._optimizers(trainer))
             if self._any_rank(trainer, bool(weights or any(state))):
-                decision = replace(decision, plan=(Action.ROLLBACK,))
+                decision = self._cannot_skip(decision, context)
         if decision is not None and tripped is False and decision.skips_step \
                 and Action.ROLLBACK not in decision.plan and grad_scaler(trainer) is None \
                 and not all(math.isfinite(v) for v in values.values()):
@@ -486,17 +524,24 @@ class DivergenceGuard(pl.Callback):
                            f"detector fired on {values}")
         return decision
 
-    @staticmethod
-    def _any_rank(trainer: pl.Trainer, flag: bool) -> bool:
-        """``flag`` on any rank (one all-reduce; a snapshot's or a trouble step's cost).
+    @classmethod
+    def _any_rank(cls, trainer: pl.Trainer, flag: bool) -> bool:
+        """``flag`` on any rank (see :meth:`_any_ranks`)."""
+        return cls._any_ranks(trainer, flag)[0]
 
-        Weights and moments may be sharded: every rank must take the decision its own
-        shard asks for, or the ranks would part ways.
+    @staticmethod
+    def _any_ranks(trainer: pl.Trainer, *flags: bool) -> list[bool]:
+        """Each flag, true if it is true on any rank: one all-reduce and one host read.
+
+        Weights and moments may be sharded, and a fault may hit one rank: every rank must
+        take the decision any rank's state asks for, or the ranks would part ways. Only on
+        a snapshot step or a trouble step.
         """
-        if trainer.world_size <= 1:
-            return flag
-        mark = torch.tensor(float(flag), device=trainer.strategy.root_device)
-        return bool(trainer.strategy.reduce(mark, reduce_op="sum") > 0)
+        if trainer.world_size <= 1 or not flags:
+            return list(flags)
+        marks = torch.tensor([float(f) for f in flags], device=trainer.strategy.root_device)
+        total = trainer.strategy.reduce(marks, reduce_op="sum")
+        return [bool(v > 0) for v in total.tolist()]
 
     def _context(self, trainer: pl.Trainer, step: int) -> DecisionContext:
         cut = self.cut_policy
@@ -611,8 +656,13 @@ class DivergenceGuard(pl.Callback):
                 trainer.should_stop = True
                 return [Action.SKIP, Action.STOP]
             return [Action.SKIP]
-        reset = sum(reset_state(opt, params) for opt, params in zip(optimizers, state,
-                                                                    strict=True))
+        # the union over ranks (a rank-local reset would part the ranks' moments)
+        owned = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+        poisoned = {id(p) for params in state for p in params}
+        union = self._any_ranks(trainer, *(id(p) in poisoned for p in owned))
+        bad = {id(p) for p, b in zip(owned, union, strict=True) if b}
+        reset = sum(reset_state(opt, [p for g in opt.param_groups for p in g["params"]
+                                      if id(p) in bad]) for opt in optimizers)
         if reset:
             notes.append(f"the optimizer state of {reset} parameter(s) was non-finite and "
                          "was reset")
@@ -652,8 +702,7 @@ class DivergenceGuard(pl.Callback):
         self._clear_device_skips()
         if not self._deferred_now and self._decision is None and self._quiet(step) \
                 and self.bank.healthy():
-            self.faults.call("snapshot", self._snapshot, trainer, pl_module, step + 1,
-                             force=False)
+            self._snapshot(trainer, pl_module, step + 1, force=False)
         if (step + 1) % max(1, int(getattr(trainer, "log_every_n_steps", 50))) == 0:
             self._log_scalars(trainer, step)
 
@@ -703,6 +752,7 @@ class DivergenceGuard(pl.Callback):
             "event_counts": dict(self.event_counts),
             "last_event_step": self._last_event_step,
             "nonfinite_streak": self._nonfinite_streak,
+            "state_rollbacks": self._state_rollbacks,
             "stop_reason": self.stop_reason,
             "staged": None if self._staged is None else self._staged.state_dict(),
             "sinks": checkpoint_sinks(self.sinks),  # where events.jsonl ends
@@ -719,6 +769,7 @@ class DivergenceGuard(pl.Callback):
             if isinstance(saved, dict) else Counter(e.kind for e in self.events)
         self._last_event_step = int(state_dict.get("last_event_step", -(10**9)))
         self._nonfinite_streak = int(state_dict.get("nonfinite_streak", 0))
+        self._state_rollbacks = int(state_dict.get("state_rollbacks", 0))
         self.stop_reason = state_dict.get("stop_reason")
         staged = state_dict.get("staged")
         self._staged = None if not staged else StagedStep.from_state_dict(staged)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -776,9 +776,8 @@ class RollbackBuffer:
         schedulers: Sequence[Any] = (),
         *,
         extra: Mapping[str, Any] | None = None,
-        agree: Callable[[bool], bool] | None = None,
     ) -> Snapshot:
-        """Snapshot now, dropping the oldest snapshot beyond ``keep``.
+        """Snapshot now (:meth:`copy`, then :meth:`hold` if it is finite).
 
         Args:
             step: The optimizer step just completed.
@@ -786,13 +785,40 @@ class RollbackBuffer:
             optimizers: Its optimizers (wrappers with ``_optimizer`` are unwrapped).
             schedulers: Its LR schedulers (anything with ``state_dict``/``load_state_dict``).
             extra: Extra state to store with the snapshot (deep-copied).
-            agree: Combines this process's "finite" with the other ranks' (e.g. an
-                all-reduce), so that every rank keeps or drops the snapshot together when
-                each holds a shard of the state.
 
         Returns:
             The new snapshot; when it is not :attr:`~Snapshot.finite` it is not kept (the
             held ones stay).
+        """
+        snap = self.copy(step, module, optimizers, schedulers, extra=extra)
+        if snap.finite:
+            self.hold(snap)
+        return snap
+
+    def copy(
+        self,
+        step: int,
+        module: torch.nn.Module,
+        optimizers: Sequence[Any] = (),
+        schedulers: Sequence[Any] = (),
+        *,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Snapshot:
+        """A snapshot of the state now, not (yet) held: see :meth:`hold`.
+
+        Its :attr:`~Snapshot.finite` says whether every parameter and optimizer-state
+        tensor is finite, checked on the CPU copies. Buffers are not checked: an attention
+        mask of ``-inf`` or an observer's ``min_val=inf`` are finite states' business.
+
+        Args:
+            step: The optimizer step just completed.
+            module: The model.
+            optimizers: Its optimizers (wrappers with ``_optimizer`` are unwrapped).
+            schedulers: Its LR schedulers.
+            extra: Extra state to store with the snapshot (deep-copied).
+
+        Returns:
+            The snapshot.
         """
         counter = [0]
         snap = Snapshot(
@@ -805,13 +831,19 @@ class RollbackBuffer:
             extra=copy.deepcopy(dict(extra or {})),
         )
         snap.nbytes = counter[0]
-        snap.finite = _all_finite(_tensors([snap.module, snap.optimizers]))
-        if agree is not None:
-            snap.finite = bool(agree(snap.finite))
-        if snap.finite:
-            self._snapshots.append(snap)
-            del self._snapshots[: -self.keep]
+        params = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+        snap.finite = _all_finite(_tensors(
+            [{k: v for k, v in snap.module.items() if k in params}, snap.optimizers]))
         return snap
+
+    def hold(self, snapshot: Snapshot) -> None:
+        """Hold ``snapshot`` (from :meth:`copy`), dropping the oldest beyond ``keep``.
+
+        Args:
+            snapshot: The snapshot to hold.
+        """
+        self._snapshots.append(snapshot)
+        del self._snapshots[: -self.keep]
 
     def fits(self, snapshot: Snapshot, module: torch.nn.Module, optimizers: Sequence[Any] = (),
              schedulers: Sequence[Any] = ()) -> str | None:
@@ -851,11 +883,17 @@ class RollbackBuffer:
             params = [p for g in opt.param_groups for p in g["params"]]
             ids = [i for g in groups for i in g.get("params", ())]
             for p, i in zip(params, ids, strict=True):
+                live_state = opt.state.get(p, {})
                 for key, value in state.get("state", {}).get(i, {}).items():
-                    if isinstance(value, Tensor) and value.dim() > 0 and \
-                            value.shape != p.shape:
+                    live_value = live_state.get(key) if isinstance(live_state, Mapping) \
+                        else None
+                    # per-parameter state need not be shaped like the parameter (factored
+                    # second moments, 8-bit block scales): compare like with like
+                    if isinstance(value, Tensor) and isinstance(live_value, Tensor) and \
+                            value.shape != live_value.shape:
                         return (f"optimizer {k} state {key!r} of a parameter is "
-                                f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
+                                f"{tuple(live_value.shape)}, the snapshot's "
+                                f"{tuple(value.shape)}")
         scheds = _as_list(schedulers)
         if scheds and len(scheds) != len(snapshot.schedulers):
             return f"schedulers has {len(scheds)} entries, the snapshot {len(snapshot.schedulers)}"
@@ -1045,7 +1083,9 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, saved: Mapping[str, Any
 
 def nonfinite_state(module: torch.nn.Module,
                     optimizers: Sequence[Any] = ()) -> tuple[list[str], list[list[Tensor]]]:
-    """Which weights, and which parameters' optimizer state, hold a NaN or an infinity.
+    """Which parameters, and which parameters' optimizer state, hold a NaN or an infinity.
+
+    Buffers are not looked at (an attention mask of ``-inf`` is no fault).
 
     One host read per device (a trouble step's cost, never a healthy step's): a skipped
     step cannot cure either, so the guard checks after a non-finite step.
@@ -1055,7 +1095,7 @@ def nonfinite_state(module: torch.nn.Module,
         optimizers: Its optimizers (wrappers with ``_optimizer`` are unwrapped).
 
     Returns:
-        ``(weights, state)``: the names of the non-finite parameters and buffers, and per
+        ``(weights, state)``: the names of the non-finite parameters, and per
         optimizer the parameters whose state (moments, ...) has a non-finite entry.
 
     Example:
@@ -1070,8 +1110,8 @@ def nonfinite_state(module: torch.nn.Module,
         >>> weights, [p is model.bias for p in state[0]]
         ([], [True])
     """
-    named = [(name, t) for name, t in module.state_dict(keep_vars=True).items()
-             if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
+    named = [(name, t) for name, t in module.named_parameters()
+             if t.is_floating_point() or t.is_complex()]
     opts = [_unwrap(o) for o in _as_list(optimizers)]
     owners: list[tuple[int, Tensor]] = []  # (optimizer, parameter) of each state tensor
     tensors = [t.detach() for _, t in named]

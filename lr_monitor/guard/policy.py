@@ -297,6 +297,23 @@ class GuardPolicy:
             return Action.LOG
         return action
 
+    def plan(self, action: Action, context: DecisionContext) -> tuple[Action, tuple[Action, ...]]:
+        """``action`` after escalation and cooldown, and what carrying it out means.
+
+        Args:
+            action: The action asked for.
+            context: The run's state at this step.
+
+        Returns:
+            ``(action, plan)`` as a :class:`Decision` would hold them.
+
+        Example:
+            >>> GuardPolicy().plan(Action.ROLLBACK, DecisionContext(step=0, cuts_left=False))
+            (<Action.STOP: 'stop'>, (<Action.SKIP: 'skip'>, <Action.STOP: 'stop'>))
+        """
+        resolved = self._resolve(action, context)
+        return resolved, _PLANS[resolved]
+
     def skipping_kinds(self, context: DecisionContext) -> frozenset[str]:
         """The detection kinds that, in this context, drop the step's update.
 
