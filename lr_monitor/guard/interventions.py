@@ -777,14 +777,7 @@ class RollbackBuffer:
         *,
         extra: Mapping[str, Any] | None = None,
     ) -> Snapshot:
-        """Snapshot now (:meth:`copy`, then :meth:`hold` if it is finite).
-
-        Args:
-            step: The optimizer step just completed.
-            module: The model.
-            optimizers: Its optimizers (wrappers with ``_optimizer`` are unwrapped).
-            schedulers: Its LR schedulers (anything with ``state_dict``/``load_state_dict``).
-            extra: Extra state to store with the snapshot (deep-copied).
+        """Snapshot now: :meth:`copy` (the arguments are its own), then :meth:`hold` if finite.
 
         Returns:
             The new snapshot; when it is not :attr:`~Snapshot.finite` it is not kept (the
@@ -814,7 +807,7 @@ class RollbackBuffer:
             step: The optimizer step just completed.
             module: The model.
             optimizers: Its optimizers (wrappers with ``_optimizer`` are unwrapped).
-            schedulers: Its LR schedulers.
+            schedulers: Its LR schedulers (anything with ``state_dict``/``load_state_dict``).
             extra: Extra state to store with the snapshot (deep-copied).
 
         Returns:
