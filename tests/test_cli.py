@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -140,7 +141,12 @@ def test_report_table_names_runs_and_numbers(logdir: Path,
     assert out.index("run healthy/version_0") < out.index("run too-high/version_0")
     assert "40 (last logged step 39)" in out  # healthy steps
     assert "30 (last logged step 29)" in out
-    assert "0.003906 at step 39 (max 2)" in out  # healthy final train loss = 2^(1 - 39 // 4)
+    # healthy train/loss = 2^(1 - step // 4): from 2 down to 2^-8, first reached at step 36
+    assert re.search(r"loss \(train/loss\) +│ 2 at step 0 → best 0.003906 at step 36 → last "
+                     r"0.003906 at step 39 +│", out)  # nothing to add: no ratio, no peak
+    # too-high: 512 at step 3, back to 2 after the rollback
+    assert "2 at step 0 → best 2 at step 0 → last 2 at step 29: peak 512 at step 3, 256× " \
+           "its start" in out
     assert "2 (steps 3, 17)" in out  # LR cuts of too-high
     assert "1 (step 17)" in out  # the skip
     assert "1 (step 25)" in out  # the stop
@@ -169,7 +175,16 @@ def test_report_json_equals_what_was_written(logdir: Path,
     adam = healthy["step_size"]["Adam"]
     assert adam["eff_lr_p50_median"] == 2.0**-9
     assert adam["update_ratio_max"] == 4.0 and adam["update_ratio_max_step"] == 2
-    assert adam["lr"] == {"pg0": {"first": 2.0**-10, "last": 2.0**-10, "step": 39}}
+    assert adam["lr"] == {"pg0": {"first": 2.0**-10, "first_step": 0, "last": 2.0**-10,
+                                  "step": 39, "min": 2.0**-10, "min_step": 0,
+                                  "max": 2.0**-10, "max_step": 0}}
+    assert adam["update_ratio_median"] == 2.0**-10
+    assert healthy["loss"]["source"] == "found"
+    assert healthy["loss"]["train"]["train/loss"] == {
+        "first": 2.0, "first_step": 0, "best": 2.0**-8, "best_step": 36, "max": 2.0,
+        "max_step": 0, "last": 2.0**-8, "last_step": 39, "points": 40, "nonfinite": 0,
+        "first_nonfinite_step": None, "last_over_best": 1.0, "max_over_first": 1.0}
+    assert list(healthy["loss"]["val"]) == ["val/loss"] and healthy["guard"]["output"]
     assert adam["nonfinite_steps"] == 0
 
     bad = runs["too-high/version_0"]
@@ -187,7 +202,10 @@ def test_report_json_equals_what_was_written(logdir: Path,
     adam = bad["step_size"]["Adam"]
     # p50 = 2 * lr: lr is 1 for steps 0-2, 1/8 for 3-16, 1/64 for 17-29 -> median 1/4
     assert adam["eff_lr_p50_median"] == 0.25
-    assert adam["lr"]["pg0"] == {"first": 1.0, "last": 0.015625, "step": 29}
+    assert adam["lr"]["pg0"] == {"first": 1.0, "first_step": 0, "last": 0.015625, "step": 29,
+                                 "min": 0.015625, "min_step": 17, "max": 1.0, "max_step": 0}
+    loss = bad["loss"]["train"]["train/loss"]
+    assert (loss["max"], loss["max_step"], loss["max_over_first"]) == (512.0, 3, 256.0)
     assert adam["nonfinite_steps"] == 1
     assert bad["metrics"]["train/loss"]["max"] == 512.0
 
@@ -563,3 +581,30 @@ def test_events_built_in_code_are_rendered(rich: bool, monkeypatch: pytest.Monke
     out = capsys.readouterr().out
     assert "step -1: spike on loss" in out
     assert "step 2: spike on loss = 9 (threshold 3) -> skip" in out
+
+
+# ------------------------------------------------------- what the signals show (issue 15)
+
+
+def write_scalars(run_dir: Path, series: dict[str, Sequence[tuple[int, float]]]) -> None:
+    """A run holding exactly these ``{tag: [(step, value), ...]}``, one event per scalar."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run_dir)) as writer:
+        for tag, points in series.items():
+            for step, value in points:
+                writer.add_scalar(tag, value, step)
+
+
+def test_a_warm_up_peak_and_the_minimum_are_reported(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # nanoGPT-like: warm-up from 2^-13 to 2^-10 at step 8, cosine-like decay to 2^-12
+    lrs = [2.0**-13] * 2 + [2.0**-12] * 3 + [2.0**-11] * 3 + [2.0**-10] * 4 + [2.0**-12] * 4
+    write_scalars(tmp_path / "run", {"optim/lr/AdamW/pg0": list(enumerate(lrs)),
+                                     "train/loss": [(s, 1.0) for s in range(len(lrs))]})
+    lr = report_json(capsys, tmp_path)["runs"][0]["step_size"]["AdamW"]["lr"]["pg0"]
+    assert (lr["first"], lr["last"]) == (2.0**-13, 2.0**-12)
+    assert (lr["max"], lr["max_step"], lr["min"], lr["min_step"]) == (2.0**-10, 8, 2.0**-13, 0)
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "0.0001221 → 0.0002441 (peak 0.0009766 at step 8, last at step 15)" in out
