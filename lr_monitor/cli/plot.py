@@ -129,6 +129,10 @@ _MAX_TITLE = 60  # characters of a run name in a column title
 _MAX_FILE_STEM = 100  # characters of a run name in a --per-run file name
 _COLUMN_INCHES = 5.4
 _HEIGHT_INCHES = 13.0
+# A fixed layout, in inches (matplotlib's constrained layout measured every tick label of
+# every axis, about 40 % of the time of a page): room for the y label and ticks on the
+# left, the guard scale's axis on the right of each column, three title lines on top.
+_LEFT, _RIGHT, _TOP, _BOTTOM, _COLUMN_GAP, _ROW_GAP = 0.95, 0.75, 0.72, 0.55, 0.9, 0.22
 
 
 def _label(text: str, limit: int | None = None) -> str:
@@ -409,8 +413,15 @@ def make_figure(runs: Sequence[RunData], *, prefix: str = DEFAULT_PREFIX,
     from matplotlib.figure import Figure
 
     ncols = len(runs)
-    fig = Figure(figsize=(1.2 + _COLUMN_INCHES * ncols, _HEIGHT_INCHES), layout="constrained")
-    axes = fig.subplots(len(_ROWS), ncols, sharex="col", sharey="row", squeeze=False)
+    width = 1.2 + _COLUMN_INCHES * ncols
+    fig = Figure(figsize=(width, _HEIGHT_INCHES))
+    axis_w = (width - _LEFT - _RIGHT - (ncols - 1) * _COLUMN_GAP) / ncols
+    axis_h = (_HEIGHT_INCHES - _TOP - _BOTTOM - (len(_ROWS) - 1) * _ROW_GAP) / len(_ROWS)
+    grid = {"left": _LEFT / width, "right": 1 - _RIGHT / width,
+            "bottom": _BOTTOM / _HEIGHT_INCHES, "top": 1 - _TOP / _HEIGHT_INCHES,
+            "wspace": _COLUMN_GAP / axis_w, "hspace": _ROW_GAP / axis_h}
+    axes = fig.subplots(len(_ROWS), ncols, sharex="col", sharey="row", squeeze=False,
+                        gridspec_kw=grid)
     twins = []
     for col, run in enumerate(runs):
         column = [axes[row][col] for row in range(len(_ROWS))]
