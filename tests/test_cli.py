@@ -184,7 +184,8 @@ def test_report_json_equals_what_was_written(logdir: Path,
     assert healthy["loss"]["train"]["train/loss"] == {
         "first": 2.0, "first_step": 0, "best": 2.0**-8, "best_step": 36, "max": 2.0,
         "max_step": 0, "last": 2.0**-8, "last_step": 39, "points": 40, "nonfinite": 0,
-        "first_nonfinite_step": None, "last_over_best": 1.0, "max_over_first": 1.0}
+        "first_nonfinite_step": None, "last_over_best": 1.0, "max_over_first": 1.0,
+        "gave_back": 0.0}
     assert list(healthy["loss"]["val"]) == ["val/loss"] and healthy["guard"]["output"]
     assert adam["nonfinite_steps"] == 0
 
@@ -638,6 +639,7 @@ def test_an_exploded_loss_is_said_before_the_guard_did_nothing(
     summary = report["loss"]["train"]["train/loss"]
     assert (summary["best"], summary["best_step"], summary["last"]) == (0.5, 3, 128.0)
     assert summary["last_over_best"] == 256.0 and summary["max_over_first"] == 32.0
+    assert summary["gave_back"] == (128.0 - 0.5) / (4.0 - 0.5)
     assert report["guard"]["output"] and report["guard"]["events"] == 0
     assert main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -648,6 +650,17 @@ def test_an_exploded_loss_is_said_before_the_guard_did_nothing(
     title = figure_of(tmp_path).axes[0].get_title(loc="left").splitlines()
     assert title == ["run", "train/loss 4 → 128, best 0.5 at 3: ended 256× best, "
                             "peak 32× start at 7", "0 guard events"]
+
+
+def test_a_small_rebound_near_zero_is_not_called_an_explosion(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """4× its best, but all but 0.04 % of the way down from the start is kept."""
+    write_scalars(tmp_path / "run", {"train/loss": [(0, 2.0), (1, 2.0**-12), (2, 2.0**-10)]})
+    summary = report_json(capsys, tmp_path)["runs"][0]["loss"]["train"]["train/loss"]
+    assert summary["last_over_best"] == 4.0 and summary["gave_back"] < 0.001
+    out = _out(capsys, ["report", str(tmp_path)])
+    assert "2 at step 0 → best 0.0002441 at step 1 → last 0.0009766 at step 2 " in out
+    assert "ended" not in out
 
 
 @pytest.mark.parametrize(

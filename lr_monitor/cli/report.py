@@ -81,6 +81,8 @@ __all__ = [
     "ACTION_LABELS",
     "EVENTS_JSONL",
     "GUARD_ACTIONS",
+    "LOSS_GIVEN_BACK_SHOWN",
+    "LOSS_RATIO_SHOWN",
     "METRIC_TAGS",
     "MONITOR_STATS",
     "ReportError",
@@ -477,10 +479,14 @@ def _series_summary(series: Series) -> dict[str, Any]:
 
 
 #: A loss that ended at least this many times its best is said to have (``ended N× its
-#: best``); a peak at least this many times the start is named (``peak … N× its start``).
-#: They decide what the sentence mentions, never what is computed (``--json`` has every
-#: number).
+#: best``) when it also gave back at least :data:`LOSS_GIVEN_BACK_SHOWN` of the way from
+#: its start down to its best; a peak at least this many times the start is named
+#: (``peak … N× its start``). They decide what the sentence mentions, never what is
+#: computed (``--json`` has every number).
 LOSS_RATIO_SHOWN = 2.0
+#: See :data:`LOSS_RATIO_SHOWN`: a loss that went from 2.3 to 0.0002 and ended at 0.001
+#: is 6× its best but has kept all but 0.04 % of its progress; that is not said.
+LOSS_GIVEN_BACK_SHOWN = 0.1
 
 
 def summarise_loss(series: Series) -> dict[str, Any]:
@@ -495,7 +501,9 @@ def summarise_loss(series: Series) -> dict[str, Any]:
         ``last``/``last_step`` (the last point, possibly non-finite), ``points``,
         ``nonfinite`` (how many points are NaN or infinite) and ``first_nonfinite_step``,
         ``last_over_best`` and ``max_over_first`` (``None`` when not both finite and the
-        divisor positive).
+        divisor positive), ``gave_back`` (``(last - best) / (first - best)``: the share of
+        the way down from the start that was lost by the end; ``None`` unless all three
+        are finite and the best is below the start).
 
     Raises:
         IndexError: If the series is empty.
@@ -505,8 +513,8 @@ def summarise_loss(series: Series) -> dict[str, Any]:
         >>> d = summarise_loss(s)
         >>> d["best"], d["best_step"], d["max"], d["max_step"], d["nonfinite"]
         (0.25, 2, 8.0, 3, 1)
-        >>> d["max_over_first"], d["last_over_best"], d["first_nonfinite_step"]
-        (4.0, None, 4)
+        >>> d["max_over_first"], d["last_over_best"], d["first_nonfinite_step"], d["gave_back"]
+        (4.0, None, 4, None)
     """
     last_step, last = series.last()
     finite = np.isfinite(series.values)
@@ -537,6 +545,8 @@ def summarise_loss(series: Series) -> dict[str, Any]:
         "nonfinite": len(bad),
         "first_nonfinite_step": int(series.steps[bad[0]]) if len(bad) else None,
         "last_over_best": ratio(last, best),
+        "gave_back": (None if best is None or not (math.isfinite(first) and math.isfinite(last))
+                      or first <= best else (last - best) / (first - best)),
         "max_over_first": ratio(peak, first),
     }
 
@@ -553,6 +563,17 @@ def _times(x: float) -> str:
     return f"{x:,.0f}×" if x < 1e6 else f"{x:.2g}×"
 
 
+def _ended_above_best(summary: Mapping[str, Any]) -> float | None:
+    """``last_over_best`` when it is worth saying (:data:`LOSS_RATIO_SHOWN`), else ``None``."""
+    over_best = summary.get("last_over_best")
+    gave_back = summary.get("gave_back")
+    if over_best is None or over_best < LOSS_RATIO_SHOWN:
+        return None
+    if gave_back is not None and gave_back < LOSS_GIVEN_BACK_SHOWN:
+        return None
+    return float(over_best)
+
+
 def describe_loss(summary: Mapping[str, Any]) -> str:
     r"""A loss summary (:func:`summarise_loss`) as one sentence for the report.
 
@@ -566,8 +587,8 @@ def describe_loss(summary: Mapping[str, Any]) -> str:
             f" → best {format_value(summary['best'])} at step {summary['best_step']}"
             f" → last {format_value(summary['last'])} at step {summary['last_step']}")
     notes = []
-    over_best = summary.get("last_over_best")
-    if over_best is not None and over_best >= LOSS_RATIO_SHOWN:
+    over_best = _ended_above_best(summary)
+    if over_best is not None:
         notes.append(f"ended {_times(over_best)} its best")
     over_first = summary.get("max_over_first")
     if over_first is not None and over_first >= LOSS_RATIO_SHOWN:
@@ -591,8 +612,8 @@ def loss_headline(tag: str, summary: Mapping[str, Any]) -> str:
     text = (f"{tag} {format_value(summary['first'], 3)} → {format_value(summary['last'], 3)}"
             f", best {format_value(summary['best'], 3)} at {summary['best_step']}")
     notes = []
-    over_best = summary.get("last_over_best")
-    if over_best is not None and over_best >= LOSS_RATIO_SHOWN:
+    over_best = _ended_above_best(summary)
+    if over_best is not None:
         notes.append(f"ended {_times(over_best)} best")
     over_first = summary.get("max_over_first")
     if over_first is not None and over_first >= LOSS_RATIO_SHOWN:
