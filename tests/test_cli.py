@@ -752,6 +752,20 @@ def test_a_cut_is_drawn_at_the_events_own_step(tmp_path: Path) -> None:
     assert len(marks) == 1 and marks[0].get_segments()[0][0][0] == 1.0
 
 
+def test_the_guard_scale_stays_on_its_axis_after_a_warm_up(tmp_path: Path) -> None:
+    """Warm-up from 2^-12 to 2^-6, then a cut to 1/8: the scale line stays in view."""
+    lrs = [2.0**-12, 2.0**-9, 2.0**-6, 2.0**-6, 2.0**-9, 2.0**-9]
+    scale = [1.0, 1.0, 1.0, 1.0, 0.125, 0.125]
+    write_scalars(tmp_path / "run", {"optim/lr/Adam/pg0": list(enumerate(lrs)),
+                                     "guard/lr_scale": list(enumerate(scale))})
+    fig = figure_of(tmp_path)
+    ax_lr = fig.axes[1]
+    twin = next(a for a in fig.axes if a is not ax_lr and a.bbox.bounds == ax_lr.bbox.bounds)
+    low, high = twin.get_ylim()
+    assert low < 0.125 and high > 1.0
+    assert twin.get_ylim() == pytest.approx(tuple(y / 2.0**-6 for y in ax_lr.get_ylim()))
+
+
 def test_no_guard_output_is_said_instead_of_zero_actions(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_run(tmp_path / "plain", steps=5, lr=2.0**-10, monitor=False, guard=False)
