@@ -874,3 +874,20 @@ def test_thousands_of_events_are_one_collection_per_action(tmp_path: Path) -> No
     assert labels == ["guard: cut_lr", "guard: recorded"]
     sizes = {c.get_label(): len(c.get_segments()) for c in ax.collections}
     assert sizes == {"guard: cut_lr": 3, "guard: recorded": 2997}
+
+
+def test_plot_runs_and_decimate_check_their_arguments(tmp_path: Path) -> None:
+    from lr_monitor.cli.plot import decimate, plot_runs
+    from lr_monitor.cli.report import RunData
+
+    run = RunData("r", tmp_path, ())
+    for kwargs, message in (({"per_page": 0}, "per_page=0 is invalid: must be an int >= 1"),
+                            ({"max_files": 1.5}, "max_files=1.5 is invalid"),
+                            ({"max_points": 3}, "max_points=3 is invalid: must be an int >= 4")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            plot_runs([run], tmp_path / "x.png", **kwargs)
+    assert not (tmp_path / "x.png").exists()
+    with pytest.raises(ValueError, match="differ in length"):
+        decimate(np.arange(3), np.arange(4))
+    steps, values = decimate(np.arange(7), np.arange(7.0), 4)  # the smallest cap
+    assert len(steps) <= 4 and (steps[0], steps[-1]) == (0, 6)

@@ -37,9 +37,12 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from lr_monitor._validation import invalid
+
+if TYPE_CHECKING:
+    from lr_monitor.cli.report import RunSource
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "MAX_EPOCHS", "MAX_FILES",
            "MAX_PER_PAGE", "MAX_POINTS", "MAX_SEED", "MIN_POINTS", "build_parser", "main"]
@@ -319,7 +322,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "*loss* that is not a validation one)")
 
 
-def _selected_runs(args: argparse.Namespace) -> list[Any]:
+def _selected_runs(args: argparse.Namespace) -> list[RunSource]:
     """The runs below LOGDIR that ``--runs`` selects (all without it), not read yet."""
     from lr_monitor.cli.report import display_path, find_runs, select_runs
 

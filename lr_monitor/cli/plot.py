@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lr_monitor._validation import check_int
 from lr_monitor.cli.report import (
     RunData,
     RunSource,
@@ -235,8 +236,7 @@ def decimate(steps: np.ndarray, values: np.ndarray,
         >>> len(s) <= 100, float(v.max()), int(s[v.argmax()])
         (True, 1000000.0, 6789)
     """
-    if max_points < 4:
-        raise ValueError(f"max_points={max_points!r} is invalid: must be an int >= 4")
+    check_int("max_points", max_points, 4)
     if len(steps) != len(values):
         raise ValueError("steps and values differ in length")
     n = len(values)
@@ -315,13 +315,9 @@ def plot_runs(
     """
     if not runs:
         raise ValueError("no runs to plot")
-    if isinstance(per_page, bool) or not isinstance(per_page, int) or per_page < 1:
-        raise ValueError(f"per_page={per_page!r} is invalid: must be an int >= 1")
-    if max_files is not None and (isinstance(max_files, bool) or not isinstance(max_files, int)
-                                  or max_files < 1):
-        raise ValueError(f"max_files={max_files!r} is invalid: must be an int >= 1 or None")
-    if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 4:
-        raise ValueError(f"max_points={max_points!r} is invalid: must be an int >= 4")
+    check_int("per_page", per_page, 1)
+    check_int("max_files", max_files, 1, allow_none=True)
+    check_int("max_points", max_points, 4)
     size = 1 if per_run else per_page
     pages = -(-len(runs) // size)
     drawn = pages if max_files is None else min(pages, max_files)
