@@ -284,12 +284,12 @@ COMMANDS = ("report", "plot")
 
 
 def run_cases(cases: dict[str, Path], names: list[str], *, code: Path, timeout: float,
-              rss_limit_mib: float) -> dict[str, Any]:
+              rss_limit_mib: float, commands: tuple[str, ...] = COMMANDS) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="report_scale-") as tmp:
         work = Path(tmp)
         for name in names:
-            for command in COMMANDS:
+            for command in commands:
                 argv = ([command, str(cases[name]), "--json"] if command == "report"
                         else [command, str(cases[name]), "-o", str(work / "plot.png")])
                 result = measure(argv, code=code, timeout=timeout,
@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="checkout whose lr_monitor is measured (default: this one)")
     parser.add_argument("--label", default="after", help="name of this measurement")
     parser.add_argument("--cases", default="runs100,long100k,events10k,runs3000")
+    parser.add_argument("--commands", default="report,plot",
+                        help="which of report,plot to run (default: both)")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--rss-limit-mib", type=float, default=3072.0)
     parser.add_argument("--smoke", action="store_true", help="tiny data, for the tests")
@@ -384,8 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     code = args.code.resolve()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=code,
                             capture_output=True, text=True, check=False).stdout.strip()
+    commands = tuple(c for c in args.commands.split(",") if c in COMMANDS)
     results = run_cases(cases, names, code=code, timeout=args.timeout,
-                        rss_limit_mib=args.rss_limit_mib)
+                        rss_limit_mib=args.rss_limit_mib, commands=commands)
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{stem}.json"
     doc: dict[str, Any] = {"machine": _machine(), "cases": CASE_TEXT, "labels": {}}
