@@ -37,6 +37,7 @@ __all__ = [
     "GUARD_EVENTS",
     "GUARD_LR_SCALE",
     "LR_HISTOGRAM",
+    "MAX_FOUND_LOSS_TAGS",
     "NOISE_STATISTICS",
     "STATISTICS",
     "STEP_QUALITY_STATISTICS",
@@ -45,11 +46,16 @@ __all__ = [
     "TENSORBOARD_FILE_MARK",
     "TRAIN_ACC",
     "TRAIN_LOSS",
+    "TRAIN_LOSS_NAMES",
     "USER_METRICS",
     "VAL_ACC",
     "VAL_LOSS",
+    "VAL_LOSS_NAMES",
+    "find_loss_tags",
+    "find_val_loss_tag",
     "group_names",
     "histogram_tag",
+    "is_loss_like",
     "is_tensorboard_file",
     "lr_key",
     "optimizer_names",
@@ -139,6 +145,102 @@ TRAIN_ACC = "train/acc"
 VAL_LOSS = "val/loss"
 VAL_ACC = "val/acc"
 USER_METRICS = (TRAIN_LOSS, TRAIN_ACC, VAL_LOSS, VAL_ACC)
+
+#: The training-loss tags ``report`` and ``plot`` look for, in this order, when no
+#: ``--loss-tag`` is given: this project's examples, then what Lightning writes for
+#: ``self.log("train_loss", ...)`` and ``self.log("loss", ...)`` (Lightning's own examples),
+#: with ``on_step=True, on_epoch=True`` too (``_step`` is the per-step series).
+TRAIN_LOSS_NAMES = (TRAIN_LOSS, "train_loss", "train/loss_step", "train_loss_step", "loss",
+                    "loss_step", "train/loss_epoch", "train_loss_epoch", "loss_epoch")
+
+#: The validation-loss tags looked for, in this order.
+VAL_LOSS_NAMES = (VAL_LOSS, "val_loss", "val/loss_epoch", "val_loss_epoch", "valid/loss",
+                  "valid_loss", "validation/loss", "validation_loss")
+
+#: The most training-loss tags found by :func:`find_loss_tags` when none has a known name.
+MAX_FOUND_LOSS_TAGS = 4
+
+_LOSS_WORD = re.compile(r"(?:^|[^a-z])loss(?:$|[^a-z])", re.IGNORECASE)
+_EVAL_HEAD = re.compile(r"^(?:val|valid|validation|test|eval)(?:$|[^a-z])", re.IGNORECASE)
+
+
+def is_loss_like(tag: str, prefix: str = DEFAULT_PREFIX) -> bool:
+    """Whether a tag names a loss: its last component holds the word ``loss``.
+
+    Statistics tags (:func:`parse_stat_tag`) and the guard's own tags never are.
+
+    Example:
+        >>> [is_loss_like(t) for t in ("g_loss", "train/loss", "lossy", "optim/lr/Adam/pg0")]
+        [True, True, False, False]
+    """
+    if tag.startswith("guard/") or parse_stat_tag(tag, prefix) is not None:
+        return False
+    return _LOSS_WORD.search(tag.rsplit("/", 1)[-1]) is not None
+
+
+def _is_eval(tag: str) -> bool:
+    return any(_EVAL_HEAD.match(part) for part in tag.split("/"))
+
+
+def find_loss_tags(tags: Iterable[str], prefix: str = DEFAULT_PREFIX) -> list[str]:
+    """The training-loss tags of a run, for ``report`` and ``plot``.
+
+    The first of :data:`TRAIN_LOSS_NAMES` present, alone. Failing that, every loss-like
+    tag (:func:`is_loss_like`) that is not a validation or test one (no component starting
+    with ``val``, ``valid``, ``validation``, ``test`` or ``eval``), sorted, at most
+    :data:`MAX_FOUND_LOSS_TAGS`; of ``x_step`` and ``x_epoch`` only ``x_step``. A GAN's
+    ``g_loss`` and ``d_loss`` are both found.
+
+    Args:
+        tags: The run's scalar tags.
+        prefix: The monitor's tag prefix (its tags are never losses).
+
+    Returns:
+        The tags, possibly empty.
+
+    Example:
+        >>> find_loss_tags(["epoch", "train_loss", "loss", "val_loss"])
+        ['train_loss']
+        >>> find_loss_tags(["g_loss", "d_loss", "val_g_loss", "epoch"])
+        ['d_loss', 'g_loss']
+        >>> find_loss_tags(["recon_loss_step", "recon_loss_epoch"])
+        ['recon_loss_step']
+    """
+    present = set(tags)
+    for name in TRAIN_LOSS_NAMES:
+        if name in present:
+            return [name]
+    found = sorted(t for t in present if is_loss_like(t, prefix) and not _is_eval(t))
+    found = [t for t in found
+             if not (t.endswith("_epoch") and f"{t[:-len('_epoch')]}_step" in present)]
+    return found[:MAX_FOUND_LOSS_TAGS]
+
+
+def find_val_loss_tag(tags: Iterable[str], prefix: str = DEFAULT_PREFIX) -> str | None:
+    """The validation-loss tag of a run, or ``None``.
+
+    The first of :data:`VAL_LOSS_NAMES` present; else the first loss-like tag (sorted)
+    with a component starting with ``val``, ``valid`` or ``validation``.
+
+    Args:
+        tags: The run's scalar tags.
+        prefix: The monitor's tag prefix.
+
+    Returns:
+        The tag, or ``None`` when there is none.
+
+    Example:
+        >>> find_val_loss_tag(["val_loss", "val/loss"]), find_val_loss_tag(["valid/nll_loss"])
+        ('val/loss', 'valid/nll_loss')
+    """
+    present = set(tags)
+    for name in VAL_LOSS_NAMES:
+        if name in present:
+            return name
+    found = sorted(t for t in present if is_loss_like(t, prefix)
+                   and any(re.match(r"(?i)val(?:id|idation)?(?:$|[^a-z])", part)
+                           for part in t.split("/")))
+    return found[0] if found else None
 
 _STAT_PATTERN = "|".join(re.escape(s) for s in sorted(STATISTICS, key=len, reverse=True))
 

@@ -1,6 +1,6 @@
 """Smoke tests of the benchmark scripts: they run end to end and write well-formed results.
 
-Both scripts run in their ``--smoke`` mode (a handful of tiny runs) as subprocesses, the
+The scripts run in their ``--smoke`` mode (a handful of tiny runs) as subprocesses, the
 way the Makefile runs them; the divergence suite also in ``--mode smoke_gpt`` (the
 character LM path: parameter groups, warm-up + cosine, random windows). No wall-clock
 assertion: only that the outputs exist, parse and hold what the docs say they hold. The
@@ -132,6 +132,24 @@ def test_divergence_smoke_gpt_writes_delay_and_recovery_tables(tmp_path: Path) -
     assert "## Delay: unguarded blow-up → first action, per task" in md
     assert "## Recovery of the runs that fail unguarded" in md
     assert "| guard | char_gpt_tiny |" in md and "| guard | x1000 |" in md
+
+
+@pytest.mark.slow
+def test_report_scale_smoke_measures_every_case(tmp_path: Path) -> None:
+    _run("report_scale.py", tmp_path, "--data", str(tmp_path / "data"), "--label", "smoke")
+    doc = json.loads((tmp_path / "report_scale_smoke.json").read_text())
+    results = doc["labels"]["smoke"]["results"]
+    assert set(results) == {f"{case}/{command}" for case in doc["cases"]
+                            for command in ("report", "plot")}
+    for key, r in results.items():
+        assert r["rc"] == 0 and r["killed"] is None, (key, r)
+        assert r["peak_rss_mib"] > 0 and r["lr_monitor"].startswith(str(ROOT))
+        assert (r["pngs"] > 0) == key.endswith("/plot")
+    # 30 runs: 5 pages of 6 columns; every page within the bound of 6 columns
+    assert results["runs3000/plot"]["pngs"] == 5
+    assert results["runs3000/plot"]["largest_png"][0] <= (1.2 + 5.4 * 6) * 110 + 1
+    md = (tmp_path / "report_scale_smoke.md").read_text()
+    assert "| runs3000 | plot |" in md and "smoke: time, peak RSS" in md
 
 
 def test_policy_values_parse_numbers_bools_strings_and_tuples() -> None:

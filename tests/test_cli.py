@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from lr_monitor.cli import main
@@ -140,7 +142,12 @@ def test_report_table_names_runs_and_numbers(logdir: Path,
     assert out.index("run healthy/version_0") < out.index("run too-high/version_0")
     assert "40 (last logged step 39)" in out  # healthy steps
     assert "30 (last logged step 29)" in out
-    assert "0.003906 at step 39 (max 2)" in out  # healthy final train loss = 2^(1 - 39 // 4)
+    # healthy train/loss = 2^(1 - step // 4): from 2 down to 2^-8, first reached at step 36
+    assert re.search(r"loss \(train/loss\) +│ 2 at step 0 → best 0.003906 at step 36 → last "
+                     r"0.003906 at step 39 +│", out)  # nothing to add: no ratio, no peak
+    # too-high: 512 at step 3, back to 2 after the rollback
+    assert "2 at step 0 → best 2 at step 0 → last 2 at step 29: peak 512 at step 3, 256× " \
+           "its start" in out
     assert "2 (steps 3, 17)" in out  # LR cuts of too-high
     assert "1 (step 17)" in out  # the skip
     assert "1 (step 25)" in out  # the stop
@@ -169,7 +176,17 @@ def test_report_json_equals_what_was_written(logdir: Path,
     adam = healthy["step_size"]["Adam"]
     assert adam["eff_lr_p50_median"] == 2.0**-9
     assert adam["update_ratio_max"] == 4.0 and adam["update_ratio_max_step"] == 2
-    assert adam["lr"] == {"pg0": {"first": 2.0**-10, "last": 2.0**-10, "step": 39}}
+    assert adam["lr"] == {"pg0": {"first": 2.0**-10, "first_step": 0, "last": 2.0**-10,
+                                  "step": 39, "min": 2.0**-10, "min_step": 0,
+                                  "max": 2.0**-10, "max_step": 0}}
+    assert adam["update_ratio_median"] == 2.0**-10
+    assert healthy["loss"]["source"] == "found"
+    assert healthy["loss"]["train"]["train/loss"] == {
+        "first": 2.0, "first_step": 0, "best": 2.0**-8, "best_step": 36, "max": 2.0,
+        "max_step": 0, "last": 2.0**-8, "last_step": 39, "points": 40, "nonfinite": 0,
+        "first_nonfinite_step": None, "last_over_best": 1.0, "max_over_first": 1.0,
+        "gave_back": 0.0}
+    assert list(healthy["loss"]["val"]) == ["val/loss"] and healthy["guard"]["output"]
     assert adam["nonfinite_steps"] == 0
 
     bad = runs["too-high/version_0"]
@@ -187,7 +204,10 @@ def test_report_json_equals_what_was_written(logdir: Path,
     adam = bad["step_size"]["Adam"]
     # p50 = 2 * lr: lr is 1 for steps 0-2, 1/8 for 3-16, 1/64 for 17-29 -> median 1/4
     assert adam["eff_lr_p50_median"] == 0.25
-    assert adam["lr"]["pg0"] == {"first": 1.0, "last": 0.015625, "step": 29}
+    assert adam["lr"]["pg0"] == {"first": 1.0, "first_step": 0, "last": 0.015625, "step": 29,
+                                 "min": 0.015625, "min_step": 17, "max": 1.0, "max_step": 0}
+    loss = bad["loss"]["train"]["train/loss"]
+    assert (loss["max"], loss["max_step"], loss["max_over_first"]) == (512.0, 3, 256.0)
     assert adam["nonfinite_steps"] == 1
     assert bad["metrics"]["train/loss"]["max"] == 512.0
 
@@ -585,3 +605,311 @@ def test_events_built_in_code_are_rendered(rich: bool, monkeypatch: pytest.Monke
     out = capsys.readouterr().out
     assert "step -1: spike on loss" in out
     assert "step 2: spike on loss = 9 (threshold 3) -> skip" in out
+
+
+# ------------------------------------------------------- what the signals show (issue 15)
+
+
+def write_scalars(run_dir: Path, series: dict[str, Sequence[tuple[int, float]]]) -> None:
+    """A run holding exactly these ``{tag: [(step, value), ...]}``, one event per scalar."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run_dir)) as writer:
+        for tag, points in series.items():
+            for step, value in points:
+                writer.add_scalar(tag, value, step)
+
+
+def write_events(run_dir: Path, events: Sequence[GuardEvent]) -> None:
+    with open(run_dir / "events.jsonl", "w", encoding="utf-8") as f:
+        for event in events:
+            f.write(json.dumps(event.to_dict()) + "\n")
+
+
+def figure_of(path: Path, **kwargs: Any) -> Any:
+    from lr_monitor.cli.plot import make_figure
+    from lr_monitor.cli.report import load_runs
+
+    return make_figure(load_runs(path), **kwargs)
+
+
+def test_a_warm_up_peak_and_the_minimum_are_reported(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # nanoGPT-like: warm-up from 2^-13 to 2^-10 at step 8, cosine-like decay to 2^-12
+    lrs = [2.0**-13] * 2 + [2.0**-12] * 3 + [2.0**-11] * 3 + [2.0**-10] * 4 + [2.0**-12] * 4
+    write_scalars(tmp_path / "run", {"optim/lr/AdamW/pg0": list(enumerate(lrs)),
+                                     "train/loss": [(s, 1.0) for s in range(len(lrs))]})
+    lr = report_json(capsys, tmp_path)["runs"][0]["step_size"]["AdamW"]["lr"]["pg0"]
+    assert (lr["first"], lr["last"]) == (2.0**-13, 2.0**-12)
+    assert (lr["max"], lr["max_step"], lr["min"], lr["min_step"]) == (2.0**-10, 8, 2.0**-13, 0)
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "0.0001221 → 0.0002441 (peak 0.0009766 at step 8, last at step 15)" in out
+
+
+def test_an_exploded_loss_is_said_before_the_guard_did_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The guard ran (its tags are there) and took no action; the loss blew up anyway."""
+    loss = [4.0, 2.0, 1.0, 0.5, 0.5, 8.0, 64.0, 128.0]
+    ratio = [2.0**-10] * 5 + [2.0**-2] + [2.0**-10] * 2
+    write_scalars(tmp_path / "run", {
+        "train/loss": list(enumerate(loss)),
+        "optim/update_ratio/Adam/global": list(enumerate(ratio)),
+        "guard/lr_scale": [(s, 1.0) for s in range(8)],
+        "guard/events": [(s, 0.0) for s in range(8)]})
+    report = report_json(capsys, tmp_path)["runs"][0]
+    summary = report["loss"]["train"]["train/loss"]
+    assert (summary["best"], summary["best_step"], summary["last"]) == (0.5, 3, 128.0)
+    assert summary["last_over_best"] == 256.0 and summary["max_over_first"] == 32.0
+    assert summary["gave_back"] == (128.0 - 0.5) / (4.0 - 0.5)
+    assert report["guard"]["output"] and report["guard"]["events"] == 0
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert ("4 at step 0 → best 0.5 at step 3 → last 128 at step 7: ended 256× its best; "
+            "peak 128 at step 7, 32× its start") in out
+    assert "0.25 at step 5 (256× its median 0.0009766)" in out
+    assert out.index("ended 256× its best") < out.index("LR cuts")
+    title = figure_of(tmp_path).axes[0].get_title(loc="left").splitlines()
+    assert title == ["run", "train/loss 4 → 128, best 0.5 at 3: ended 256× best, "
+                            "peak 32× start at 7", "0 guard events"]
+
+
+def test_a_small_rebound_near_zero_is_not_called_an_explosion(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """4× its best, but all but 0.04 % of the way down from the start is kept."""
+    write_scalars(tmp_path / "run", {"train/loss": [(0, 2.0), (1, 2.0**-12), (2, 2.0**-10)]})
+    summary = report_json(capsys, tmp_path)["runs"][0]["loss"]["train"]["train/loss"]
+    assert summary["last_over_best"] == 4.0 and summary["gave_back"] < 0.001
+    out = _out(capsys, ["report", str(tmp_path)])
+    assert "2 at step 0 → best 0.0002441 at step 1 → last 0.0009766 at step 2 " in out
+    assert "ended" not in out
+
+
+@pytest.mark.parametrize(
+    ("tags", "found", "val"),
+    [
+        (("train_loss", "val_loss", "epoch"), ["train_loss"], "val_loss"),
+        (("loss", "epoch"), ["loss"], None),
+        (("g_loss", "d_loss", "epoch"), ["d_loss", "g_loss"], None),
+        (("recon_loss_step", "recon_loss_epoch", "val/recon_loss"), ["recon_loss_step"],
+         "val/recon_loss"),
+    ],
+)
+def test_lightning_loss_names_are_found(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        tags: tuple[str, ...], found: list[str],
+                                        val: str | None) -> None:
+    write_scalars(tmp_path / "run", {t: [(0, 2.0), (1, 1.0)] for t in tags})
+    loss = report_json(capsys, tmp_path)["runs"][0]["loss"]
+    assert list(loss["train"]) == found and loss["source"] == "found"
+    assert list(loss["val"]) == ([val] if val else [])
+    ax = figure_of(tmp_path).axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == found + ([val] if val else [])
+
+
+def test_loss_tag_option_names_the_loss(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    write_scalars(tmp_path / "run", {"g_loss": [(0, 2.0), (1, 4.0)],
+                                     "d_loss": [(0, 1.0), (1, 0.5)]})
+    loss = by_name(json.loads(_out(capsys, ["report", str(tmp_path), "--json",
+                                            "--loss-tag", "g_loss"])))["run"]["loss"]
+    assert list(loss["train"]) == ["g_loss"] and loss["source"] == "--loss-tag"
+    out = _out(capsys, ["report", str(tmp_path), "--loss-tag", "generator_loss"])
+    assert "loss (generator_loss)" in out and "not in this run" in out
+    assert "tags like a loss: d_loss, g_loss" in out
+    ax = figure_of(tmp_path, loss_tags=["d_loss"]).axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == ["d_loss"]
+
+
+def _out(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_a_lightning_train_loss_is_found(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """What Lightning's own examples log: ``self.log("train_loss", ...)``, step and epoch."""
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from tests.lightning_models import Regressor, regression_loader
+
+    class LogsTrainLoss(Regressor):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.log("train_loss", loss, on_step=True, on_epoch=True)
+            return loss
+
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=2, logger=TensorBoardLogger(str(tmp_path), name="lit"),
+                         log_every_n_steps=1, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(LogsTrainLoss(lambda m: torch.optim.Adam(m.parameters(), lr=1e-2)),
+                regression_loader(n=64, batch_size=16))
+    loss = report_json(capsys, tmp_path)["runs"][0]["loss"]
+    assert list(loss["train"]) == ["train_loss_step"]
+    assert loss["train"]["train_loss_step"]["points"] == 8  # 2 epochs x 4 batches
+
+
+def test_a_cut_is_drawn_at_the_events_own_step(tmp_path: Path) -> None:
+    """The monitor records every 5 steps; the guard cut at step 1: the lines change at 1."""
+    write_scalars(tmp_path / "run", {
+        "train/loss": [(s, 1.0) for s in range(0, 16)],
+        "optim/lr/Adam/pg0": [(0, 1.0), (5, 0.125), (10, 0.125), (15, 0.125)],
+        "guard/lr_scale": [(0, 1.0), (5, 0.125), (10, 0.125), (15, 0.125)]})
+    write_events(tmp_path / "run", [GuardEvent(
+        step=1, kind="divergence", signal="loss", value=64.0, threshold=8.0,
+        actions=("cut_lr",), lr_before={"Adam/pg0": 1.0}, lr_after={"Adam/pg0": 0.125},
+        lr_scale=0.125, time=0.0)])
+    fig = figure_of(tmp_path)
+    ax_lr = fig.axes[1]
+    (lr_line,) = [ln for ln in ax_lr.get_lines() if ln.get_label() == "lr Adam/pg0"]
+    assert list(zip(lr_line.get_xdata(), lr_line.get_ydata(), strict=True))[:3] == [
+        (0, 1.0), (1, 0.125), (5, 0.125)]
+    twin = next(a for a in fig.axes if a is not ax_lr and a.bbox.bounds == ax_lr.bbox.bounds)
+    (scale_line,) = twin.get_lines()
+    assert list(scale_line.get_xdata()[:2]) == [0, 1] and scale_line.get_ydata()[1] == 0.125
+    marks = [c for c in fig.axes[0].collections if c.get_label() == "guard: cut_lr"]
+    assert len(marks) == 1 and marks[0].get_segments()[0][0][0] == 1.0
+
+
+def test_the_guard_scale_stays_on_its_axis_after_a_warm_up(tmp_path: Path) -> None:
+    """Warm-up from 2^-12 to 2^-6, then a cut to 1/8: the scale line stays in view."""
+    lrs = [2.0**-12, 2.0**-9, 2.0**-6, 2.0**-6, 2.0**-9, 2.0**-9]
+    scale = [1.0, 1.0, 1.0, 1.0, 0.125, 0.125]
+    write_scalars(tmp_path / "run", {"optim/lr/Adam/pg0": list(enumerate(lrs)),
+                                     "guard/lr_scale": list(enumerate(scale))})
+    fig = figure_of(tmp_path)
+    ax_lr = fig.axes[1]
+    twin = next(a for a in fig.axes if a is not ax_lr and a.bbox.bounds == ax_lr.bbox.bounds)
+    low, high = twin.get_ylim()
+    assert low < 0.125 and high > 1.0
+    assert twin.get_ylim() == pytest.approx(tuple(y / 2.0**-6 for y in ax_lr.get_ylim()))
+
+
+def test_no_guard_output_is_said_instead_of_zero_actions(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_run(tmp_path / "plain", steps=5, lr=2.0**-10, monitor=False, guard=False)
+    out = _out(capsys, ["report", str(tmp_path)])
+    assert "no DivergenceGuard output" in out
+    for label in ("skipped steps", "LR cuts", "rollbacks", "stops", "alerts"):
+        assert label not in out
+    assert not report_json(capsys, tmp_path)["runs"][0]["guard"]["output"]
+    assert figure_of(tmp_path).axes[0].get_title(loc="left").endswith("no guard output")
+
+
+def test_non_finite_and_negative_losses_are_not_hidden(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_scalars(tmp_path / "nan", {"loss": [(0, 2.0), (1, 1.0), (2, math.nan),
+                                              (3, math.inf)]})
+    write_scalars(tmp_path / "neg", {"loss": [(0, 2.0), (1, -1.0), (2, -3.0)]})
+    runs = by_name(report_json(capsys, tmp_path))
+    nan = runs["nan"]["loss"]["train"]["loss"]
+    assert (nan["nonfinite"], nan["first_nonfinite_step"], nan["best"]) == (2, 2, 1.0)
+    out = _out(capsys, ["report", str(tmp_path)])
+    assert "non-finite at 2 steps (first at step 2)" in out
+    fig = figure_of(tmp_path / "nan")
+    assert [ln.get_label() for ln in fig.axes[0].get_lines()] == ["loss", "non-finite"]
+    assert list(fig.axes[0].get_lines()[1].get_xdata()) == [2, 3]
+    ax = figure_of(tmp_path / "neg").axes[0]  # log scale would drop the negative values
+    assert ax.get_yscale() == "linear" and list(ax.get_lines()[0].get_ydata()) == [2, -1, -3]
+
+
+# ---------------------------------------------------------------------- scale (issue 15)
+
+
+def test_many_runs_go_to_bounded_pages_and_the_rest_is_not_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    template = tmp_path / "template"
+    write_run(template, steps=3, lr=2.0**-10)
+    logs = tmp_path / "logs"
+    for i in range(500):
+        shutil.copytree(template, logs / f"run{i:03d}")
+    # The last run is not a TensorBoard file: reading it would print a warning.
+    for f in (logs / "run499").iterdir():
+        f.write_bytes(b"\0" * 64)
+    out = tmp_path / "p.png"
+    assert main(["plot", str(logs), "-o", str(out), "--max-files", "2", "--per-page", "1"]) == 0
+    captured = capsys.readouterr()
+    written = [Path(w.removeprefix("wrote ")) for w in captured.out.splitlines()]
+    assert written == [tmp_path / "p-p001.png", tmp_path / "p-p002.png"]  # of 500 pages
+    assert captured.err == (
+        "lr-monitor plot: warning: drew 2 of 500 runs (2 files of 1 run, the limit "
+        "--max-files=2); 498 runs left out, from run002 on: choose runs with --runs GLOB or "
+        "raise --max-files\n")
+    for path in written:  # a column of 5.4 in + 1.2 in at 110 dpi, 13 in high
+        width, height = png_size(path)
+        assert width <= (1.2 + 5.4) * 110 + 1 and height <= 13 * 110 + 1
+    assert main(["plot", str(logs), "-o", str(out), "--runs", "run000", "--runs", "run499",
+                 "--per-page", "2"]) == 0
+    captured = capsys.readouterr()  # run499 is read now: its file is named in a warning
+    assert captured.out == f"wrote {out}\n"  # one page: the name given
+    assert captured.err.count("\n") == 1 and "run499" in captured.err
+    assert png_size(out)[0] <= (1.2 + 5.4 * 2) * 110 + 1
+
+
+def test_runs_glob_selects_and_a_glob_matching_nothing_is_an_error(
+        logdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    payload = json.loads(_out(capsys, ["report", str(logdir), "--json", "--runs", "too-*"]))
+    assert [r["run"] for r in payload["runs"]] == ["too-high/version_0"]
+    payload = json.loads(_out(capsys, ["report", str(logdir), "--json", "--runs", "he*",
+                                       "--runs", "*/version_0"]))
+    assert len(payload["runs"]) == 2  # a run matching two globs is there once
+    assert main(["report", str(logdir), "--runs", "*/version_0", "--runs", "helthy*"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"lr-monitor report: error: --runs='helthy*' is invalid: must be a glob matching the "
+        f"name of a run below {logdir} (2 runs: 'healthy/version_0', 'too-high/version_0')\n")
+    out = tmp_path / "one.png"
+    assert main(["plot", str(logdir), "--runs", "healthy/*", "-o", str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    assert png_size(out)[0] < 1000  # one column
+
+
+def test_long_series_are_cut_to_max_points_keeping_spikes(tmp_path: Path) -> None:
+    steps = 5000
+    loss = [(s, 2.0 - s / steps) for s in range(steps)]
+    loss[3333] = (3333, 512.0)
+    ratio = [(s, 2.0**-10) for s in range(steps)]
+    ratio[4321] = (4321, 0.5)
+    write_scalars(tmp_path / "long", {"train/loss": loss,
+                                      "optim/update_ratio/Adam/global": ratio})
+    fig = figure_of(tmp_path, max_points=200)
+    lines = [ln for ax in fig.axes for ln in ax.get_lines()]
+    assert len(lines) == 2 and all(len(ln.get_xdata()) <= 200 for ln in lines)
+    for line, (step, value) in zip(lines, [(3333, 512.0), (4321, 0.5)], strict=True):
+        i = int(np.argmax(line.get_ydata()))
+        assert (line.get_xdata()[i], line.get_ydata()[i]) == (step, value)
+        assert line.get_xdata()[0] == 0 and line.get_xdata()[-1] == steps - 1
+
+
+def test_thousands_of_events_are_one_collection_per_action(tmp_path: Path) -> None:
+    write_scalars(tmp_path / "run", {"train/loss": [(s, 1.0) for s in range(3000)]})
+    write_events(tmp_path / "run", [
+        GuardEvent(step=s, kind="update_ratio", signal="update_ratio", value=0.5,
+                   threshold=0.1, actions=("cut_lr",) if s % 1000 == 0 else (), time=0.0)
+        for s in range(3000)])
+    ax = figure_of(tmp_path).axes[0]
+    labels = sorted(c.get_label() for c in ax.collections)
+    assert labels == ["guard: cut_lr", "guard: recorded"]
+    sizes = {c.get_label(): len(c.get_segments()) for c in ax.collections}
+    assert sizes == {"guard: cut_lr": 3, "guard: recorded": 2997}
+
+
+def test_plot_runs_and_decimate_check_their_arguments(tmp_path: Path) -> None:
+    from lr_monitor.cli.plot import decimate, plot_runs
+    from lr_monitor.cli.report import RunData
+
+    run = RunData("r", tmp_path, ())
+    for kwargs, message in (({"per_page": 0}, "per_page=0 is invalid: must be an int >= 1"),
+                            ({"max_files": 1.5}, "max_files=1.5 is invalid"),
+                            ({"max_points": 3}, "max_points=3 is invalid: must be an int >= 4")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            plot_runs([run], tmp_path / "x.png", **kwargs)
+    assert not (tmp_path / "x.png").exists()
+    with pytest.raises(ValueError, match="differ in length"):
+        decimate(np.arange(3), np.arange(4))
+    steps, values = decimate(np.arange(7), np.arange(7.0), 4)  # the smallest cap
+    assert list(steps) == [0, 6] and list(values) == [0.0, 6.0]

@@ -994,6 +994,25 @@ def test_hostile_names_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
          "-o='{tmp}/missing/x.png' is invalid: must be a .png file to write in a directory "
          "that exists ({tmp}/missing does not)"),
         (["demo", "--bogus"], "unrecognized arguments: --bogus (see lr-monitor --help)"),
+        (["report", "{tmp}", "--runs", ""], "--runs='' is invalid: must be a glob matched "
+                                            "against run names (non-empty, without NUL bytes)"),
+        (["plot", "{tmp}", "--runs", "a*", "--runs", "b\0"],
+         "--runs='b\\x00' is invalid: must be a glob matched against run names (non-empty, "
+         "without NUL bytes)"),
+        (["report", "{tmp}", "--loss-tag", ""],
+         "--loss-tag='' is invalid: must be a scalar tag (non-empty, without NUL bytes)"),
+        (["plot", "{tmp}", "--per-page", "0"], "--per-page=0 is invalid: must be an int in "
+                                               "[1, 24]"),
+        (["plot", "{tmp}", "--per-page", "six"], "--per-page='six' is invalid: must be an int "
+                                                 "in [1, 24]"),
+        (["plot", "{tmp}", "--per-run", "--per-page", "3"],
+         "--per-page=3 is invalid: must be left out with --per-run (one run per PNG)"),
+        (["plot", "{tmp}", "--max-files", "0"], "--max-files=0 is invalid: must be an int in "
+                                                "[1, 100000]"),
+        (["plot", "{tmp}", "--max-points", "9"], "--max-points=9 is invalid: must be an int in "
+                                                 "[10, 10000000]"),
+        (["report", "{tmp}", "--max-points", "100"],
+         "unrecognized arguments: --max-points 100 (see lr-monitor --help)"),
     ],
     ids=lambda x: repr(x)[:40] if isinstance(x, list) else "",
 )

@@ -4,10 +4,12 @@
   scikit-learn's digits twice (a sensible and a too-high learning rate) with
   :class:`~lr_monitor.StepSizeMonitor` and :class:`~lr_monitor.DivergenceGuard` attached
   and prints what the guard caught (see :mod:`lr_monitor.cli.demo`).
-* ``lr-monitor report LOGDIR [--json] [--prefix P]`` summarises every run below
-  ``LOGDIR`` (see :mod:`lr_monitor.cli.report`).
-* ``lr-monitor plot LOGDIR [-o FILE] [--per-run] [--prefix P]`` draws the runs to PNG
-  (see :mod:`lr_monitor.cli.plot`).
+* ``lr-monitor report LOGDIR [--json] [--prefix P] [--runs GLOB] [--loss-tag TAG]``
+  summarises every run below ``LOGDIR``, reading one run at a time (see
+  :mod:`lr_monitor.cli.report`).
+* ``lr-monitor plot LOGDIR [-o FILE] [--per-run] [--prefix P] [--runs GLOB]
+  [--loss-tag TAG] [--per-page N] [--max-files N] [--max-points N]`` draws the runs to
+  PNG, a page of runs at a time (see :mod:`lr_monitor.cli.plot`).
 
 Every option is checked before anything runs, with the project's one message format
 naming the option as typed: ``--seed=-1 is invalid: must be an int in [0, 4294967295]``.
@@ -35,12 +37,15 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from lr_monitor._validation import invalid
 
-__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "MAX_EPOCHS", "MAX_SEED", "build_parser",
-           "main"]
+if TYPE_CHECKING:
+    from lr_monitor.cli.report import RunSource
+
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "MAX_EPOCHS", "MAX_FILES",
+           "MAX_PER_PAGE", "MAX_POINTS", "MAX_SEED", "MIN_POINTS", "build_parser", "main"]
 
 #: Success.
 EXIT_OK = 0
@@ -84,6 +89,13 @@ class _Store(argparse.Action):
 MAX_SEED = 2**32 - 1
 #: Largest ``--epochs`` (23 optimizer steps each).
 MAX_EPOCHS = 10_000
+#: Largest ``plot --per-page``: a figure of 24 columns is about 14,400 pixels wide.
+MAX_PER_PAGE = 24
+#: Largest ``plot --max-files``.
+MAX_FILES = 100_000
+#: Smallest and largest ``plot --max-points``.
+MIN_POINTS = 10
+MAX_POINTS = 10_000_000
 _SHOWN = 100  # characters of a bad value shown in a message, at each end
 
 
@@ -182,6 +194,14 @@ def _check_prefix(text: str) -> str:
     return text
 
 
+def _check_names(option: str, texts: list[str] | None, what: str) -> list[str] | None:
+    """Each of a repeatable option's values: non-empty, without NUL bytes."""
+    for text in texts or ():
+        if not text or "\0" in text:
+            raise invalid(option, _shown(text), f"{what} (non-empty, without NUL bytes)")
+    return texts
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Check every option of ``args`` (in place: ints parsed); ValueError names the option."""
     if args.command == "demo":
@@ -192,9 +212,18 @@ def _check_args(args: argparse.Namespace) -> None:
         return
     _path_option("LOGDIR", args.logdir, "a log directory, run directory or event file")
     args.prefix = _check_prefix(args.prefix)
+    args.runs = _check_names("--runs", args.runs, "a glob matched against run names")
+    args.loss_tags = _check_names("--loss-tag", args.loss_tags, "a scalar tag")
     if args.command == "plot":
         flag = getattr(args, "output_flag", None) or "--output"
         args.output = _check_png(flag, args.output, args.per_run)
+        if args.per_page is not None:
+            args.per_page = _int_option("--per-page", args.per_page, 1, MAX_PER_PAGE)
+            if args.per_run:
+                raise invalid("--per-page", args.per_page,
+                              "left out with --per-run (one run per PNG)")
+        args.max_files = _int_option("--max-files", args.max_files, 1, MAX_FILES)
+        args.max_points = _int_option("--max-points", args.max_points, MIN_POINTS, MAX_POINTS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     from lr_monitor import __version__
     from lr_monitor.cli.demo import DEFAULT_EPOCHS, DEFAULT_OUT
+    from lr_monitor.cli.plot import DEFAULT_MAX_FILES, DEFAULT_MAX_POINTS, DEFAULT_PER_PAGE
 
     parser = _Parser(
         prog=_PROG,
@@ -240,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="summarise the runs under a log directory",
         description="Print a table per run found below LOGDIR (any directory holding "
-                    "TensorBoard event files): steps, final metrics, the guard's actions "
-                    "and their steps, headline step-size statistics.",
+                    "TensorBoard event files): steps, what the loss did (start, best, "
+                    "last), the update ratio, the guard's actions and their steps, the "
+                    "learning rate (first, peak, min, last).",
     )
     _add_run_arguments(report)
     report.add_argument("--json", action="store_true",
@@ -250,15 +281,26 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser(
         "plot",
         help="draw the runs under a log directory to PNG",
-        description="One figure, one column per run (or one PNG per run with --per-run): "
-                    "loss with the guard's events, learning rate and guard LR scale, "
-                    "effective-lr p05-p95 band and p50, update ratio, gradient norm.",
+        description="Figures of up to --per-page runs, one column per run (or one PNG per "
+                    "run with --per-run): loss with the guard's events, learning rate and "
+                    "guard LR scale, effective-lr p05-p95 band and p50, update ratio, "
+                    "gradient norm. More runs go to numbered pages (FILE's stem + "
+                    "'-p01.png', ...), at most --max-files files.",
     )
     _add_run_arguments(plot)
     plot.add_argument("-o", "--output", default="run.png", metavar="FILE", action=_Store,
                       help="PNG to write (default: %(default)s)")
     plot.add_argument("--per-run", action="store_true",
                       help="write one PNG per run, FILE's stem + '-<run>.png'")
+    plot.add_argument("--per-page", default=None, metavar="N",
+                      help=f"runs per figure, 1 to {MAX_PER_PAGE} (default: "
+                           f"{DEFAULT_PER_PAGE}); more runs go to numbered pages")
+    plot.add_argument("--max-files", default=str(DEFAULT_MAX_FILES), metavar="N",
+                      help=f"PNG files written at most, 1 to {MAX_FILES} (default: "
+                           "%(default)s); the runs beyond are left out with a warning")
+    plot.add_argument("--max-points", default=str(DEFAULT_MAX_POINTS), metavar="N",
+                      help=f"points drawn per line at most, {MIN_POINTS} to {MAX_POINTS} "
+                           "(default: %(default)s; each stretch's min and max are kept)")
     return parser
 
 
@@ -270,34 +312,82 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log directory, run directory or event file")
     parser.add_argument("--prefix", default=DEFAULT_PREFIX,
                         help="StepSizeMonitor tag prefix (default: %(default)s)")
+    parser.add_argument("--runs", action="append", default=None, metavar="GLOB",
+                        help="only the runs whose name (relative to LOGDIR) matches this "
+                             "glob; repeat for more (default: every run)")
+    parser.add_argument("--loss-tag", action="append", default=None, metavar="TAG",
+                        dest="loss_tags",
+                        help="the training-loss tag; repeat for more (default: found: "
+                             "train/loss, train_loss, loss, ..., else every tag named "
+                             "*loss* that is not a validation one)")
+
+
+def _selected_runs(args: argparse.Namespace) -> list[RunSource]:
+    """The runs below LOGDIR that ``--runs`` selects (all without it), not read yet."""
+    from lr_monitor.cli.report import display_path, find_runs, select_runs
+
+    found = find_runs(args.logdir)
+    chosen, unmatched = select_runs(found, args.runs)
+    if unmatched:
+        examples = ", ".join(repr(r.name) for r in found[:3])
+        more = ", …" if len(found) > 3 else ""
+        raise _CliError(str(invalid(
+            "--runs", _shown(unmatched[0]),
+            f"a glob matching the name of a run below {display_path(args.logdir)} "
+            f"({len(found)} run{'s' if len(found) != 1 else ''}: {examples}{more})")))
+    return chosen
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from lr_monitor.cli.report import build_report, load_runs, render_reports, reports_to_json
+    from lr_monitor.cli.report import (
+        build_report,
+        no_readable_runs,
+        render_reports,
+        reports_to_json,
+    )
 
-    runs = load_runs(args.logdir)
-    reports = [build_report(run, prefix=args.prefix) for run in runs]
+    sources = _selected_runs(args)
+    read = 0
+
+    def reports() -> Iterator[dict[str, Any]]:  # one run in memory at a time
+        nonlocal read
+        for source in sources:
+            run = source.load()
+            if run.event_files:
+                read += 1
+                yield build_report(run, prefix=args.prefix, loss_tags=args.loss_tags)
+
     if args.json:
-        sys.stdout.write(reports_to_json(reports, args.logdir) + "\n")
+        collected = list(reports())
+        if not read:
+            raise no_readable_runs(args.logdir, sum(len(s.files) for s in sources))
+        sys.stdout.write(reports_to_json(collected, args.logdir) + "\n")
     else:
-        render_reports(reports)
+        render_reports(reports())
+        if not read:
+            raise no_readable_runs(args.logdir, sum(len(s.files) for s in sources))
     return EXIT_OK
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from lr_monitor.cli.report import display_path, load_runs
+    from lr_monitor.cli.report import display_path, no_readable_runs
 
     try:
-        from lr_monitor.cli.plot import plot_runs
+        from lr_monitor.cli.plot import DEFAULT_PER_PAGE, plot_runs
     except ImportError as exc:  # matplotlib is an optional dependency
         raise _CliError(f"plot needs matplotlib ({exc}); pip install 'lr-monitor[cli]'") from exc
     output = Path(args.output)
-    runs = load_runs(args.logdir)
+    sources = _selected_runs(args)
     try:
-        written = plot_runs(runs, output, per_run=args.per_run, prefix=args.prefix)
+        written = plot_runs(sources, output, per_run=args.per_run, prefix=args.prefix,
+                            per_page=args.per_page or DEFAULT_PER_PAGE,
+                            max_files=args.max_files, max_points=args.max_points,
+                            loss_tags=args.loss_tags)
     except OSError as exc:
         where = display_path(exc.filename or output)
         raise _CliError(f"{where}: cannot write ({exc.strerror or exc})") from exc
+    if not written:
+        raise no_readable_runs(args.logdir, sum(len(s.files) for s in sources))
     for path in written:
         print(f"wrote {display_path(path)}")
     return EXIT_OK

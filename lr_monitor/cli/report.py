@@ -43,6 +43,7 @@ Example:
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import math
@@ -66,8 +67,12 @@ from lr_monitor.tags import (
     GUARD_EVENTS,
     GUARD_LR_SCALE,
     STATISTICS,
-    TRAIN_LOSS,
+    TRAIN_ACC,
     USER_METRICS,
+    VAL_ACC,
+    find_loss_tags,
+    find_val_loss_tag,
+    is_loss_like,
     is_tensorboard_file,
     parse_stat_tag,
 )
@@ -76,20 +81,30 @@ __all__ = [
     "ACTION_LABELS",
     "EVENTS_JSONL",
     "GUARD_ACTIONS",
+    "LOSS_GIVEN_BACK_SHOWN",
+    "LOSS_RATIO_SHOWN",
     "METRIC_TAGS",
     "MONITOR_STATS",
     "ReportError",
     "RunData",
+    "RunSource",
     "Series",
     "build_report",
+    "describe_loss",
     "display_path",
     "find_event_files",
+    "find_runs",
     "format_value",
+    "guard_headline",
     "load_run",
     "load_runs",
+    "loss_headline",
+    "no_readable_runs",
     "parse_monitor_tag",
     "render_reports",
     "reports_to_json",
+    "select_runs",
+    "summarise_loss",
     "terminal_safe",
 ]
 
@@ -239,6 +254,109 @@ def find_event_files(logdir: str | os.PathLike[str]) -> list[Path]:
     return sorted(found)
 
 
+@dataclass(frozen=True)
+class RunSource:
+    """A run found on disk, not read yet: :meth:`load` reads it.
+
+    :func:`find_runs` lists these by name only, so that selecting and paging runs costs
+    nothing per run; ``plot`` reads one page of runs at a time.
+
+    Args:
+        name: Display name: the directory relative to the log dir that was searched.
+        path: The run directory.
+        files: Its TensorBoard event file names, sorted.
+    """
+
+    name: str
+    path: Path
+    files: tuple[Path, ...]
+
+    def load(self) -> RunData:
+        """Read the run (:func:`load_run`); what cannot be read is skipped with a warning."""
+        return load_run(self.path, name=self.name, files=self.files)
+
+
+def find_runs(logdir: str | os.PathLike[str]) -> list[RunSource]:
+    """Every run below ``logdir``, found by name without reading a file.
+
+    A run is a directory that holds TensorBoard event files.
+
+    Args:
+        logdir: A log directory (searched recursively), a single run directory, or a
+            single event file.
+
+    Returns:
+        The runs, sorted by name.
+
+    Raises:
+        ReportError: If ``logdir`` is empty, does not exist, cannot be listed, is neither
+            a directory nor a regular event file, or holds no event file names.
+
+    Example:
+        >>> import tempfile
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> with tempfile.TemporaryDirectory() as logdir:
+        ...     for name in ("b", "a/version_0"):
+        ...         with SummaryWriter(f"{logdir}/{name}") as w:
+        ...             w.add_scalar("loss", 1.0, 0)
+        ...     [r.name for r in find_runs(logdir)]
+        ['a/version_0', 'b']
+    """
+    if not os.fspath(logdir):
+        raise ReportError("", "logdir='' is invalid: must be a log directory, run directory "
+                              "or event file")
+    root = Path(logdir)
+    mode = _stat_mode(root)
+    if stat.S_ISREG(mode):
+        if not is_tensorboard_file(root.name):
+            raise ReportError(root, f"{display_path(root)}: not a TensorBoard event file or a "
+                                    "directory")
+        return [RunSource(root.parent.name or str(root.parent), root.parent, (root,))]
+    if not stat.S_ISDIR(mode):
+        raise ReportError(root, f"{display_path(root)}: not a directory or a regular file "
+                                f"({file_kind(mode)})")
+    files = find_event_files(root)
+    if not files:
+        raise ReportError(root, f"{display_path(root)}: no TensorBoard event files "
+                                "(events.out.tfevents.*) found below it")
+    by_dir: dict[Path, list[Path]] = {}
+    for f in files:
+        by_dir.setdefault(f.parent, []).append(f)
+    runs = []
+    for run_dir, run_files in by_dir.items():
+        rel = run_dir.relative_to(root).as_posix()
+        name = rel if rel != "." else (root.resolve().name or str(root))
+        runs.append(RunSource(name, run_dir, tuple(sorted(run_files))))
+    return sorted(runs, key=lambda r: r.name)
+
+
+def select_runs(runs: Sequence[RunSource], patterns: Sequence[str] | None,
+                ) -> tuple[list[RunSource], list[str]]:
+    """The runs whose name matches any of ``patterns`` (shell globs), in order.
+
+    ``*`` matches across ``/`` (``lr1e-3*`` matches ``lr1e-3/version_0``); matching is
+    case-sensitive. ``None`` or no patterns selects every run.
+
+    Args:
+        runs: From :func:`find_runs`.
+        patterns: Globs, e.g. ``["healthy*", "*/version_1"]``.
+
+    Returns:
+        ``(selected runs, patterns that matched no run)``.
+
+    Example:
+        >>> runs = [RunSource(n, Path(n), ()) for n in ("a/version_0", "b/version_0")]
+        >>> chosen, unmatched = select_runs(runs, ["a*", "zz*"])
+        >>> [r.name for r in chosen], unmatched
+        (['a/version_0'], ['zz*'])
+    """
+    if not patterns:
+        return list(runs), []
+    hits = [[fnmatch.fnmatchcase(r.name, p) for r in runs] for p in patterns]
+    chosen = [r for i, r in enumerate(runs) if any(h[i] for h in hits)]
+    return chosen, [p for p, h in zip(patterns, hits, strict=True) if not any(h)]
+
+
 def load_runs(logdir: str | os.PathLike[str]) -> list[RunData]:
     """Load every run below ``logdir``: one per directory that holds event files.
 
@@ -248,7 +366,8 @@ def load_runs(logdir: str | os.PathLike[str]) -> list[RunData]:
     naming it, a corrupt line or record with one warning naming its line or record and
     byte offset, and the rest is read. Warnings go to the ``lr_monitor.cli.report``,
     ``lr_monitor.cli.tfevents`` and ``lr_monitor.eventlog`` loggers (``lr-monitor`` prints
-    them on stderr).
+    them on stderr). Every run is held in memory: for many runs, read them one at a time
+    from :func:`find_runs` instead (as ``lr-monitor`` does).
 
     Args:
         logdir: A log directory (searched recursively), a single run directory, or a
@@ -263,41 +382,17 @@ def load_runs(logdir: str | os.PathLike[str]) -> list[RunData]:
             a directory nor a regular event file, or no event file below it could be
             opened.
     """
-    if not os.fspath(logdir):
-        raise ReportError("", "logdir='' is invalid: must be a log directory, run directory "
-                              "or event file")
-    root = Path(logdir)
-    mode = _stat_mode(root)
-    if stat.S_ISREG(mode):
-        if not is_tensorboard_file(root.name):
-            raise ReportError(root, f"{display_path(root)}: not a TensorBoard event file or a "
-                                    "directory")
-        files = [root]
-    elif stat.S_ISDIR(mode):
-        files = find_event_files(root)
-        if not files:
-            raise ReportError(root, f"{display_path(root)}: no TensorBoard event files "
-                                    "(events.out.tfevents.*) found below it")
-    else:
-        raise ReportError(root, f"{display_path(root)}: not a directory or a regular file "
-                                f"({file_kind(mode)})")
-    by_dir: dict[Path, list[Path]] = {}
-    for f in files:
-        by_dir.setdefault(f.parent, []).append(f)
-    runs = []
-    for run_dir, run_files in by_dir.items():
-        if stat.S_ISREG(mode):
-            name = root.parent.name or str(root.parent)
-        else:
-            rel = run_dir.relative_to(root).as_posix()
-            name = rel if rel != "." else (root.resolve().name or str(root))
-        run = load_run(run_dir, name=name, files=run_files)
-        if run.event_files:
-            runs.append(run)
+    sources = find_runs(logdir)
+    runs = [run for run in (s.load() for s in sources) if run.event_files]
     if not runs:
-        raise ReportError(root, f"{display_path(root)}: no readable TensorBoard event files "
-                                f"({len(files)} skipped, see the warnings above)")
-    return sorted(runs, key=lambda r: r.name)
+        raise no_readable_runs(logdir, sum(len(s.files) for s in sources))
+    return runs
+
+
+def no_readable_runs(logdir: str | os.PathLike[str], skipped: int) -> ReportError:
+    """The error when no event file of the runs found could be opened."""
+    return ReportError(logdir, f"{display_path(logdir)}: no readable TensorBoard event files "
+                               f"({skipped} skipped, see the warnings above)")
 
 
 def _stat_mode(path: Path) -> int:
@@ -390,25 +485,228 @@ def _series_summary(series: Series) -> dict[str, Any]:
     }
 
 
-def build_report(run: RunData, *, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
+#: A loss that ended at least this many times its best is said to have (``ended N× its
+#: best``) when it also gave back at least :data:`LOSS_GIVEN_BACK_SHOWN` of the way from
+#: its start down to its best; a peak at least this many times the start is named
+#: (``peak … N× its start``). They decide what the sentence mentions, never what is
+#: computed (``--json`` has every number).
+LOSS_RATIO_SHOWN = 2.0
+#: See :data:`LOSS_RATIO_SHOWN`: a loss that went from 2.3 to 0.0002 and ended at 0.001
+#: is 6× its best but has kept all but 0.04 % of its progress; that is not said.
+LOSS_GIVEN_BACK_SHOWN = 0.1
+
+
+def summarise_loss(series: Series) -> dict[str, Any]:
+    """What a loss series shows: start, best, peak and last, with their steps.
+
+    Args:
+        series: The loss, in logging order.
+
+    Returns:
+        ``first``/``first_step`` (the first point), ``best``/``best_step`` (the smallest
+        finite value, its first step), ``max``/``max_step`` (the largest finite value),
+        ``last``/``last_step`` (the last point, possibly non-finite), ``points``,
+        ``nonfinite`` (how many points are NaN or infinite) and ``first_nonfinite_step``,
+        ``last_over_best`` and ``max_over_first`` (``None`` when not both finite and the
+        divisor positive), ``gave_back`` (``(last - best) / (first - best)``: the share of
+        the way down from the start that was lost by the end; ``None`` unless all three
+        are finite and the best is below the start).
+
+    Raises:
+        IndexError: If the series is empty.
+
+    Example:
+        >>> s = Series(np.arange(5), np.array([2.0, 0.5, 0.25, 8.0, np.nan]))
+        >>> d = summarise_loss(s)
+        >>> d["best"], d["best_step"], d["max"], d["max_step"], d["nonfinite"]
+        (0.25, 2, 8.0, 3, 1)
+        >>> d["max_over_first"], d["last_over_best"], d["first_nonfinite_step"], d["gave_back"]
+        (4.0, None, 4, None)
+    """
+    last_step, last = series.last()
+    finite = np.isfinite(series.values)
+    good = series.values[finite]
+    best_i = int(np.argmin(good)) if len(good) else None
+    max_i = int(np.argmax(good)) if len(good) else None
+    good_steps = series.steps[finite]
+    first = float(series.values[0])
+    bad = np.flatnonzero(~finite)
+    best = float(good[best_i]) if best_i is not None else None
+    peak = float(good[max_i]) if max_i is not None else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or b <= 0:
+            return None
+        return a / b
+
+    return {
+        "first": first,
+        "first_step": int(series.steps[0]),
+        "best": best,
+        "best_step": int(good_steps[best_i]) if best_i is not None else None,
+        "max": peak,
+        "max_step": int(good_steps[max_i]) if max_i is not None else None,
+        "last": last,
+        "last_step": last_step,
+        "points": len(series),
+        "nonfinite": len(bad),
+        "first_nonfinite_step": int(series.steps[bad[0]]) if len(bad) else None,
+        "last_over_best": ratio(last, best),
+        "gave_back": (None if best is None or not (math.isfinite(first) and math.isfinite(last))
+                      or first <= best else (last - best) / (first - best)),
+        "max_over_first": ratio(peak, first),
+    }
+
+
+def _times(x: float) -> str:
+    """A ratio as ``19.6×``, ``4,096×``, ``2.1e+07×``.
+
+    Example:
+        >>> _times(19.64), _times(4096.0), _times(2.1e7)
+        ('19.6×', '4,096×', '2.1e+07×')
+    """
+    if x < 1000:
+        return f"{x:.3g}×"
+    return f"{x:,.0f}×" if x < 1e6 else f"{x:.2g}×"
+
+
+def _ended_above_best(summary: Mapping[str, Any]) -> float | None:
+    """``last_over_best`` when it is worth saying (:data:`LOSS_RATIO_SHOWN`), else ``None``."""
+    over_best = summary.get("last_over_best")
+    gave_back = summary.get("gave_back")
+    if over_best is None or over_best < LOSS_RATIO_SHOWN:
+        return None
+    if gave_back is not None and gave_back < LOSS_GIVEN_BACK_SHOWN:
+        return None
+    return float(over_best)
+
+
+def describe_loss(summary: Mapping[str, Any]) -> str:
+    r"""A loss summary (:func:`summarise_loss`) as one sentence for the report.
+
+    Example:
+        >>> s = Series(np.arange(4) * 10, np.array([2.3, 0.4, 30.0, 45.0]))
+        >>> print(describe_loss(summarise_loss(s)).replace("; ", ";\n"))
+        2.3 at step 0 → best 0.4 at step 10 → last 45 at step 30: ended 112× its best;
+        peak 45 at step 30, 19.6× its start
+    """
+    text = (f"{format_value(summary['first'])} at step {summary['first_step']}"
+            f" → best {format_value(summary['best'])} at step {summary['best_step']}"
+            f" → last {format_value(summary['last'])} at step {summary['last_step']}")
+    notes = []
+    over_best = _ended_above_best(summary)
+    if over_best is not None:
+        notes.append(f"ended {_times(over_best)} its best")
+    over_first = summary.get("max_over_first")
+    if over_first is not None and over_first >= LOSS_RATIO_SHOWN:
+        notes.append(f"peak {format_value(summary['max'])} at step {summary['max_step']}, "
+                     f"{_times(over_first)} its start")
+    if summary.get("nonfinite"):
+        n = summary["nonfinite"]
+        notes.append(f"non-finite at {n} step{'s' if n != 1 else ''} (first at step "
+                     f"{summary['first_nonfinite_step']})")
+    return text + (": " + "; ".join(notes) if notes else "")
+
+
+def loss_headline(tag: str, summary: Mapping[str, Any]) -> str:
+    """A loss summary in a few words, for a plot title.
+
+    Example:
+        >>> s = Series(np.arange(4) * 10, np.array([2.3, 0.4, 30.0, 45.0]))
+        >>> loss_headline("train_loss", summarise_loss(s))
+        'train_loss 2.3 → 45, best 0.4 at 10: ended 112× best, peak 19.6× start at 30'
+    """
+    text = (f"{tag} {format_value(summary['first'], 3)} → {format_value(summary['last'], 3)}"
+            f", best {format_value(summary['best'], 3)} at {summary['best_step']}")
+    notes = []
+    over_best = _ended_above_best(summary)
+    if over_best is not None:
+        notes.append(f"ended {_times(over_best)} best")
+    over_first = summary.get("max_over_first")
+    if over_first is not None and over_first >= LOSS_RATIO_SHOWN:
+        notes.append(f"peak {_times(over_first)} start at {summary['max_step']}")
+    if summary.get("nonfinite"):
+        notes.append(f"non-finite from {summary['first_nonfinite_step']}")
+    return text + (": " + ", ".join(notes) if notes else "")
+
+
+def guard_headline(guard: Mapping[str, Any]) -> str:
+    """What the guard did, in a few words (``guard`` of :func:`build_report`).
+
+    Example:
+        >>> guard_headline({"output": False, "events": 0})
+        'no guard output'
+        >>> guard_headline({"output": True, "events": 3, "actions": {"cut_lr": [4, 9],
+        ...                 "stop": []}, "recorded_only": [7]})
+        '3 guard events: cut_lr ×2, recorded ×1'
+    """
+    if not guard.get("output"):
+        return "no guard output"
+    n = guard["events"]
+    if not n:
+        return "0 guard events"
+    counts = [f"{a} ×{len(steps)}" for a, steps in guard["actions"].items()
+              if steps and a != Action.LOG]
+    if guard.get("recorded_only"):
+        counts.append(f"recorded ×{len(guard['recorded_only'])}")
+    return f"{n} guard event{'s' if n != 1 else ''}" + (": " + ", ".join(counts) if counts
+                                                        else "")
+
+
+def _loss_section(run: RunData, prefix: str, loss_tags: Sequence[str] | None,
+                  ) -> dict[str, Any]:
+    """``loss`` of :func:`build_report`."""
+    tags = list(run.scalars)
+    if loss_tags:
+        wanted, source = list(dict.fromkeys(loss_tags)), "--loss-tag"
+    else:
+        wanted, source = find_loss_tags(tags, prefix), "found"
+    train = {t: summarise_loss(run.scalars[t]) for t in wanted
+             if t in run.scalars and len(run.scalars[t])}
+    val_tag = find_val_loss_tag(tags, prefix)
+    val = run.scalars.get(val_tag) if val_tag is not None else None
+    section: dict[str, Any] = {
+        "source": source if train else None,
+        "train": train,
+        "missing": [t for t in wanted if t not in train] if loss_tags else [],
+        "val": ({val_tag: summarise_loss(val)} if val_tag is not None and val is not None
+                and len(val) else {}),
+    }
+    if not train:  # what there is instead, for the message
+        section["loss_like_tags"] = sorted(t for t in tags if is_loss_like(t, prefix))[:10]
+    return section
+
+
+def build_report(run: RunData, *, prefix: str = DEFAULT_PREFIX,
+                 loss_tags: Sequence[str] | None = None) -> dict[str, Any]:
     """Reduce a run to a JSON-serialisable dict.
 
     Keys: ``run``, ``path``, ``event_files``, ``events_file``, ``last_step`` (the
     largest step logged, or ``None``), ``steps`` (``last_step + 1``: Lightning logs the
     i-th optimizer step, counting from 0, at step i, so this is the number of optimizer
     steps), ``metrics`` (last/step/min/max/points of each of
-    :data:`METRIC_TAGS` present), ``guard`` (event count, steps of each action in
+    :data:`METRIC_TAGS` present), ``loss`` (``train``: :func:`summarise_loss` of each
+    training-loss tag, ``loss_tags`` or else the ones
+    :func:`lr_monitor.tags.find_loss_tags` finds; ``val``: the same for the validation
+    loss :func:`lr_monitor.tags.find_val_loss_tag` finds; ``source``: ``"--loss-tag"``,
+    ``"found"`` or ``None``; ``missing``: the ``loss_tags`` not in this run;
+    ``loss_like_tags``: when no training loss was found, the tags that look like one),
+    ``guard`` (``output``: whether the guard left anything -- ``events.jsonl`` or its
+    ``guard/*`` tags; event count, steps of each action in
     :data:`GUARD_ACTIONS` plus any other action seen, e.g. ``log`` in files of older
     versions, the steps of the record-only events (``recorded_only``: no action, or only
     ``log``), counts per detection kind, final LR scale), ``events`` (the guard's events
     as dicts), ``step_size`` (per optimizer: median of ``eff_lr/p50`` global, max of
-    ``update_ratio`` global and its step, number of steps with non-finite values,
-    first/last ``lr`` per group) and ``alerts`` (number of guard events). Floats may be
-    ``nan``/``inf``; :func:`reports_to_json` encodes them.
+    ``update_ratio`` global, its step and the median, number of steps with non-finite
+    values, per group the ``lr``'s first, last, smallest and largest values with their
+    steps) and ``alerts`` (number of guard events). Floats may be ``nan``/``inf``;
+    :func:`reports_to_json` encodes them.
 
     Args:
         run: The run.
         prefix: The monitor's tag prefix.
+        loss_tags: The training-loss tags to summarise (``--loss-tag``); ``None`` finds
+            them (:func:`lr_monitor.tags.find_loss_tags`).
 
     Returns:
         The report.
@@ -435,6 +733,8 @@ def build_report(run: RunData, *, prefix: str = DEFAULT_PREFIX) -> dict[str, Any
     else:
         final_scale = None
     guard: dict[str, Any] = {
+        "output": bool(run.events_path is not None or run.events or logged is not None
+                       or lr_scale is not None),
         "events": len(run.events),
         "logged_events": logged_count,
         "actions": actions,
@@ -452,6 +752,7 @@ def build_report(run: RunData, *, prefix: str = DEFAULT_PREFIX) -> dict[str, Any
                 "eff_lr_p50_median": None,
                 "update_ratio_max": None,
                 "update_ratio_max_step": None,
+                "update_ratio_median": None,
                 "nonfinite_steps": 0,
                 "lr": {},
             },
@@ -467,15 +768,24 @@ def build_report(run: RunData, *, prefix: str = DEFAULT_PREFIX) -> dict[str, Any
             i = int(np.argmax(finite.values))
             entry(opt)["update_ratio_max"] = float(finite.values[i])
             entry(opt)["update_ratio_max_step"] = int(finite.steps[i])
+            entry(opt)["update_ratio_median"] = float(np.median(finite.values))
     for opt, series in run.global_tags("nonfinite", prefix).items():
         values = np.nan_to_num(series.values, nan=1.0)
         entry(opt)["nonfinite_steps"] = int(np.count_nonzero(values))
     for (opt, group), series in run.monitor_tags("lr", prefix, groups=True).items():
         if len(series):
+            finite = series.finite()
+            lo = int(np.argmin(finite.values)) if len(finite) else None
+            hi = int(np.argmax(finite.values)) if len(finite) else None
             entry(opt)["lr"][group] = {
                 "first": float(series.values[0]),
+                "first_step": int(series.steps[0]),
                 "last": series.last()[1],
                 "step": series.last()[0],
+                "min": float(finite.values[lo]) if lo is not None else None,
+                "min_step": int(finite.steps[lo]) if lo is not None else None,
+                "max": float(finite.values[hi]) if hi is not None else None,
+                "max_step": int(finite.steps[hi]) if hi is not None else None,
             }
 
     return {
@@ -486,6 +796,7 @@ def build_report(run: RunData, *, prefix: str = DEFAULT_PREFIX) -> dict[str, Any
         "steps": max(last_steps) + 1 if last_steps else None,
         "last_step": max(last_steps) if last_steps else None,
         "metrics": metrics,
+        "loss": _loss_section(run, prefix, loss_tags),
         "guard": guard,
         "events": [e.to_dict() for e in run.events],
         "step_size": dict(sorted(step_size.items())),
@@ -564,48 +875,91 @@ def _steps_text(steps: Sequence[int], limit: int = 8) -> str:
     return f"{len(steps)} ({word} {shown}{more})"
 
 
+def _lr_text(lr: Mapping[str, Any]) -> str:
+    """``first → last`` of one group's lr, with its peak and minimum when outside them."""
+    first, last = lr["first"], lr["last"]
+    text = format_value(last) if first == last else (
+        f"{format_value(first)} → {format_value(last)}")
+    extra = []
+    ends = [x for x in (first, last) if math.isfinite(x)]
+    if lr.get("max") is not None and ends and lr["max"] > max(ends):
+        extra.append(f"peak {format_value(lr['max'])} at step {lr['max_step']}")
+    if lr.get("min") is not None and ends and lr["min"] < min(ends):
+        extra.append(f"min {format_value(lr['min'])} at step {lr['min_step']}")
+    extra.append(f"last at step {lr['step']}")
+    return f"{text} ({', '.join(extra)})"
+
+
+def _loss_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The rows of what the recorded losses show."""
+    loss = report.get("loss")
+    if loss is None:  # a report of an earlier version
+        return []
+    rows = [(f"loss ({tag})", describe_loss(s)) for tag, s in loss["train"].items()]
+    for tag in loss["missing"]:
+        rows.append((f"loss ({tag})", "not in this run"))
+    if not loss["train"]:
+        others = loss.get("loss_like_tags") or []
+        hint = (f"tags like a loss: {', '.join(others)}" if others
+                else "no tag named like a loss")
+        if not loss["missing"]:
+            rows.append(("loss", f"no training loss tag found ({hint}; --loss-tag TAG "
+                                 "names it)"))
+        else:
+            rows.append(("loss", hint))
+    for tag, s in loss["val"].items():
+        rows.append((f"val loss ({tag})", f"last {format_value(s['last'])} at step "
+                                        f"{s['last_step']} (best {format_value(s['best'])} at "
+                                        f"step {s['best_step']})"))
+    return rows
+
+
 def _rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The key/value rows of one run's table."""
+    """The key/value rows of one run's table: what the signals show, then the guard."""
     rows: list[tuple[str, str]] = [("path", str(report["path"]))]
     rows.append(("steps", "-" if report["steps"] is None
                  else f"{report['steps']} (last logged step {report['last_step']})"))
-    for tag in METRIC_TAGS:  # "train/loss" -> "final train loss"
+    rows.extend(_loss_rows(report))
+    shown = set(report.get("loss", {}).get("train", {})) | set(report.get("loss", {})
+                                                                .get("val", {}))
+    for tag in METRIC_TAGS:  # "train/acc" -> "final train acc"
         m = report["metrics"].get(tag)
-        if m is not None:
-            extra = f" (max {format_value(m['max'])})" if tag == TRAIN_LOSS else ""
+        if m is not None and tag not in shown and (tag in (TRAIN_ACC, VAL_ACC)
+                                                   or "loss" not in report):
             rows.append((f"final {tag.replace('/', ' ')}",
-                         f"{format_value(m['last'])} at step {m['step']}{extra}"))
+                         f"{format_value(m['last'])} at step {m['step']}"))
+    for opt, s in report["step_size"].items():
+        ratio = format_value(s["update_ratio_max"])
+        if s["update_ratio_max_step"] is not None:
+            ratio += f" at step {s['update_ratio_max_step']}"
+        median = s.get("update_ratio_median")
+        if median and s["update_ratio_max"] is not None:
+            ratio += (f" ({_times(s['update_ratio_max'] / median)} its median "
+                      f"{format_value(median)})")
+        rows.append((f"{opt} update ratio (max)", ratio))
+        if s["nonfinite_steps"]:
+            rows.append((f"{opt} non-finite steps", str(s["nonfinite_steps"])))
     guard = report["guard"]
-    for action in GUARD_ACTIONS:
-        rows.append((ACTION_LABELS[action], _steps_text(guard["actions"].get(action, []))))
-    for action, steps in guard["actions"].items():
-        if action not in GUARD_ACTIONS and action != Action.LOG and steps:
-            rows.append((f"action {action}", _steps_text(steps)))
-    if guard.get("recorded_only"):
-        rows.append(("recorded only", _steps_text(guard["recorded_only"])))
-    if guard["final_lr_scale"] is not None:
-        rows.append(("final LR scale", format_value(guard["final_lr_scale"])))
-    kinds = ", ".join(f"{k} ×{n}" for k, n in sorted(guard["kinds"].items()))
-    rows.append(("alerts", f"{report['alerts']}" + (f" ({kinds})" if kinds else "")))
-    if report["events_file"] is None and guard["logged_events"] is None:
+    if not guard.get("output", True):
         rows.append(("guard", "no DivergenceGuard output (no events.jsonl, no guard/* tags)"))
+    else:
+        for action in GUARD_ACTIONS:
+            rows.append((ACTION_LABELS[action], _steps_text(guard["actions"].get(action, []))))
+        for action, steps in guard["actions"].items():
+            if action not in GUARD_ACTIONS and action != Action.LOG and steps:
+                rows.append((f"action {action}", _steps_text(steps)))
+        if guard.get("recorded_only"):
+            rows.append(("recorded only", _steps_text(guard["recorded_only"])))
+        if guard["final_lr_scale"] is not None:
+            rows.append(("final LR scale", format_value(guard["final_lr_scale"])))
+        kinds = ", ".join(f"{k} ×{n}" for k, n in sorted(guard["kinds"].items()))
+        rows.append(("alerts", f"{report['alerts']}" + (f" ({kinds})" if kinds else "")))
     if not report["step_size"]:
         rows.append(("step sizes", "no StepSizeMonitor tags"))
     for opt, s in report["step_size"].items():
         rows.append((f"{opt} eff. lr p50 (median)", format_value(s["eff_lr_p50_median"])))
-        ratio = format_value(s["update_ratio_max"])
-        if s["update_ratio_max_step"] is not None:
-            ratio += f" at step {s['update_ratio_max_step']}"
-        rows.append((f"{opt} update ratio (max)", ratio))
         for group, lr in s["lr"].items():
-            change = (
-                f"{format_value(lr['first'])} → {format_value(lr['last'])}"
-                if lr["first"] != lr["last"]
-                else format_value(lr["last"])
-            )
-            rows.append((f"{opt}/{group} lr", f"{change} (last at step {lr['step']})"))
-        if s["nonfinite_steps"]:
-            rows.append((f"{opt} non-finite steps", str(s["nonfinite_steps"])))
+            rows.append((f"{opt}/{group} lr", _lr_text(lr)))
     return rows
 
 
