@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -342,3 +343,21 @@ def test_an_event_storm_keeps_the_guard_bounded(tmp_path: Path) -> None:
     resumed = DivergenceGuard()
     resumed.load_state_dict(state)
     assert resumed.event_total == steps
+
+
+def test_a_rule_that_needs_a_monitor_warns_when_there_is_none(tmp_path: Path) -> None:
+    """``on_oscillation="stop"`` without a StepSizeMonitor would never fire: the guard says
+    so at setup, naming the argument; with a monitor, or at the default, it says nothing."""
+    train, _ = digits_loaders(32, 0)
+    guard = DivergenceGuard(jsonl=False, log_events=False, on_oscillation="stop")
+    with pytest.warns(UserWarning, match=r"on_oscillation='stop' has no effect: it needs a "
+                                         r"StepSizeMonitor"):
+        trainer(tmp_path, max_steps=2, logger=False, callbacks=[guard]).fit(DigitsMLP(), train)
+    for callbacks in ([DivergenceGuard(jsonl=False, log_events=False)],
+                      [StepSizeMonitor(), DivergenceGuard(jsonl=False, log_events=False,
+                                                          on_oscillation="stop")]):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(tmp_path, max_steps=2, logger=False, callbacks=callbacks).fit(
+                DigitsMLP(), train)
+        assert not [w for w in caught if "has no effect" in str(w.message)]

@@ -96,6 +96,14 @@ _KEEP_EVENTS = 1000
 
 
 
+#: The rules fed by a monitor's records, and which monitor each needs.
+_NEEDS_A_MONITOR = {
+    "oscillation": "a StepSizeMonitor (recording update_cosine)",
+    "update_ratio": "a StepSizeMonitor",
+    "overshoot": "a StepQualityMonitor, a SharpnessMonitor or StepSizeMonitor(consecutive=True)",
+}
+
+
 def _read(staged: StagedStep) -> tuple[dict[str, float], bool]:
     """A staged step's values, and whether it tripped *and* was kept from the weights.
 
@@ -122,6 +130,8 @@ class DivergenceGuard(pl.Callback):
             gradients pointing back along the last update (a
             ``StepSizeMonitor(consecutive=True)``) or the stability ratio far above 1 with
             the loss rising (a :class:`~lr_monitor.SharpnessMonitor`); ``docs/guard.md``.
+            Set away from its default with no monitor among the callbacks, each of these
+            three rules warns at setup that it cannot fire.
         overshoot_rules: Which overshoot rules run, by signal: ``"step_quality"``,
             ``"stability_ratio"`` (the default: they never fired on a healthy benchmark
             run) and ``"overshoot_frac"`` (opt-in: g·Δ > 0 on most steps with the loss
@@ -315,6 +325,12 @@ class DivergenceGuard(pl.Callback):
             if isinstance(cb, Publisher) and all(cb is not m for m in self._monitors):
                 cb.subscribe(self._on_record)
                 self._monitors.append(cb)
+        if not self._monitors:  # a rule the user set that can never fire: say so once
+            for kind, needs in _NEEDS_A_MONITOR.items():
+                action = self.policy.actions[kind]
+                if action is not Action.parse(DEFAULT_POLICY[kind]):
+                    rank_zero_warn(f"DivergenceGuard: on_{kind}={action.label!r} has no effect: "
+                                   f"it needs {needs} among the trainer's callbacks")
 
     def _on_record(self, record: StepRecord) -> None:
         """A monitor recorded a step (inside the optimizer's step, on every rank): queue it."""
