@@ -18,6 +18,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from lr_monitor import DivergenceGuard, StepSizeMonitor
 from lr_monitor.alerts import read_events
 from lr_monitor.faults import FAULT_ACTION, FAULT_KIND, FaultBarrier
+from lr_monitor.guard.interventions import RollbackBuffer
 from lr_monitor.recording import StepRecorder
 from tests.lightning_models import Regressor, regression_loader, trainer
 from tests.test_monitor import read_scalars
@@ -42,6 +43,7 @@ STAGES = [
     (DivergenceGuard, "_decide", "DivergenceGuard/decide"),
     (DivergenceGuard, "_after_step", "DivergenceGuard/after_step"),
     (DivergenceGuard, "_snapshot", "DivergenceGuard/snapshot"),
+    (RollbackBuffer, "copy", "DivergenceGuard/snapshot_copy"),
 ]
 
 

@@ -12,6 +12,7 @@ Fabric. (DDP, FSDP2 and tensor parallelism: ``tests/test_sharded.py``.)
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -246,7 +247,15 @@ def test_a_compiled_module_gives_the_eager_values(tmp_path: Path) -> None:
     """A ``torch.compile``d network equals eager to rounding (same initial weights)."""
     eager = run(tmp_path / "eager", steps=3)
     torch._dynamo.reset()
-    compiled = run(tmp_path / "compiled", CompiledLosses, steps=3)
+    try:
+        compiled = run(tmp_path / "compiled", CompiledLosses, steps=3)
+    except torch._dynamo.exc.BackendCompilerFailed as exc:
+        # torch 2.13's generated C++ does not build under ATEN_CPU_CAPABILITY=default
+        # ("'at::vec' has not been declared"): torch's compiler, before any callback ran
+        if "CppCompileError" not in str(exc):
+            raise
+        pytest.skip("inductor's C++ does not build with ATEN_CPU_CAPABILITY="
+                    f"{os.environ.get('ATEN_CPU_CAPABILITY', '(native)')}")
     assert not compiled.faults and not compiled.events
     same_guard(compiled.guard, eager.guard, rel=1e-5)
     same_records(compiled.records, eager.records, rel=1e-4)

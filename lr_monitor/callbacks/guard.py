@@ -371,20 +371,20 @@ class DivergenceGuard(pl.Callback):
         """Snapshot the starting state: a blow-up in the first steps can be undone too."""
         if not len(self.snapshots) and self._staged is None:  # (a resumed unread step is
             # judged first: its weights may be the ones to roll back from)
-            self._snapshot(trainer, pl_module, trainer.global_step)
+            self.faults.call("snapshot", self._snapshot, trainer, pl_module, trainer.global_step)
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
                   force: bool = True) -> None:
         """Take a snapshot if due (or ``force``); a poisoned state is acted on at once.
 
-        Called on every rank at the same points and never inside a fault barrier: the
-        ranks agree on the outcome in one all-reduce (a copy that failed on one rank, or
-        a shard that is not finite, drops the snapshot on every rank), so no rank can be
-        left waiting in it.
+        Called on every rank at the same points. The copy has a fault barrier of its own
+        (``snapshot_copy``), so that a copy failing on one rank never keeps that rank from
+        the all-reduce in which the ranks agree on the outcome: a failed copy, or a shard
+        that is not finite, drops the snapshot on every rank.
         """
         if not (force or self.snapshots.due(step)):
             return
-        snap = self.faults.call("snapshot", self.snapshots.copy, step, pl_module,
+        snap = self.faults.call("snapshot_copy", self.snapshots.copy, step, pl_module,
                                 self._optimizers(trainer),
                                 extra={"detectors": self.bank.state_dict()})
         failed, poisoned = snap is None, snap is not None and not snap.finite
@@ -718,7 +718,8 @@ class DivergenceGuard(pl.Callback):
         self._clear_device_skips()
         if not self._deferred_now and self._decision is None and self._quiet(step) \
                 and self.bank.healthy():
-            self._snapshot(trainer, pl_module, step + 1, force=False)
+            self.faults.call("snapshot", self._snapshot, trainer, pl_module, step + 1,
+                             force=False)
         if (step + 1) % max(1, int(getattr(trainer, "log_every_n_steps", 50))) == 0:
             self._log_scalars(trainer, step)
 
