@@ -15,6 +15,9 @@ import warnings
 import pytest
 
 os.environ.setdefault("PL_DISABLE_FORK", "1")
+# "auto" statistics stay eager in the suite (no background compile in every process);
+# tests/test_fused.py runs the compiled kernel and the background compile explicitly.
+os.environ.setdefault("LR_MONITOR_COMPILE", "0")
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -71,19 +71,32 @@ def test_a_failing_stage_is_reported_once_and_training_goes_on(
         assert len(tags["optim/update_norm/Adam/global"]) == STEPS
 
 
+@pytest.mark.parametrize("path", ["generic", "fused"])
 def test_a_failing_parameter_is_left_out_and_the_rest_is_recorded(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     import lr_monitor.recording.recorder as recorder
+    from lr_monitor.functional.fused import MomentGroup
 
-    real = recorder.iter_group_steps
+    if path == "generic":
+        real = recorder.iter_group_steps
 
-    def fails_on_the_bias(optimizer: Any, group: dict[str, Any]) -> Any:
-        for s in real(optimizer, group):
-            if s.param.dim() == 1 and s.param.numel() == 2:
-                raise RuntimeError("cannot reconstruct this one")
-            yield s
+        def fails_on_the_bias(optimizer: Any, group: dict[str, Any]) -> Any:
+            for s in real(optimizer, group):
+                if s.param.dim() == 1 and s.param.numel() == 2:
+                    raise RuntimeError("cannot reconstruct this one")
+                yield s
 
-    monkeypatch.setattr(recorder, "iter_group_steps", fails_on_the_bias)
+        monkeypatch.setattr(recorder, "moment_group", lambda optimizer, group: None)
+        monkeypatch.setattr(recorder, "iter_group_steps", fails_on_the_bias)
+    else:  # Adam's one-pass statistics (lr_monitor.functional.fused)
+        real_flat = MomentGroup.flat
+
+        def flat_fails_on_the_bias(self: MomentGroup, i: int) -> Any:
+            if self.params[i].dim() == 1 and self.params[i].numel() == 2:
+                raise RuntimeError("cannot read this one")
+            return real_flat(self, i)
+
+        monkeypatch.setattr(MomentGroup, "flat", flat_fails_on_the_bias)
     logger = TensorBoardLogger(str(tmp_path), name="run")
     tr = trainer(tmp_path, logger=logger, max_steps=3, callbacks=[
         StepSizeMonitor(1, granularity="tensor")])

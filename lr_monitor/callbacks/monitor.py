@@ -94,6 +94,8 @@ class StepSizeMonitor(Publisher):
         consecutive_tensors: See :class:`~lr_monitor.recording.RecorderConfig`.
         log_global: See :class:`~lr_monitor.recording.RecorderConfig` (the ``global``
             row is computed and published to listeners either way).
+        statistics: See :class:`~lr_monitor.recording.RecorderConfig`: ``"auto"``
+            compiles the Adam/AdamW statistics kernel in the background.
 
     Raises:
         ValueError: for an argument outside its allowed values (the message names it).
@@ -115,6 +117,7 @@ class StepSizeMonitor(Publisher):
         consecutive: bool = False,
         consecutive_tensors: int = 64,
         log_global: bool = True,
+        statistics: str = "auto",
     ) -> None:
         super().__init__("StepSizeMonitor")
         check_int("logging_interval", logging_interval, 1, allow_none=True)
@@ -122,7 +125,7 @@ class StepSizeMonitor(Publisher):
                                      exclude=exclude, update_cosine=update_cosine,
                                      cosine_samples=cosine_samples, consecutive=consecutive,
                                      consecutive_tensors=consecutive_tensors,
-                                     log_global=log_global)
+                                     log_global=log_global, statistics=statistics)
         check_int("histogram_every_n_steps", histogram_every_n_steps, 0, allow_none=True)
         check_bool("grad_histograms", grad_histograms)
         check_bool("custom_scalars", custom_scalars)

@@ -105,6 +105,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lr_monitor.functional.fused import (
+    PACK_NUMEL,
+    MomentKernel,
+    MomentStep,
+    moment_fields_eager,
+)
 from lr_monitor.functional.rules import ParamStep, compute_dtype
 
 __all__ = [
@@ -587,7 +593,7 @@ CHUNK_NUMEL = 1 << 22
 
 
 def step_sums(
-    steps: Sequence[Iterable[ParamStep]],
+    steps: Sequence[Iterable[ParamStep | MomentStep]],
     *,
     history: SupportsSwap | None = None,
     grad_sq: dict[Tensor, Tensor] | None = None,
@@ -595,6 +601,7 @@ def step_sums(
     extra: Sequence[Tensor | float] = (),
     chunk_numel: int = CHUNK_NUMEL,
     across_ranks: bool = False,
+    kernel: MomentKernel | None = None,
 ) -> StepSums:
     """Reduce the steps of one optimizer to per-row fields, on the device.
 
@@ -605,7 +612,11 @@ def step_sums(
 
     Args:
         steps: Per param group, the :class:`ParamStep` of each parameter (lists or
-            iterators, e.g. ``[iter_group_steps(opt, g) for g in opt.param_groups]``).
+            iterators, e.g. ``[iter_group_steps(opt, g) for g in opt.param_groups]``),
+            or for an Adam/AdamW group the
+            :class:`~lr_monitor.functional.fused.MomentStep` of each
+            (``moment_group(opt, g).steps()``): its statistics are then read from the
+            optimizer state in one pass (:mod:`lr_monitor.functional.fused`).
         history: Where the previous update samples live, for ``update_cosine`` (e.g. a
             :class:`lr_monitor.recording.history.UpdateHistory`); ``None`` leaves the
             cosine fields at zero.
@@ -619,6 +630,10 @@ def step_sums(
             sharded parameters): a parameter enters only where :func:`counted_part` counts
             it, elsewhere its tensor row (if any) holds the identities. An empty local
             shard (FSDP2 shards a dimension smaller than the world) never enters.
+        kernel: What reduces a :class:`~lr_monitor.functional.fused.MomentStep` tensor
+            (one signature: :func:`~lr_monitor.functional.fused.moment_fields`); default
+            :func:`~lr_monitor.functional.fused.moment_fields_eager`. Packs of small
+            tensors always use the eager kernel.
 
     Returns:
         The sums; rows are the param groups, then the selected tensors
@@ -634,9 +649,9 @@ def step_sums(
         >>> host.values[0, FIELDS.index("update_sq")], host.values[0, FIELDS.index("eff_max")]
         (np.float64(1.0), np.float64(0.5))
     """
-    acc = _Accumulator(len(steps), history, grad_sq, tensor_rows)
+    acc = _Accumulator(len(steps), history, grad_sq, tensor_rows, kernel)
     for gi, group in enumerate(steps):
-        chunk: list[ParamStep] = []
+        chunk: list[ParamStep | MomentStep] = []
         size = 0
         for s in group:
             part = counted_part(s.param, across_ranks=across_ranks)
@@ -648,7 +663,7 @@ def step_sums(
                     acc.skip(s)
                 continue
             chunk.append(s)
-            size += s.update.numel()
+            size += s.numel() if isinstance(s, MomentStep) else s.update.numel()
             if size >= chunk_numel:
                 acc.reduce(gi, chunk)
                 chunk, size = [], 0
@@ -662,8 +677,10 @@ class _Accumulator:
 
     def __init__(self, n_groups: int, history: SupportsSwap | None,
                  grad_sq: dict[Tensor, Tensor] | None,
-                 tensor_rows: Callable[[Tensor], bool] | None) -> None:
+                 tensor_rows: Callable[[Tensor], bool] | None,
+                 kernel: MomentKernel | None = None) -> None:
         self.n_groups = n_groups
+        self.kernel = kernel or moment_fields_eager
         self.history = history
         self.grad_sq = grad_sq
         self.tensor_rows = tensor_rows
@@ -680,20 +697,29 @@ class _Accumulator:
         self.group_values = _identity_rows(self.n_groups, len(FIELDS), _FIELD_SPANS, dev)
         self.group_hist = _identity_rows(self.n_groups, _NBINS, _HIST_SPANS, dev)
 
-    def skip(self, step: ParamStep) -> None:
+    def skip(self, step: ParamStep | MomentStep) -> None:
         """The tensor row of a step counted elsewhere (another rank): the identities."""
-        dev = self.device or _local(step.update).device
+        dev = self.device or (step.param.device if isinstance(step, MomentStep)
+                              else _local(step.update).device)
         self.tensor_params.append(step.param)
         self.tensor_values.append(_identity_rows(1, len(FIELDS), _FIELD_SPANS, dev)[0])
         self.tensor_hist.append(_identity_rows(1, _NBINS, _HIST_SPANS, dev)[0])
         self.nonfinite.append([])
 
-    def reduce(self, group: int, steps: list[ParamStep]) -> None:
+    def reduce(self, group: int, steps: Sequence[ParamStep | MomentStep]) -> None:
+        first = steps[0]
         if self.device is None:
-            self._init(steps[0].update.device)
+            self._init(first.param.device if isinstance(first, MomentStep)
+                       else first.update.device)
         assert self.device is not None
         assert self.group_values is not None and self.group_hist is not None
-        chunk = _Chunk.of(steps, self.device)
+        if isinstance(first, MomentStep):
+            moments = [s for s in steps if isinstance(s, MomentStep)]
+            for row in _moment_rows(moments, self.device, self.history, self.grad_sq,
+                                    self.tensor_rows, self.kernel):
+                self.add(group, row)
+            return
+        chunk = _Chunk.of([s for s in steps if isinstance(s, ParamStep)], self.device)
         values, hists = _chunk_sums(chunk, self.history, self.grad_sq)
         _fold_rows(self.group_values[group], values, _FIELD_SPANS)
         _fold_rows(self.group_hist[group], hists, _HIST_SPANS)
@@ -705,6 +731,18 @@ class _Accumulator:
                 self.tensor_values.append(values[i])
                 self.tensor_hist.append(hists[i])
                 self.nonfinite.append(kept)
+
+    def add(self, group: int, row: _Row) -> None:
+        """Fold one row (a tensor, or a pack of them) into its group; keep a tensor row."""
+        assert self.group_values is not None and self.group_hist is not None
+        _fold_rows(self.group_values[group], row.values[None], _FIELD_SPANS)
+        _fold_rows(self.group_hist[group], row.hist[None], _HIST_SPANS)
+        self.nonfinite[group].extend(row.nonfinite)
+        if row.param is not None:
+            self.tensor_params.append(row.param)
+            self.tensor_values.append(row.values)
+            self.tensor_hist.append(row.hist)
+            self.nonfinite.append(row.nonfinite)
 
     def finish(self, extra: Sequence[Tensor | float]) -> StepSums:
         dev = self.device or torch.device("cpu")
@@ -980,20 +1018,213 @@ def _eff_lr_histograms(chunk: _Chunk) -> Tensor:
     ``n / HIST_SAMPLES`` of them (min and max stay exact). ``histc`` counts in float32:
     exact up to 2^24 per bin.
     """
-    rows = []
-    for e, u in zip(chunk.effs, chunk.updates, strict=True):
-        n = u.numel()
-        logv = subsample(e, HIST_SAMPLES).to(torch.float32).log10().clamp_(LOG10_MIN, LOG10_MAX)
-        if logv.numel() == 1 and n > 1:  # one learning rate for every element (SGD)
-            idx = _bin_of(logv)
-            row = torch.zeros(_NBINS, dtype=torch.float64, device=logv.device)
-            row.index_add_(0, idx, torch.full_like(idx, n, dtype=torch.float64))
-        else:
-            row = torch.histc(logv, bins=_NBINS, min=LOG10_MIN, max=LOG10_MAX).double()
-            if logv.numel() != n:
-                row = row * (n / logv.numel())
-        rows.append(row.to(chunk.device))
+    rows = [_histogram_row(subsample(e, HIST_SAMPLES), u.numel()).to(chunk.device)
+            for e, u in zip(chunk.effs, chunk.updates, strict=True)]
     return torch.stack(rows)
+
+
+def _histogram_row(sample: Tensor, n: int) -> Tensor:
+    """The log10 histogram of ``n`` effective lrs from a ``sample`` of them (all, or few)."""
+    idx, weight = _binned(sample, n / max(sample.numel(), 1))
+    return torch.bincount(idx, weights=weight, minlength=_NBINS).double()
+
+
+def _binned(sample: Tensor, weight: float) -> tuple[Tensor, Tensor]:
+    """Bin of each effective lr of ``sample`` and its weight (0 for NaN, left out).
+
+    One ``bincount`` of several such pairs, concatenated, is the histogram of all of them.
+    """
+    logv = sample.reshape(-1).to(torch.float32).log10().clamp_(LOG10_MIN, LOG10_MAX)
+    nan = torch.isnan(logv)
+    idx = _bin_of(logv.nan_to_num(LOG10_MIN))
+    return idx, (~nan).to(torch.float64).mul_(weight)
+
+
+# ----------------------------------------------------------------------------- Adam-form steps
+
+
+@dataclass
+class _Row:
+    """Fields and histogram of one tensor or of a pack of small ones, on the device.
+
+    ``param`` is set for a tensor row (a row of its own besides its group's).
+    """
+
+    values: Tensor
+    hist: Tensor
+    nonfinite: list[Tensor]
+    param: Tensor | None = None
+
+
+def _moment_rows(steps: list[MomentStep], device: torch.device, history: SupportsSwap | None,
+                 grad_sq: dict[Tensor, Tensor] | None,
+                 tensor_rows: Callable[[Tensor], bool] | None,
+                 kernel: MomentKernel) -> list[_Row]:
+    """The rows of a chunk of :class:`MomentStep` (one group): tensors, then packs.
+
+    A tensor gets a kernel call of its own when it is large (> ``PACK_NUMEL``) or has a
+    tensor row; the other ones are packed by dtype and device, and the pack is reduced by
+    the eager kernel, with the scalars of each tensor expanded to its elements. Every
+    tensor of a pack enters the histogram whole, as it does on the generic path (it is
+    no larger than the histogram's sample), and its update goes to ``history`` whole.
+    """
+    singles: list[tuple[MomentStep, bool]] = []
+    packs: dict[tuple[torch.dtype, torch.device], list[MomentStep]] = {}
+    for s in steps:
+        own = tensor_rows is not None and tensor_rows(s.param)
+        if own or s.numel() > PACK_NUMEL:
+            singles.append((s, own))
+        else:
+            packs.setdefault((s.param.dtype, s.param.device), []).append(s)
+    rows = _single_rows(singles, device, history, grad_sq, kernel) if singles else []
+    rows += [_pack_row(pack, device, history, grad_sq) for pack in packs.values()]
+    return rows
+
+
+def _cosine_samples(history: SupportsSwap | None) -> int | None:
+    """Values per tensor the history keeps (``None``: unknown, give it whole updates)."""
+    k = getattr(history, "samples_per_tensor", None)
+    return k if isinstance(k, int) and not isinstance(k, bool) and k >= 1 else None
+
+
+def _moment_update(theta: Tensor, m: Tensor, v: Tensor, neg_step: Tensor, sqrt_bc2: Tensor,
+                   eps: Tensor, decay: Tensor | None) -> Tensor:
+    """The update ``Δ`` (eager, out of place: for samples and packs)."""
+    den = v.sqrt().div_(sqrt_bc2).add_(eps)
+    a = torch.div(m, den).mul_(neg_step)
+    return a if decay is None else torch.where(decay == 0, a, a - decay * (theta - a))
+
+
+def _moment_cosine(history: SupportsSwap, param: Tensor, update: Tensor, n: int) -> Tensor:
+    """``(cos_dot, cos_prev_sq, cos_cur_sq)`` of one tensor, from its update (sample)."""
+    prev, cur = history.swap(param, update)
+    return _moment_cosine_terms(prev, cur, n)
+
+
+def _moment_cosine_terms(prev: Tensor | None, cur: Tensor, n: int) -> Tensor:
+    """The weighted cosine terms of a tensor of ``n`` elements from its two samples."""
+    c = cur.double()
+    w = n / max(c.numel(), 1)
+    if prev is None:
+        zero = torch.zeros((), dtype=torch.float64, device=c.device)
+        return torch.stack([zero, zero, w * c.dot(c)])
+    p = prev.double()
+    return w * torch.stack([c.dot(p), p.dot(p), c.dot(c)])
+
+
+def _single_rows(singles: list[tuple[MomentStep, bool]], device: torch.device,
+                 history: SupportsSwap | None, grad_sq: dict[Tensor, Tensor] | None,
+                 kernel: MomentKernel) -> list[_Row]:
+    """One kernel call per tensor; the rows assembled for all of them at once."""
+    cos_k = _cosine_samples(history)
+    fields, effc, hists, coss, keep = [], [], [], [], []
+    for s, _ in singles:
+        g = s.group
+        theta, grad, m, v = g.flat(s.index)
+        neg, sb, eps, c, decay = g.scalars(s.index)
+        n = theta.numel()
+        fields.append(kernel(theta, theta if grad_sq is not None else grad, m, v, neg, sb,
+                             eps, c, decay).to(device))
+        effc.append(c)
+        idx = sample_index(n, HIST_SAMPLES, theta.device)
+        vs = v if idx is None else v.index_select(0, idx)
+        den = vs.sqrt().div_(sb).add_(eps)
+        hists.append(_histogram_row(c / den, n).to(device))
+        if history is not None:
+            idx = sample_index(n, cos_k, theta.device) if cos_k is not None else None
+            if idx is None:  # every element (a custom store samples the update itself)
+                u = _moment_update(theta, m, v, neg, sb, eps, decay)
+            else:
+                u = _moment_update(theta.index_select(0, idx), m.index_select(0, idx),
+                                   v.index_select(0, idx), neg, sb, eps, decay)
+            coss.append(_moment_cosine(history, s.param, u, n).to(device))
+        keep.append([grad, theta])
+    f = torch.stack(fields)
+    c = torch.stack(effc).to(device)
+    cols: dict[str, Tensor] = {
+        "numel": torch.tensor([float(s.numel()) for s, _ in singles], dtype=torch.float64,
+                              device=device),
+        "param_sq": f[:, 1], "update_sq": f[:, 2], "first_sq": f[:, 3],
+        "second_sqrt_sum": f[:, 4], "eps_dominated": f[:, 5], "lost": f[:, 6],
+        # eff = c/den in the parameter dtype, as the rule computes it
+        "eff_min": (c / f[:, 8].to(c.dtype)).double(),
+        "eff_max": (c / f[:, 7].to(c.dtype)).double(),
+    }
+    cols["grad_sq"] = f[:, 0] if grad_sq is None else _known_grad_sq(
+        grad_sq, [s.param for s, _ in singles], device)
+    for name in ("first_numel", "second_numel", "eps_numel", "lost_numel"):
+        cols[name] = cols["numel"]
+    if coss:
+        cos = torch.stack(coss)
+        cols["cos_dot"], cols["cos_prev_sq"], cols["cos_cur_sq"] = cos.unbind(1)
+    cols["nonfinite_tensors"] = _nonfinite_flags(cols, device)
+    values = _columns(cols, len(singles), device)
+    return [_Row(values[i], hists[i], keep[i], s.param if own else None)
+            for i, (s, own) in enumerate(singles)]
+
+
+def _known_grad_sq(grad_sq: dict[Tensor, Tensor], params: list[Tensor],
+                   device: torch.device) -> Tensor:
+    """The pre-step ``‖g‖²`` of ``params`` (0 for one not measured), float64."""
+    zero = torch.zeros((), dtype=torch.float64)
+    return torch.stack([grad_sq[p].double().reshape(()).to(device) if p in grad_sq
+                        else zero.to(device) for p in params])
+
+
+def _pack_row(pack: list[MomentStep], device: torch.device, history: SupportsSwap | None,
+              grad_sq: dict[Tensor, Tensor] | None) -> _Row:
+    """One row for many small tensors of one dtype: one flat buffer, eager kernels."""
+    g = pack[0].group
+    flats = [g.flat(s.index) for s in pack]
+    theta, grad, m, v = (torch.cat([f[j] for f in flats]) for j in range(4))
+    dev, dtype = theta.device, theta.dtype
+    sizes_list = [f[0].numel() for f in flats]
+    sizes = torch.tensor(sizes_list, device=dev)
+    neg, sb, eps, c, decay = g.scalars_of([s.index for s in pack], dtype, dev, sizes)
+    n = theta.numel()
+    f = moment_fields_eager(theta, theta if grad_sq is not None else grad, m, v, neg, sb,
+                            eps, c, decay).to(device)
+    eff = c / v.sqrt().div_(sb).add_(eps)
+    lo, hi = torch.aminmax(eff)
+    cols: dict[str, Tensor] = {
+        "numel": torch.tensor([float(n)], dtype=torch.float64, device=device),
+        "param_sq": f[1:2], "update_sq": f[2:3], "first_sq": f[3:4],
+        "second_sqrt_sum": f[4:5], "eps_dominated": f[5:6], "lost": f[6:7],
+        "eff_min": lo.double().reshape(1).to(device), "eff_max": hi.double().reshape(1).to(device),
+    }
+    cols["grad_sq"] = f[0:1] if grad_sq is None else _known_grad_sq(
+        grad_sq, [s.param for s in pack], device).sum().reshape(1)
+    for name in ("first_numel", "second_numel", "eps_numel", "lost_numel"):
+        cols[name] = cols["numel"]
+    if history is not None:
+        u = _moment_update(theta, m, v, neg, sb, eps, decay)
+        prevs, curs, sampled = [], [], []
+        for s, part in zip(pack, u.split(sizes_list), strict=True):
+            prev, cur = history.swap(s.param, part)  # copies, as the store keeps them
+            if cur.numel() != part.numel():  # the store keeps a sample of this one
+                sampled.append(_moment_cosine_terms(prev, cur, part.numel()))
+                prev, cur = None, torch.zeros_like(part)  # in its own terms instead
+            curs.append(cur)
+            prevs.append(torch.zeros_like(cur) if prev is None else prev)
+        whole, prev = torch.cat(curs).double(), torch.cat(prevs).double()
+        terms = torch.stack([whole.dot(prev), prev.dot(prev), whole.dot(whole)])
+        for t in sampled:
+            terms = terms + t
+        cols["cos_dot"], cols["cos_prev_sq"], cols["cos_cur_sq"] = (
+            x.reshape(1).to(device) for x in terms.unbind())
+    cols["nonfinite_tensors"] = _nonfinite_flags(cols, device)
+    keep = [t for f in flats for t in (f[1], f[0])]
+    return _Row(_columns(cols, 1, device)[0], _histogram_row(eff, n).to(device), keep)
+
+
+def _columns(cols: dict[str, Tensor], n: int, device: torch.device) -> Tensor:
+    """``n`` rows with the columns in :data:`FIELDS` order; a missing one at its identity."""
+    out = []
+    for name, rule in FIELD_COMBINE.items():
+        col = cols.get(name)
+        out.append(torch.full((n,), rule.identity, dtype=torch.float64, device=device)
+                   if col is None else col.to(device, torch.float64))
+    return torch.stack(out, dim=1)
 
 
 # ----------------------------------------------------------------------------- on the host

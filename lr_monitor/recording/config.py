@@ -3,7 +3,7 @@
 :class:`~lr_monitor.recording.StepRecorder`, :func:`~lr_monitor.recording.attach` and
 :class:`~lr_monitor.StepSizeMonitor` take the same keyword arguments (``prefix``,
 ``granularity``, ``include``, ``exclude``, ``update_cosine``, ``cosine_samples``,
-``consecutive``, ``consecutive_tensors``, ``log_global``); each builds one frozen
+``consecutive``, ``consecutive_tensors``, ``log_global``, ``statistics``); each builds one frozen
 :class:`RecorderConfig` from them and keeps it. A bad value fails at once with the
 project's message, naming the argument the user typed.
 
@@ -27,10 +27,13 @@ from lr_monitor._validation import check_bool, check_choice, check_int, check_re
 from lr_monitor.recording.record import StepRecord
 from lr_monitor.tags import DEFAULT_PREFIX, GLOBAL
 
-__all__ = ["GRANULARITIES", "RecorderConfig"]
+__all__ = ["GRANULARITIES", "STATISTICS_PATHS", "RecorderConfig"]
 
 #: The values of ``granularity``: rows per param group, or also per parameter tensor.
 GRANULARITIES = ("group", "tensor")
+
+#: The values of ``statistics`` (:mod:`lr_monitor.recording.compiler`).
+STATISTICS_PATHS = ("auto", "compiled", "eager")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,12 @@ class RecorderConfig:
             weighted to stay unbiased (``select_tensors``).
         log_global: Whether the ``global`` row (all groups of an optimizer) becomes tags.
             It is always computed, so listeners of the record can read it.
+        statistics: How the statistics of Adam and AdamW groups are computed:
+            ``"auto"`` (a ``torch.compile``'d kernel, compiled in the background and used
+            once ready; eager meanwhile and wherever compiling fails), ``"compiled"``
+            (compile at the first recorded step and wait for it) or ``"eager"``
+            (:mod:`lr_monitor.recording.compiler`). Other optimizers always take the
+            generic path. The statistics are the same on every path (float tolerance).
 
     Raises:
         ValueError: for a value outside the allowed ones; the message names the argument.
@@ -77,6 +86,7 @@ class RecorderConfig:
     consecutive: bool = False
     consecutive_tensors: int = 64
     log_global: bool = True
+    statistics: str = "auto"
     _include: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
     _exclude: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
 
@@ -91,6 +101,7 @@ class RecorderConfig:
         check_bool("consecutive", self.consecutive)
         check_int("consecutive_tensors", self.consecutive_tensors, 1)
         check_bool("log_global", self.log_global)
+        check_choice("statistics", self.statistics, STATISTICS_PATHS)
 
     def as_kwargs(self) -> dict[str, Any]:
         """The options as keyword arguments, e.g. to build a recorder with the same ones.

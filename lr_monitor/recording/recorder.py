@@ -50,6 +50,7 @@ from torch.utils.hooks import RemovableHandle
 from lr_monitor._validation import check_int, invalid
 from lr_monitor.faults import FaultBarrier
 from lr_monitor.functional import ParamSnapshot, find_rule
+from lr_monitor.functional.fused import MomentStep, moment_group
 from lr_monitor.functional.rules import (
     ParamStep,
     is_low_precision,
@@ -66,6 +67,7 @@ from lr_monitor.functional.statistics import (
     tensor_norms,
 )
 from lr_monitor.functional.step import applied_update, with_applied_update
+from lr_monitor.recording.compiler import MomentKernels
 from lr_monitor.recording.config import GRANULARITIES, RecorderConfig
 from lr_monitor.recording.consecutive import TOTALS, ConsecutiveTracker, consecutive_statistics
 from lr_monitor.recording.history import UpdateHistory
@@ -139,6 +141,7 @@ class StepRecorder:
         consecutive: See :class:`~lr_monitor.recording.config.RecorderConfig`.
         consecutive_tensors: See :class:`~lr_monitor.recording.config.RecorderConfig`.
         log_global: See :class:`~lr_monitor.recording.config.RecorderConfig`.
+        statistics: See :class:`~lr_monitor.recording.config.RecorderConfig`.
         reduce: Applied to the device sums before the host transfer; for sharded
             parameters pass ``lambda sums: sums.all_reduce()`` (every rank must record).
             With it, the sums count each element on one rank only
@@ -168,6 +171,7 @@ class StepRecorder:
         consecutive: bool = False,
         consecutive_tensors: int = 64,
         log_global: bool = True,
+        statistics: str = "auto",
         reduce: Callable[[StepSums], None] | None = None,
         faults: FaultBarrier | None = None,
     ) -> None:
@@ -175,7 +179,9 @@ class StepRecorder:
                                      exclude=exclude, update_cosine=update_cosine,
                                      cosine_samples=cosine_samples, consecutive=consecutive,
                                      consecutive_tensors=consecutive_tensors,
-                                     log_global=log_global)
+                                     log_global=log_global, statistics=statistics)
+        #: The kernel of Adam/AdamW groups (compiled or eager).
+        self.kernels = MomentKernels(statistics)
         self.optimizer = optimizer
         self.name = name
         self.should_record = should_record
@@ -287,7 +293,7 @@ class StepRecorder:
         if not params:
             return {}
         norms = tensor_norms([grad_values(p.grad) for p in params])  # type: ignore[arg-type]
-        return {p: n.square() for p, n in zip(params, norms.unbind(), strict=True)}
+        return dict(zip(params, norms.square().unbind(), strict=True))
 
     def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._recording = False
@@ -360,7 +366,8 @@ class StepRecorder:
                 if p.grad is None or id(p) in self._excluded:
                     continue
                 try:
-                    sums = step_sums([self._group_steps(g, [p])], grad_sq=grad_sq)
+                    sums = step_sums([self._group_steps(g, [p])], grad_sq=grad_sq,
+                                     kernel=self.kernels)
                     summarize(sums.to_host())
                 except Exception as exc:
                     out.append((p, exc))
@@ -371,12 +378,20 @@ class StepRecorder:
         return self.config.tensor_row(self.param_names.get(p))
 
     def _group_steps(self, group: dict[str, Any],
-                     params: list[Tensor] | None = None) -> Iterator[ParamStep]:
-        """The steps of ``params`` (default: the group's, minus excluded ones), lazily."""
+                     params: list[Tensor] | None = None) -> Iterator[ParamStep | MomentStep]:
+        """The steps of ``params`` (default: the group's, minus excluded ones), lazily.
+
+        Adam/AdamW groups that qualify (:func:`~lr_monitor.functional.fused.moment_group`)
+        give :class:`MomentStep` items, read from the optimizer state in one pass.
+        """
         if params is None:
             params = [p for p in group["params"] if id(p) not in self._excluded]
         if self._measured(group):
             yield from self._measured_steps(group, params)
+            return
+        moments = moment_group(self.optimizer, {**group, "params": params})
+        if moments is not None:
+            yield from moments.steps()
             return
         for s in iter_group_steps(self.optimizer, {**group, "params": params}):
             before = self._before.get(s.param)
@@ -418,7 +433,8 @@ class StepRecorder:
         consecutive = self._consecutive_totals()
         sums = step_sums([self._group_steps(g) for g in groups], history=self.history,
                          grad_sq=self._grad_sq, tensor_rows=tensor_rows,
-                         extra=[*lrs, *consecutive], across_ranks=self.reduce is not None)
+                         extra=[*lrs, *consecutive], across_ranks=self.reduce is not None,
+                         kernel=self.kernels)
         tensor_params = sums.tensor_params
         if self.reduce is not None:
             self.reduce(sums)
@@ -525,7 +541,8 @@ def attach(
         **recorder_kwargs: Passed to :class:`StepRecorder`: the recording options of
             :class:`~lr_monitor.recording.config.RecorderConfig` (``prefix``,
             ``granularity``, ``include``, ``exclude``, ``update_cosine``,
-            ``cosine_samples``, ``consecutive``, ``consecutive_tensors``, ``log_global``),
+            ``cosine_samples``, ``consecutive``, ``consecutive_tensors``, ``log_global``,
+            ``statistics``),
             ``listeners`` and ``reduce``.
 
     Returns:

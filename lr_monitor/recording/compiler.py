@@ -1,0 +1,206 @@
+"""Which kernel reduces Adam-form tensors: ``torch.compile``'d or eager, chosen once.
+
+:func:`lr_monitor.functional.fused.moment_fields` compiles (``torch.compile``, dynamic
+shapes) into one fused loop per dtype and device type: C++ on the CPU, Triton on a GPU. A
+compile takes seconds to tens of seconds, once per process; after it no call recompiles
+(one graph for every tensor length). :class:`MomentKernels` picks the kernel:
+
+* ``"auto"`` (default): compile in a background thread the first time a dtype/device is
+  met, and use :func:`~lr_monitor.functional.fused.moment_fields_eager` until the
+  compiled kernel is ready and has been checked against the eager one on the same input;
+  the environment variable ``LR_MONITOR_COMPILE=0`` turns compiling off.
+* ``"compiled"``: compile at the first call, in the calling thread (the first recorded
+  step waits for it).
+* ``"eager"``: never compile.
+
+A compile that fails (no compiler, a backend error, results that disagree with the eager
+kernel) leaves the eager kernel in place for the rest of the process, and the outcome is
+logged once per dtype/device (logger ``lr_monitor``). Compiled kernels are shared by every
+recorder of the process.
+
+Example:
+    >>> kernels = MomentKernels("eager")
+    >>> kernels.path(torch.float32, torch.device("cpu"))
+    'eager'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lr_monitor._validation import check_choice
+from lr_monitor.functional.fused import moment_fields, moment_fields_eager
+from lr_monitor.recording.config import STATISTICS_PATHS
+
+__all__ = ["COMPILE_ENV", "CompileState", "MomentKernels"]
+
+#: ``LR_MONITOR_COMPILE=0`` makes ``"auto"`` eager (e.g. on machines without a compiler).
+COMPILE_ENV = "LR_MONITOR_COMPILE"
+
+log = logging.getLogger("lr_monitor")
+
+
+@dataclass
+class CompileState:
+    """The compiled kernel of one (dtype, device type), shared by the process.
+
+    Args:
+        status: ``"compiling"``, ``"ready"`` or ``"failed"``.
+        fn: The compiled function once ready.
+        seconds: Wall time of the compile (and its check).
+        error: Why it failed.
+    """
+
+    status: str = "compiling"
+    fn: Any = None
+    seconds: float = 0.0
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+_STATES: dict[tuple[torch.dtype, str], CompileState] = {}
+_LOCK = threading.Lock()
+
+
+def _example(dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+    """A small input with every case the kernel meets (ε-dominated, rounded away, decay)."""
+    g = torch.Generator().manual_seed(0)
+    n = 4099  # neither 0 nor 1 (specialized by dynamic shapes), and not a multiple of 8
+    theta = torch.randn(n, generator=g, dtype=torch.float64) * 10
+    grad, m = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(
+        n, generator=g, dtype=torch.float64) * 1e-3
+    v = torch.rand(n, generator=g, dtype=torch.float64) ** 4 * 1e-6
+    tensors = [x.to(device=device, dtype=dtype) for x in (theta, grad, m, v)]
+    scalars = [torch.tensor(x, dtype=dtype, device=device)
+               for x in (-1e-3 / 0.1, 0.3, 1e-8, 1e-3, 1e-4)]
+    return [*tensors, *scalars]
+
+
+def _compile(key: tuple[torch.dtype, str], device: torch.device, state: CompileState) -> None:
+    """Compile, run once and check against the eager kernel; record the outcome."""
+    t0 = time.perf_counter()
+    try:
+        fn = torch.compile(moment_fields, dynamic=True, fullgraph=True)
+        args = _example(key[0], device)
+        got = fn(*args)
+        theta, grad, m, v, neg, sb, eps, c, decay = args
+        want = moment_fields_eager(theta, grad, m, v, neg, sb, eps, c, decay)
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-12, equal_nan=True):
+            raise RuntimeError(f"compiled statistics disagree with eager ones: {got.tolist()} "
+                               f"vs {want.tolist()}")
+        state.fn = fn
+        state.status = "ready"
+        log.info("lr_monitor: compiled statistics kernel for %s on %s ready after %.1f s",
+                 key[0], key[1], time.perf_counter() - t0)
+    except Exception as exc:  # any compiler or backend failure: stay eager
+        state.status = "failed"
+        state.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}" \
+            if str(exc).strip() else type(exc).__name__
+        log.warning("lr_monitor: torch.compile of the statistics kernel for %s on %s "
+                    "failed (%s); the eager kernel is used", key[0], key[1], state.error)
+    finally:
+        state.seconds = time.perf_counter() - t0
+        state.done.set()
+
+
+class MomentKernels:
+    """The kernel for :func:`~lr_monitor.functional.statistics.step_sums`'s ``kernel``.
+
+    Call it like :func:`~lr_monitor.functional.fused.moment_fields`; it runs the compiled
+    kernel of the input's dtype and device when that is ready, else the eager one.
+
+    Args:
+        statistics: ``"auto"``, ``"compiled"`` or ``"eager"`` (module docstring).
+
+    Raises:
+        ValueError: for another value of ``statistics``.
+    """
+
+    def __init__(self, statistics: str = "auto") -> None:
+        self.statistics = check_choice("statistics", statistics, STATISTICS_PATHS)
+        self._compile = statistics == "compiled" or (
+            statistics == "auto" and os.environ.get(COMPILE_ENV, "1").strip() != "0")
+
+    def state(self, dtype: torch.dtype, device: torch.device) -> CompileState | None:
+        """The compile state of ``(dtype, device type)``, started if it is not yet.
+
+        Returns:
+            ``None`` when this instance does not compile.
+        """
+        if not self._compile:
+            return None
+        key = (dtype, device.type)
+        with _LOCK:
+            state = _STATES.get(key)
+            if state is None:
+                state = _STATES[key] = CompileState()
+                if self.statistics == "compiled":
+                    start = None
+                else:
+                    start = threading.Thread(target=_compile, args=(key, device, state),
+                                             name="lr_monitor-compile", daemon=True)
+                    start.start()
+                if start is None:
+                    _compile(key, device, state)
+        if self.statistics == "compiled":
+            state.done.wait()
+        return state
+
+    def path(self, dtype: torch.dtype, device: torch.device) -> str:
+        """``"compiled"``, ``"compiling"`` (eager meanwhile) or ``"eager"``, without waiting.
+
+        Args:
+            dtype: A parameter dtype.
+            device: A device.
+        """
+        if not self._compile:
+            return "eager"
+        state = _STATES.get((dtype, device.type))
+        if state is None:
+            return "compiling" if self.statistics == "auto" else "eager"
+        return {"ready": "compiled", "compiling": "compiling"}.get(state.status, "eager")
+
+    def __call__(self, theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: Tensor,
+                 sqrt_bc2: Tensor, eps: Tensor, eff_c: Tensor, decay: Tensor | None) -> Tensor:
+        """:func:`~lr_monitor.functional.fused.moment_fields` on the best ready kernel.
+
+        Args:
+            theta: See :func:`~lr_monitor.functional.fused.moment_fields`.
+            grad: See :func:`~lr_monitor.functional.fused.moment_fields`.
+            m: See :func:`~lr_monitor.functional.fused.moment_fields`.
+            v: See :func:`~lr_monitor.functional.fused.moment_fields`.
+            neg_step: See :func:`~lr_monitor.functional.fused.moment_fields`.
+            sqrt_bc2: See :func:`~lr_monitor.functional.fused.moment_fields`.
+            eps: See :func:`~lr_monitor.functional.fused.moment_fields`.
+            eff_c: See :func:`~lr_monitor.functional.fused.moment_fields`.
+            decay: See :func:`~lr_monitor.functional.fused.moment_fields`.
+
+        Returns:
+            The fields; the eager kernel's while no compiled one is ready.
+        """
+        state = self.state(theta.dtype, theta.device)
+        if state is not None and state.status == "ready":
+            if decay is None:  # one graph: no decay is k = 0
+                decay = torch.zeros((), dtype=theta.dtype, device=theta.device)
+            try:
+                return state.fn(theta, grad, m, v, neg_step, sqrt_bc2, eps, eff_c,  # type: ignore[no-any-return]
+                                decay)
+            except Exception as exc:  # a guard the compile did not foresee: stay eager
+                state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
+                log.warning("lr_monitor: the compiled statistics kernel failed (%s); the "
+                            "eager kernel is used from now on", state.error)
+        return moment_fields_eager(theta, grad, m, v, neg_step, sqrt_bc2, eps, eff_c, decay)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"statistics": self.statistics}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["statistics"])  # type: ignore[misc]
