@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lr_monitor.functional.statistics import SupportsSwap, sample_index
 from lr_monitor.recording.history import UpdateHistory
@@ -58,3 +60,42 @@ def test_checkpoint_restore_and_clear() -> None:
 def test_samples_per_tensor_is_checked(bad: object) -> None:
     with pytest.raises(ValueError, match=r"^samples_per_tensor=.* is invalid: must be an int >= 1"):
         UpdateHistory(bad)  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(plan=st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=6, unique=True),
+                     min_size=1, max_size=8),
+       single=st.lists(st.booleans(), min_size=8, max_size=8))
+def test_swap_whole_is_one_swap_per_tensor(plan: list[list[int]], single: list[bool]) -> None:
+    """Packs of changing membership and order, mixed with single swaps: same samples."""
+    params = [torch.zeros(n + 1) for n in range(6)]
+    packed, one_by_one = UpdateHistory(8), UpdateHistory(8)
+    for step, members in enumerate(plan):
+        ups = [torch.full((params[i].numel(),), float(10 * step + i)) for i in members]
+        want = [one_by_one.swap(params[i], u) for i, u in zip(members, ups, strict=True)]
+        if single[step]:  # this step swaps them one by one in both stores
+            got = [packed.swap(params[i], u) for i, u in zip(members, ups, strict=True)]
+            for (gp, gc), (wp, wc) in zip(got, want, strict=True):
+                assert torch.equal(gc, wc)
+                assert (gp is None) == (wp is None) and (gp is None or torch.equal(gp, wp))
+            continue
+        prev, cur = packed.swap_whole([params[i] for i in members], torch.cat(ups),
+                                      [u.numel() for u in ups])
+        assert torch.equal(cur, torch.cat([c for _, c in want]))
+        assert torch.equal(prev, torch.cat([torch.zeros_like(c) if p is None else p
+                                            for p, c in want]))
+    assert packed.nbytes() <= one_by_one.nbytes()
+
+
+def test_swap_whole_checkpoint_and_limits() -> None:
+    a, b = torch.zeros(2), torch.zeros(3)
+    h = UpdateHistory(3)
+    h.swap_whole([a, b], torch.arange(5.0), [2, 3])
+    saved = h.checkpoint()
+    h.swap_whole([a, b], torch.ones(5), [2, 3])
+    h.restore(saved)
+    assert h.swap_whole([a, b], torch.ones(5), [2, 3])[0].tolist() == [0, 1, 2, 3, 4]
+    h.clear()
+    assert h.nbytes() == 0
+    with pytest.raises(ValueError, match="at most 3 whole"):
+        h.swap_whole([torch.zeros(4)], torch.zeros(4), [4])

@@ -44,28 +44,34 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "EAGER",
     "MOMENT_FIELDS",
     "PACK_NUMEL",
     "SLICE_NUMEL",
     "MomentGroup",
     "MomentKernel",
     "MomentStep",
+    "as_flat",
+    "eff_bins",
     "moment_fields",
     "moment_fields_eager",
     "moment_group",
+    "moment_pack",
+    "moment_pack_eager",
+    "segment_ids",
 ]
 
 #: What :func:`moment_fields` returns, in order (float64).
 MOMENT_FIELDS = ("grad_sq", "param_sq", "update_sq", "first_sq", "second_sqrt_sum",
-                 "eps_dominated", "lost", "den_min", "den_max")
+                 "eps_dominated", "lost", "eff_min", "eff_max")
 
 #: Tensors of at most this many elements are packed into one flat buffer per chunk (at most
 #: the effective-lr histogram's sample size, so that a packed tensor enters it whole).
@@ -75,15 +81,52 @@ PACK_NUMEL = 1 << 16
 #: size) stay in a core's L2 cache.
 SLICE_NUMEL = 1 << 18
 
-#: ``(theta, grad, m, v, neg_step, sqrt_bc2, eps, eff_c, decay) -> 9 float64 values``.
-MomentKernel = Callable[..., Tensor]
+
+
+class MomentKernel(Protocol):
+    """What runs the two kernels (:data:`EAGER`, or a compiled set).
+
+    :class:`lr_monitor.recording.compiler.MomentKernels` compiles them when it can.
+    """
+
+    def __call__(self, theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: Tensor,
+                 sqrt_bc2: Tensor, eps: Tensor, eff_c: Tensor, decay: Tensor | None) -> Tensor:
+        """:func:`moment_fields`."""
+        ...
+
+    def pack(self, theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: Tensor,
+             sqrt_bc2: Tensor, eps: Tensor, eff_c: Tensor, decay: Tensor | None,
+             log10_min: float, bins_per_decade: float, nbins: int
+             ) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`moment_pack`."""
+        ...
+
+
+class _Eager:
+    """The eager kernels, as a :class:`MomentKernel`."""
+
+    def __call__(self, theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: Tensor,
+                 sqrt_bc2: Tensor, eps: Tensor, eff_c: Tensor, decay: Tensor | None) -> Tensor:
+        return moment_fields_eager(theta, grad, m, v, neg_step, sqrt_bc2, eps, eff_c, decay)
+
+    def pack(self, theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: Tensor,
+             sqrt_bc2: Tensor, eps: Tensor, eff_c: Tensor, decay: Tensor | None,
+             log10_min: float, bins_per_decade: float, nbins: int
+             ) -> tuple[Tensor, Tensor, Tensor]:
+        return moment_pack_eager(theta, grad, m, v, neg_step, sqrt_bc2, eps, eff_c, decay,
+                                 log10_min, bins_per_decade, nbins)
+
+
+#: The eager kernels (:func:`moment_fields_eager`, :func:`moment_pack_eager`).
+EAGER: MomentKernel = _Eager()
 
 
 def moment_fields(theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: Tensor,
                   sqrt_bc2: Tensor, eps: Tensor, eff_c: Tensor, decay: Tensor | None) -> Tensor:
     """The :data:`MOMENT_FIELDS` of one flat Adam-form step, as one expression.
 
-    The form ``torch.compile`` fuses into one loop; every input is read once.
+    The form ``torch.compile`` fuses into one loop; every input is read once. Sums are
+    accumulated in float64.
 
     Args:
         theta: Parameter after the step, flat (float32 or float64).
@@ -94,14 +137,50 @@ def moment_fields(theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: T
         neg_step: ``−lr/bc1`` in the parameter's dtype (0-d, or one per element).
         sqrt_bc2: ``√bc2`` (0-d or per element).
         eps: ``ε`` (0-d or per element).
-        eff_c: ``c`` of ``eff = c/den`` (0-d or per element); unused here, accepted so
-            that every kernel has one signature.
+        eff_c: ``c`` of ``eff = c/den`` (0-d or per element).
         decay: ``k = (1 − f)/f`` of decoupled weight decay (0-d or per element); 0 or
             ``None`` without.
 
     Returns:
         A float64 vector in :data:`MOMENT_FIELDS` order.
     """
+    return _fields(theta, grad, m, v, neg_step, sqrt_bc2, eps, eff_c, decay)[0]
+
+
+def moment_pack(theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: Tensor,
+                sqrt_bc2: Tensor, eps: Tensor, eff_c: Tensor, decay: Tensor | None,
+                log10_min: float, bins_per_decade: float, nbins: int
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`moment_fields` of a pack, with each element's histogram bin and update.
+
+    A pack (small tensors concatenated) enters the effective-lr histogram and the cosine
+    whole, so the same pass also yields the bin of every element
+    (:func:`eff_bins`) and the update.
+
+    Args:
+        theta: See :func:`moment_fields`.
+        grad: See :func:`moment_fields`.
+        m: See :func:`moment_fields`.
+        v: See :func:`moment_fields`.
+        neg_step: See :func:`moment_fields` (usually one per element).
+        sqrt_bc2: See :func:`moment_fields`.
+        eps: See :func:`moment_fields`.
+        eff_c: See :func:`moment_fields`.
+        decay: See :func:`moment_fields`.
+        log10_min: See :func:`eff_bins`.
+        bins_per_decade: See :func:`eff_bins`.
+        nbins: See :func:`eff_bins`.
+
+    Returns:
+        ``(fields, bins, update)``.
+    """
+    fields, eff, u = _fields(theta, grad, m, v, neg_step, sqrt_bc2, eps, eff_c, decay)
+    return fields, eff_bins(eff, log10_min, bins_per_decade, nbins), u
+
+
+def _fields(theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: Tensor,
+            sqrt_bc2: Tensor, eps: Tensor, eff_c: Tensor, decay: Tensor | None
+            ) -> tuple[Tensor, Tensor, Tensor]:
     f64 = torch.float64
     sv = v.sqrt()
     d = sv / sqrt_bc2
@@ -109,10 +188,38 @@ def moment_fields(theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: T
     a = m / den * neg_step
     u = a if decay is None else torch.where(decay == 0, a, a - decay * (theta - a))
     lost = (u != 0) & ((theta - u) == theta)
-    return torch.stack([
+    eff = eff_c / den
+    fields = torch.stack([
         (grad.to(f64) * grad).sum(), (theta.to(f64) * theta).sum(), (u.to(f64) * u).sum(),
         (m.to(f64) * m).sum(), sv.to(f64).sum(), (d < eps).sum().to(f64),
-        lost.sum().to(f64), den.min().to(f64), den.max().to(f64)])
+        lost.sum().to(f64), eff.min().to(f64), eff.max().to(f64)])
+    return fields, eff, u
+
+
+def eff_bins(eff: Tensor, log10_min: float, bins_per_decade: float, nbins: int) -> Tensor:
+    """The histogram bin of each effective lr; ``nbins`` for NaN (to be dropped).
+
+    Bin ``i`` holds ``log10(eff)`` in ``[log10_min + i/bins_per_decade, … + 1/…)``,
+    computed in float32 or better; values below or above the range land in the end bins
+    (0 and ∞ included).
+
+    Args:
+        eff: Effective learning rates (any shape).
+        log10_min: Left edge of bin 0, in log10 units.
+        bins_per_decade: Bins per factor of 10.
+        nbins: Number of bins.
+
+    Returns:
+        int64 bins, flat.
+
+    Example:
+        >>> eff_bins(torch.tensor([1e-3, 0.0, float("nan")]), -16.0, 50.0, 1100).tolist()
+        [650, 0, 1100]
+    """
+    logv = eff.reshape(-1)
+    logv = logv.to(torch.float32).log10() if logv.dtype != torch.float64 else logv.log10()
+    pos = ((logv - log10_min) * bins_per_decade).floor().clamp(0, nbins - 1)
+    return pos.nan_to_num(nbins).long()
 
 
 def moment_fields_eager(theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: Tensor,
@@ -123,7 +230,9 @@ def moment_fields_eager(theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_s
     Same arguments and result as :func:`moment_fields`; the kernels and their operand
     order are torch's own step's (``√v``, ``/√bc2``, ``+ε``, ``m/den·(−s)``), so the
     update rounds as the step did. At most a few temporaries of ``slice_numel`` elements
-    are alive at a time.
+    are alive at a time. Norms are accumulated in float32 (``_foreach_norm``, as on the
+    generic path): relative error up to ~1e-4 on a few hundred thousand float32 elements,
+    where the compiled kernel sums in float64.
 
     Args:
         theta: See :func:`moment_fields`.
@@ -141,17 +250,51 @@ def moment_fields_eager(theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_s
         A float64 vector in :data:`MOMENT_FIELDS` order.
     """
     n = theta.numel()
+    known = grad is theta  # the caller knows the gradient norm: do not compute it
     if n <= slice_numel:
-        return _eager_slice(theta, grad, m, v, neg_step, sqrt_bc2, eps, decay)
+        return _eager_slice(theta, None if known else grad, m, v, neg_step, sqrt_bc2, eps,
+                            eff_c, decay)[0]
     parts = []
     for i in range(0, n, slice_numel):
         sl = slice(i, i + slice_numel)
-        parts.append(_eager_slice(theta[sl], grad[sl], m[sl], v[sl], _part(neg_step, sl),
-                                  _part(sqrt_bc2, sl), _part(eps, sl),
-                                  None if decay is None else _part(decay, sl)))
+        parts.append(_eager_slice(theta[sl], None if known else grad[sl], m[sl], v[sl],
+                                  _part(neg_step, sl),
+                                  _part(sqrt_bc2, sl), _part(eps, sl), _part(eff_c, sl),
+                                  None if decay is None else _part(decay, sl))[0])
     rows = torch.stack(parts)
     return torch.cat([rows[:, :7].sum(0), rows[:, 7].amin().reshape(1),
                       rows[:, 8].amax().reshape(1)])
+
+
+def moment_pack_eager(theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: Tensor,
+                      sqrt_bc2: Tensor, eps: Tensor, eff_c: Tensor, decay: Tensor | None,
+                      log10_min: float, bins_per_decade: float, nbins: int
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`moment_pack` in eager mode (one slice: a pack is at most one chunk).
+
+    Args:
+        theta: See :func:`moment_pack`.
+        grad: See :func:`moment_pack`.
+        m: See :func:`moment_pack`.
+        v: See :func:`moment_pack`.
+        neg_step: See :func:`moment_pack`.
+        sqrt_bc2: See :func:`moment_pack`.
+        eps: See :func:`moment_pack`.
+        eff_c: See :func:`moment_pack`.
+        decay: See :func:`moment_pack`.
+        log10_min: See :func:`eff_bins`.
+        bins_per_decade: See :func:`eff_bins`.
+        nbins: See :func:`eff_bins`.
+
+    Returns:
+        ``(fields, bins, update)``.
+    """
+    fields, eff, u = _eager_slice(theta, None if grad is theta else grad, m, v, neg_step,
+                                  sqrt_bc2, eps, eff_c, decay, keep=True)
+    assert eff is not None and u is not None
+    # eff_bins, in place on the buffer that held eff
+    logv = eff.log10_().sub_(log10_min).mul_(bins_per_decade).floor_().clamp_(0, nbins - 1)
+    return fields, logv.nan_to_num_(nbins).long(), u
 
 
 def _part(x: Tensor, sl: slice) -> Tensor:
@@ -159,33 +302,46 @@ def _part(x: Tensor, sl: slice) -> Tensor:
     return x if x.dim() == 0 else x[sl]
 
 
-def _eager_slice(theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: Tensor,
-                 sqrt_bc2: Tensor, eps: Tensor, decay: Tensor | None) -> Tensor:
+def _eager_slice(theta: Tensor, grad: Tensor | None, m: Tensor, v: Tensor, neg_step: Tensor,
+                 sqrt_bc2: Tensor, eps: Tensor, eff_c: Tensor, decay: Tensor | None,
+                 keep: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The fields of one slice; with ``keep`` also its effective lrs and update."""
     d = v.sqrt()
     sqrt_sum = d.sum()
     d.div_(sqrt_bc2)  # √v̂
     eps_count = torch.count_nonzero(d < eps)
     d.add_(eps)  # den
-    lo, hi = torch.aminmax(d)
     u = torch.div(m, d).mul_(neg_step)
     if decay is not None:
-        torch.sub(theta, u, out=d)
-        u = torch.where(decay == 0, u, u - decay * d)
-    norms = torch._foreach_norm([grad, theta, u, m])
-    torch.sub(theta, u, out=d)
-    lost = torch.count_nonzero(torch.eq(d, theta).logical_and_(u != 0))
+        u = torch.where(decay == 0, u, u - decay * (theta - u))
+    if grad is None:  # the gradient norm is known already: θ's norm stands in
+        theta_n, u_n, m_n = torch._foreach_norm([theta, u, m])
+        norms: Sequence[Tensor] = (theta_n, theta_n, u_n, m_n)
+    else:
+        norms = torch._foreach_norm([grad, theta, u, m])
+    lost = torch.count_nonzero(torch.eq(theta - u, theta).logical_and_(u != 0))
+    if keep or eff_c.dim() > 0:
+        eff = torch.div(eff_c, d, out=d) if eff_c.shape == d.shape or eff_c.dim() == 0 \
+            else eff_c / d
+        lo, hi = torch.aminmax(eff)
+    else:  # one c: min(c/den) = c/max(den) exactly (a correctly rounded division is monotone)
+        eff = None
+        den_lo, den_hi = torch.aminmax(d)
+        lo, hi = eff_c / den_hi, eff_c / den_lo
     f64 = torch.float64
-    return torch.stack([
+    fields = torch.stack([
         *(x.to(f64).square() for x in norms), sqrt_sum.to(f64), eps_count.to(f64),
         lost.to(f64), lo.to(f64), hi.to(f64)])
+    return (fields, eff, u) if keep else (fields, None, None)
 
 
 # ----------------------------------------------------------------------------- the inputs
 
 
-@dataclass(frozen=True)
 class MomentStep:
     """One parameter of a :class:`MomentGroup`: what :func:`step_sums` chunks and counts.
+
+    A slotted class: a model of 10,000 tensors makes 10,000 of them per record.
 
     Args:
         group: The group it belongs to.
@@ -193,13 +349,20 @@ class MomentStep:
         param: The parameter.
     """
 
-    group: MomentGroup
-    index: int
-    param: Tensor
+    __slots__ = ("group", "index", "param", "size")
+
+    def __init__(self, group: MomentGroup, index: int, param: Tensor) -> None:
+        self.group = group
+        self.index = index
+        self.param = param
+        self.size = param.numel()
 
     def numel(self) -> int:
         """Elements of the parameter."""
-        return self.param.numel()
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"MomentStep(index={self.index}, shape={tuple(self.param.shape)})"
 
 
 @dataclass
@@ -238,8 +401,8 @@ class MomentGroup:
 
     def flat(self, i: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(θ, g, m, v)`` of parameter ``i``, flat (θ detached)."""
-        return (_flat(self.params[i].detach()), _flat(self.grads[i]),
-                _flat(self.exp_avgs[i]), _flat(self.exp_avg_sqs[i]))
+        return (as_flat(self.params[i].detach()), as_flat(self.grads[i]),
+                as_flat(self.exp_avgs[i]), as_flat(self.exp_avg_sqs[i]))
 
     def scalars(self, i: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """``(neg_step, sqrt_bc2, eps, eff_c, decay)`` of parameter ``i``: 0-d, its dtype."""
@@ -247,7 +410,7 @@ class MomentGroup:
         return self.scalars_of([i], p.dtype, p.device)
 
     def scalars_of(self, rows: Sequence[int], dtype: torch.dtype, device: torch.device,
-                   sizes: Tensor | None = None
+                   sizes: Sequence[int] | None = None
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """The scalars of the parameters ``rows`` in ``dtype``.
 
@@ -256,24 +419,64 @@ class MomentGroup:
             dtype: The parameters' dtype.
             device: Their device.
             sizes: Elements per parameter: the scalars are expanded to one per element
-                (a pack); ``None`` for one parameter (0-d scalars).
+                (a pack, by one gather through :func:`segment_ids`); ``None`` for one
+                parameter (0-d scalars).
 
         Returns:
             ``(neg_step, sqrt_bc2, eps, eff_c, decay)``; ``decay`` is ``None`` without
             decoupled decay.
         """
-        idx = torch.tensor(list(rows), device=self.neg_step.device)
-        out = []
-        for vec in (self.neg_step, self.sqrt_bc2, self.eff_c):
-            x = vec.index_select(0, idx).to(device=device, dtype=dtype)
-            out.append(x.reshape(()) if sizes is None else torch.repeat_interleave(x, sizes))
+        per = torch.stack([self.neg_step, self.sqrt_bc2, self.eff_c])
+        if len(rows) != per.shape[1] or list(rows) != list(range(len(rows))):
+            per = per.index_select(1, torch.tensor(list(rows), device=per.device))
+        per = per.to(device=device, dtype=dtype)
+        if sizes is None:
+            neg, sb, c = per[:, 0].unbind()
+        else:
+            neg, sb, c = per.index_select(1, segment_ids(sizes, device)).unbind(0)
         eps = torch.tensor(self.eps, dtype=dtype, device=device)
-        decay = _decay_k(self.decay, dtype, device)
-        return out[0], out[1], eps, out[2], decay
+        return neg, sb, eps, c, _decay_k(self.decay, dtype, device)
 
 
-def _flat(t: Tensor) -> Tensor:
-    """``t`` as one dimension (itself when it already is: a call less per small tensor)."""
+#: Segment ids of recent pack layouts (a layout repeats every recorded step).
+_SEGMENTS: dict[tuple[tuple[int, ...], str], Tensor] = {}
+_SEGMENTS_KEPT = 64
+
+
+def segment_ids(sizes: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+    """For tensors of ``sizes`` elements concatenated: the position of each element's tensor.
+
+    Cached per layout, so a pack that recurs every step costs no index computation.
+
+    Args:
+        sizes: Elements per tensor.
+        device: Where the ids live.
+
+    Returns:
+        An int64 tensor of ``sum(sizes)`` elements.
+
+    Example:
+        >>> segment_ids([2, 1, 3]).tolist()
+        [0, 0, 1, 2, 2, 2]
+    """
+    key = (tuple(sizes), str(device))
+    ids = _SEGMENTS.get(key)
+    if ids is None:
+        ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(key[0]))
+        ids = ids.to(device)
+        if len(_SEGMENTS) >= _SEGMENTS_KEPT:
+            _SEGMENTS.pop(next(iter(_SEGMENTS)))
+        _SEGMENTS[key] = ids
+    return ids
+
+
+def as_flat(t: Tensor) -> Tensor:
+    """``t`` as one dimension (itself when it already is: a call less per small tensor).
+
+    Example:
+        >>> as_flat(torch.zeros(2, 3)).shape
+        torch.Size([6])
+    """
     return t if t.dim() == 1 else t.reshape(-1)
 
 
@@ -302,12 +505,10 @@ def moment_group(optimizer: torch.optim.Optimizer,
     Returns:
         The group's inputs, or ``None``.
     """
-    from lr_monitor.functional.rules import _impl_path
-
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
         return None
-    if group.get("capturable") or group.get("differentiable"):
-        return None
+    if group.get("capturable") or group.get("differentiable") or group.get("fused"):
+        return None  # (fused: torch's kernel rounds its scalars its own way)
     hp = (group["lr"], *group["betas"], group["eps"], group.get("weight_decay", 0.0))
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in hp):
         return None
@@ -324,8 +525,6 @@ def moment_group(optimizer: torch.optim.Optimizer,
             return None
         params.append(p)
         states.append(st)
-    if _impl_path(group, params, style="adam") == "fused":
-        return None
     lr, beta1, beta2 = (float(x) for x in (group["lr"], *group["betas"]))
     eps, wd = float(group["eps"]), float(group.get("weight_decay", 0.0))
     amsgrad = bool(group.get("amsgrad", False))

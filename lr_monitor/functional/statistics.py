@@ -106,10 +106,13 @@ import torch
 from torch import Tensor
 
 from lr_monitor.functional.fused import (
+    EAGER,
     PACK_NUMEL,
     MomentKernel,
     MomentStep,
-    moment_fields_eager,
+    as_flat,
+    eff_bins,
+    segment_ids,
 )
 from lr_monitor.functional.rules import ParamStep, compute_dtype
 
@@ -630,10 +633,9 @@ def step_sums(
             sharded parameters): a parameter enters only where :func:`counted_part` counts
             it, elsewhere its tensor row (if any) holds the identities. An empty local
             shard (FSDP2 shards a dimension smaller than the world) never enters.
-        kernel: What reduces a :class:`~lr_monitor.functional.fused.MomentStep` tensor
-            (one signature: :func:`~lr_monitor.functional.fused.moment_fields`); default
-            :func:`~lr_monitor.functional.fused.moment_fields_eager`. Packs of small
-            tensors always use the eager kernel.
+        kernel: What runs the kernels of :class:`~lr_monitor.functional.fused.MomentStep`
+            tensors (:class:`~lr_monitor.functional.fused.MomentKernel`); default the
+            eager ones (:data:`~lr_monitor.functional.fused.EAGER`).
 
     Returns:
         The sums; rows are the param groups, then the selected tensors
@@ -654,7 +656,10 @@ def step_sums(
         chunk: list[ParamStep | MomentStep] = []
         size = 0
         for s in group:
-            part = counted_part(s.param, across_ranks=across_ranks)
+            if isinstance(s, MomentStep) and not across_ranks:  # a plain local tensor
+                part = s.param if s.size else None
+            else:
+                part = counted_part(s.param, across_ranks=across_ranks)
             if part is None or part.numel() == 0:
                 if tensor_rows is not None and tensor_rows(s.param):
                     if chunk:  # tensor rows stay in parameter order, the same on every rank
@@ -680,7 +685,7 @@ class _Accumulator:
                  tensor_rows: Callable[[Tensor], bool] | None,
                  kernel: MomentKernel | None = None) -> None:
         self.n_groups = n_groups
-        self.kernel = kernel or moment_fields_eager
+        self.kernel = kernel or EAGER
         self.history = history
         self.grad_sq = grad_sq
         self.tensor_rows = tensor_rows
@@ -798,6 +803,10 @@ def tensor_norms(tensors: list[Tensor]) -> Tensor:
         tensor([5., 2.], dtype=torch.float64)
     """
     dev = tensors[0].device if tensors else torch.device("cpu")
+    if len(tensors) >= _MANY_TENSORS:
+        many = _many_small_norms(tensors)
+        if many is not None:
+            return many
     low = [i for i, t in enumerate(tensors) if t.dtype in (torch.bfloat16, torch.float16)]
     rest = [i for i, t in enumerate(tensors) if t.dtype not in (torch.bfloat16, torch.float16)]
     if not low or not rest:  # one dtype class: no scatter (no index copied to the device)
@@ -805,13 +814,37 @@ def tensor_norms(tensors: list[Tensor]) -> Tensor:
             return torch.zeros(0, dtype=torch.float64, device=dev)
         n = torch._foreach_norm(tensors, 2, dtype=torch.float32) if low \
             else torch._foreach_norm(tensors)
-        return torch.stack([x.to(dev) for x in n]).to(torch.float64)
+        return torch.stack(n).to(torch.float64)
     out = torch.zeros(len(tensors), dtype=torch.float64, device=dev)
     n = torch._foreach_norm([tensors[i] for i in low], 2, dtype=torch.float32)
     out[low] = torch.stack(n).to(out.device, torch.float64)
     n = torch._foreach_norm([tensors[i] for i in rest])
     out[rest] = torch.stack(n).to(out.device, torch.float64)
     return out
+
+
+#: From this many tensors on, :func:`tensor_norms` reduces the small ones of one dtype as
+#: one concatenation (a launch per tensor costs more than the arithmetic there).
+_MANY_TENSORS = 64
+_SMALL_NUMEL = 1 << 14
+
+
+def _many_small_norms(tensors: list[Tensor]) -> Tensor | None:
+    """:func:`tensor_norms` of many small tensors of one dtype and device: segment sums.
+
+    ``None`` when they are not all small, or differ in dtype or device.
+    """
+    first = tensors[0]
+    if any(t.dtype != first.dtype or t.device != first.device or t.numel() > _SMALL_NUMEL
+           for t in tensors):
+        return None
+    sizes = [t.numel() for t in tensors]
+    with torch.no_grad():
+        flat = torch.cat([as_flat(t) for t in tensors]).to(compute_dtype(first))
+    seg = segment_ids(sizes, first.device)
+    sq = torch.zeros(len(tensors), dtype=flat.dtype, device=flat.device)
+    sq.index_add_(0, seg, flat.square())
+    return sq.sqrt().to(torch.float64)
 
 
 # ----------------------------------------------------------------------------- one chunk
@@ -999,11 +1032,6 @@ def _nonfinite_flags(cols: dict[str, Tensor], dev: torch.device) -> Tensor:
 _Position = TypeVar("_Position", float, np.ndarray)
 
 
-def _bin_of(log10: Tensor) -> Tensor:
-    """The histogram bin of each ``log10(eff_lr)`` value (clamped into range)."""
-    return ((log10.double() - LOG10_MIN) * BINS_PER_DECADE).floor().clamp(0, _NBINS - 1).long()
-
-
 def _log10_at(position: _Position) -> _Position:
     """``log10(eff_lr)`` at a (fractional) bin position: bin ``i`` starts at ``_log10_at(i)``."""
     return LOG10_MIN + position / BINS_PER_DECADE
@@ -1015,8 +1043,8 @@ def _eff_lr_histograms(chunk: _Chunk) -> Tensor:
     log10 runs in float32 (bins are 0.02 decades wide), clamped so 0 and inf land in the end
     bins; NaN is left out (``nonfinite`` counts it). A large tensor is histogrammed on the
     fixed random subsample of :func:`sample_index`, each sampled element standing for
-    ``n / HIST_SAMPLES`` of them (min and max stay exact). ``histc`` counts in float32:
-    exact up to 2^24 per bin.
+    ``n / HIST_SAMPLES`` of them (min and max stay exact). Bins are
+    :func:`~lr_monitor.functional.fused.eff_bins`, counted by ``bincount`` (int64: exact).
     """
     rows = [_histogram_row(subsample(e, HIST_SAMPLES), u.numel()).to(chunk.device)
             for e, u in zip(chunk.effs, chunk.updates, strict=True)]
@@ -1025,19 +1053,14 @@ def _eff_lr_histograms(chunk: _Chunk) -> Tensor:
 
 def _histogram_row(sample: Tensor, n: int) -> Tensor:
     """The log10 histogram of ``n`` effective lrs from a ``sample`` of them (all, or few)."""
-    idx, weight = _binned(sample, n / max(sample.numel(), 1))
-    return torch.bincount(idx, weights=weight, minlength=_NBINS).double()
+    k = max(sample.numel(), 1)
+    counts = _bin_counts(eff_bins(sample, LOG10_MIN, BINS_PER_DECADE, _NBINS))
+    return counts * (n / k) if k != n else counts
 
 
-def _binned(sample: Tensor, weight: float) -> tuple[Tensor, Tensor]:
-    """Bin of each effective lr of ``sample`` and its weight (0 for NaN, left out).
-
-    One ``bincount`` of several such pairs, concatenated, is the histogram of all of them.
-    """
-    logv = sample.reshape(-1).to(torch.float32).log10().clamp_(LOG10_MIN, LOG10_MAX)
-    nan = torch.isnan(logv)
-    idx = _bin_of(logv.nan_to_num(LOG10_MIN))
-    return idx, (~nan).to(torch.float64).mul_(weight)
+def _bin_counts(bins: Tensor) -> Tensor:
+    """Counts per bin (float64) of :func:`~lr_monitor.functional.fused.eff_bins` output."""
+    return torch.bincount(bins, minlength=_NBINS + 1)[:_NBINS].double()
 
 
 # ----------------------------------------------------------------------------- Adam-form steps
@@ -1077,7 +1100,7 @@ def _moment_rows(steps: list[MomentStep], device: torch.device, history: Support
         else:
             packs.setdefault((s.param.dtype, s.param.device), []).append(s)
     rows = _single_rows(singles, device, history, grad_sq, kernel) if singles else []
-    rows += [_pack_row(pack, device, history, grad_sq) for pack in packs.values()]
+    rows += [_pack_row(pack, device, history, grad_sq, kernel) for pack in packs.values()]
     return rows
 
 
@@ -1117,7 +1140,7 @@ def _single_rows(singles: list[tuple[MomentStep, bool]], device: torch.device,
                  kernel: MomentKernel) -> list[_Row]:
     """One kernel call per tensor; the rows assembled for all of them at once."""
     cos_k = _cosine_samples(history)
-    fields, effc, hists, coss, keep = [], [], [], [], []
+    fields, hists, coss, keep = [], [], [], []
     for s, _ in singles:
         g = s.group
         theta, grad, m, v = g.flat(s.index)
@@ -1125,7 +1148,6 @@ def _single_rows(singles: list[tuple[MomentStep, bool]], device: torch.device,
         n = theta.numel()
         fields.append(kernel(theta, theta if grad_sq is not None else grad, m, v, neg, sb,
                              eps, c, decay).to(device))
-        effc.append(c)
         idx = sample_index(n, HIST_SAMPLES, theta.device)
         vs = v if idx is None else v.index_select(0, idx)
         den = vs.sqrt().div_(sb).add_(eps)
@@ -1140,15 +1162,13 @@ def _single_rows(singles: list[tuple[MomentStep, bool]], device: torch.device,
             coss.append(_moment_cosine(history, s.param, u, n).to(device))
         keep.append([grad, theta])
     f = torch.stack(fields)
-    c = torch.stack(effc).to(device)
     cols: dict[str, Tensor] = {
         "numel": torch.tensor([float(s.numel()) for s, _ in singles], dtype=torch.float64,
                               device=device),
         "param_sq": f[:, 1], "update_sq": f[:, 2], "first_sq": f[:, 3],
         "second_sqrt_sum": f[:, 4], "eps_dominated": f[:, 5], "lost": f[:, 6],
         # eff = c/den in the parameter dtype, as the rule computes it
-        "eff_min": (c / f[:, 8].to(c.dtype)).double(),
-        "eff_max": (c / f[:, 7].to(c.dtype)).double(),
+        "eff_min": f[:, 7], "eff_max": f[:, 8],
     }
     cols["grad_sq"] = f[:, 0] if grad_sq is None else _known_grad_sq(
         grad_sq, [s.param for s, _ in singles], device)
@@ -1166,38 +1186,49 @@ def _single_rows(singles: list[tuple[MomentStep, bool]], device: torch.device,
 def _known_grad_sq(grad_sq: dict[Tensor, Tensor], params: list[Tensor],
                    device: torch.device) -> Tensor:
     """The pre-step ``‖g‖²`` of ``params`` (0 for one not measured), float64."""
-    zero = torch.zeros((), dtype=torch.float64)
-    return torch.stack([grad_sq[p].double().reshape(()).to(device) if p in grad_sq
-                        else zero.to(device) for p in params])
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    values = [grad_sq.get(p, zero) for p in params]
+    try:  # 0-d values (what StepRecorder.capture_gradients keeps): one stack
+        return torch.stack(values).to(device, torch.float64).reshape(len(values))
+    except RuntimeError:  # other shapes or devices: one at a time
+        return torch.stack([x.reshape(()).to(device, torch.float64) for x in values])
 
 
 def _pack_row(pack: list[MomentStep], device: torch.device, history: SupportsSwap | None,
-              grad_sq: dict[Tensor, Tensor] | None) -> _Row:
-    """One row for many small tensors of one dtype: one flat buffer, eager kernels."""
+              grad_sq: dict[Tensor, Tensor] | None, kernel: MomentKernel) -> _Row:
+    """One row for many small tensors of one dtype: one flat buffer, one kernel call."""
     g = pack[0].group
-    flats = [g.flat(s.index) for s in pack]
-    theta, grad, m, v = (torch.cat([f[j] for f in flats]) for j in range(4))
+    idx = [s.index for s in pack]
+    with torch.no_grad():  # (parameters concatenated without a graph)
+        theta, grad, m, v = (torch.cat([as_flat(ts[i]) for i in idx]) for ts in (
+            g.params, g.grads, g.exp_avgs, g.exp_avg_sqs))
     dev, dtype = theta.device, theta.dtype
-    sizes_list = [f[0].numel() for f in flats]
-    sizes = torch.tensor(sizes_list, device=dev)
-    neg, sb, eps, c, decay = g.scalars_of([s.index for s in pack], dtype, dev, sizes)
+    sizes_list = [s.size for s in pack]
     n = theta.numel()
-    f = moment_fields_eager(theta, theta if grad_sq is not None else grad, m, v, neg, sb,
-                            eps, c, decay).to(device)
-    eff = c / v.sqrt().div_(sb).add_(eps)
-    lo, hi = torch.aminmax(eff)
+    neg, sb, eps, c, decay = g.scalars_of(idx, dtype, dev, sizes_list)
+    f, bins, u = kernel.pack(theta, theta if grad_sq is not None else grad, m, v, neg, sb,
+                             eps, c, decay, LOG10_MIN, float(BINS_PER_DECADE), _NBINS)
+    f = f.to(device)
     cols: dict[str, Tensor] = {
         "numel": torch.tensor([float(n)], dtype=torch.float64, device=device),
         "param_sq": f[1:2], "update_sq": f[2:3], "first_sq": f[3:4],
         "second_sqrt_sum": f[4:5], "eps_dominated": f[5:6], "lost": f[6:7],
-        "eff_min": lo.double().reshape(1).to(device), "eff_max": hi.double().reshape(1).to(device),
+        "eff_min": f[7:8], "eff_max": f[8:9],
     }
     cols["grad_sq"] = f[0:1] if grad_sq is None else _known_grad_sq(
         grad_sq, [s.param for s in pack], device).sum().reshape(1)
     for name in ("first_numel", "second_numel", "eps_numel", "lost_numel"):
         cols[name] = cols["numel"]
-    if history is not None:
-        u = _moment_update(theta, m, v, neg, sb, eps, decay)
+    cos_k = _cosine_samples(history)
+    swap_whole = getattr(history, "swap_whole", None)
+    if history is not None and callable(swap_whole) and cos_k is not None \
+            and max(sizes_list) <= cos_k:  # every tensor whole: one call for the pack
+        prev_t, cur_t = swap_whole([s.param for s in pack], u, sizes_list)
+        whole, prev = cur_t.double(), prev_t.double()
+        terms = torch.stack([whole.dot(prev), prev.dot(prev), whole.dot(whole)])
+        cols["cos_dot"], cols["cos_prev_sq"], cols["cos_cur_sq"] = (
+            x.reshape(1).to(device) for x in terms.unbind())
+    elif history is not None:
         prevs, curs, sampled = [], [], []
         for s, part in zip(pack, u.split(sizes_list), strict=True):
             prev, cur = history.swap(s.param, part)  # copies, as the store keeps them
@@ -1213,8 +1244,8 @@ def _pack_row(pack: list[MomentStep], device: torch.device, history: SupportsSwa
         cols["cos_dot"], cols["cos_prev_sq"], cols["cos_cur_sq"] = (
             x.reshape(1).to(device) for x in terms.unbind())
     cols["nonfinite_tensors"] = _nonfinite_flags(cols, device)
-    keep = [t for f in flats for t in (f[1], f[0])]
-    return _Row(_columns(cols, 1, device)[0], _histogram_row(eff, n).to(device), keep)
+    keep = [t for i in idx for t in (g.grads[i], g.params[i])]
+    return _Row(_columns(cols, 1, device)[0], _bin_counts(bins).to(device), keep)
 
 
 def _columns(cols: dict[str, Tensor], n: int, device: torch.device) -> Tensor:

@@ -37,7 +37,12 @@ import torch
 from torch import Tensor
 
 from lr_monitor._validation import check_choice
-from lr_monitor.functional.fused import moment_fields, moment_fields_eager
+from lr_monitor.functional.fused import (
+    moment_fields,
+    moment_fields_eager,
+    moment_pack,
+    moment_pack_eager,
+)
 from lr_monitor.recording.config import STATISTICS_PATHS
 
 __all__ = ["COMPILE_ENV", "CompileState", "MomentKernels"]
@@ -50,17 +55,19 @@ log = logging.getLogger("lr_monitor")
 
 @dataclass
 class CompileState:
-    """The compiled kernel of one (dtype, device type), shared by the process.
+    """The compiled kernels of one (dtype, device type), shared by the process.
 
     Args:
         status: ``"compiling"``, ``"ready"`` or ``"failed"``.
-        fn: The compiled function once ready.
+        fields: The compiled :func:`~lr_monitor.functional.fused.moment_fields`.
+        pack: The compiled :func:`~lr_monitor.functional.fused.moment_pack`.
         seconds: Wall time of the compile (and its check).
         error: Why it failed.
     """
 
     status: str = "compiling"
-    fn: Any = None
+    fields: Any = None
+    pack: Any = None
     seconds: float = 0.0
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -69,53 +76,72 @@ class CompileState:
 _STATES: dict[tuple[torch.dtype, str], CompileState] = {}
 _LOCK = threading.Lock()
 
+#: The histogram's binning, as :mod:`lr_monitor.functional.statistics` passes it.
+_BINS = (-16.0, 50.0, 1100)
 
-def _example(dtype: torch.dtype, device: torch.device) -> list[Tensor]:
-    """A small input with every case the kernel meets (ε-dominated, rounded away, decay)."""
+
+def _example(dtype: torch.dtype, device: torch.device, per_element: bool) -> list[Tensor]:
+    """A small input with every case the kernels meet (ε-dominated, rounded away, decay)."""
     g = torch.Generator().manual_seed(0)
     n = 4099  # neither 0 nor 1 (specialized by dynamic shapes), and not a multiple of 8
     theta = torch.randn(n, generator=g, dtype=torch.float64) * 10
+    theta[0] = 1e15  # its update is rounded away
     grad, m = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(
         n, generator=g, dtype=torch.float64) * 1e-3
     v = torch.rand(n, generator=g, dtype=torch.float64) ** 4 * 1e-6
     tensors = [x.to(device=device, dtype=dtype) for x in (theta, grad, m, v)]
     scalars = [torch.tensor(x, dtype=dtype, device=device)
                for x in (-1e-3 / 0.1, 0.3, 1e-8, 1e-3, 1e-4)]
+    if per_element:  # a pack: step size, √bc2 and c per tensor, expanded; ε and k shared
+        scalars = [x.expand(n).contiguous() if i in (0, 1, 3) else x
+                   for i, x in enumerate(scalars)]
     return [*tensors, *scalars]
 
 
+def _close(got: Tensor, want: Tensor) -> bool:
+    return bool(torch.allclose(got.double(), want.double(), rtol=1e-4, atol=1e-12,
+                               equal_nan=True))
+
+
 def _compile(key: tuple[torch.dtype, str], device: torch.device, state: CompileState) -> None:
-    """Compile, run once and check against the eager kernel; record the outcome."""
+    """Compile both kernels, run them once and check them against the eager ones."""
     t0 = time.perf_counter()
     try:
-        fn = torch.compile(moment_fields, dynamic=True, fullgraph=True)
-        args = _example(key[0], device)
-        got = fn(*args)
-        theta, grad, m, v, neg, sb, eps, c, decay = args
+        fields = torch.compile(moment_fields, dynamic=True, fullgraph=True)
+        pack = torch.compile(moment_pack, dynamic=True, fullgraph=True)
+        theta, grad, m, v, neg, sb, eps, c, decay = _example(key[0], device, False)
+        got = fields(theta, grad, m, v, neg, sb, eps, c, decay)
         want = moment_fields_eager(theta, grad, m, v, neg, sb, eps, c, decay)
-        if not torch.allclose(got, want, rtol=1e-4, atol=1e-12, equal_nan=True):
+        if not _close(got, want):
             raise RuntimeError(f"compiled statistics disagree with eager ones: {got.tolist()} "
                                f"vs {want.tolist()}")
-        state.fn = fn
+        theta, grad, m, v, neg, sb, eps, c, decay = _example(key[0], device, True)
+        got_p = pack(theta, grad, m, v, neg, sb, eps, c, decay, *_BINS)
+        want_p = moment_pack_eager(theta, grad, m, v, neg, sb, eps, c, decay, *_BINS)
+        if not (_close(got_p[0], want_p[0]) and _close(got_p[2], want_p[2])
+                and float((got_p[1] != want_p[1]).double().mean()) < 0.01):
+            raise RuntimeError("compiled pack statistics disagree with eager ones")
+        state.fields, state.pack = fields, pack
         state.status = "ready"
-        log.info("lr_monitor: compiled statistics kernel for %s on %s ready after %.1f s",
+        log.info("lr_monitor: compiled statistics kernels for %s on %s ready after %.1f s",
                  key[0], key[1], time.perf_counter() - t0)
     except Exception as exc:  # any compiler or backend failure: stay eager
         state.status = "failed"
-        state.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}" \
-            if str(exc).strip() else type(exc).__name__
-        log.warning("lr_monitor: torch.compile of the statistics kernel for %s on %s "
-                    "failed (%s); the eager kernel is used", key[0], key[1], state.error)
+        text = str(exc).strip()
+        state.error = (f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text
+                       else type(exc).__name__)
+        log.warning("lr_monitor: torch.compile of the statistics kernels for %s on %s "
+                    "failed (%s); the eager kernels are used", key[0], key[1], state.error)
     finally:
         state.seconds = time.perf_counter() - t0
         state.done.set()
 
 
 class MomentKernels:
-    """The kernel for :func:`~lr_monitor.functional.statistics.step_sums`'s ``kernel``.
+    """The kernels of :func:`~lr_monitor.functional.statistics.step_sums` (``kernel``).
 
-    Call it like :func:`~lr_monitor.functional.fused.moment_fields`; it runs the compiled
-    kernel of the input's dtype and device when that is ready, else the eager one.
+    A :class:`~lr_monitor.functional.fused.MomentKernel`: it runs the compiled kernels of
+    the input's dtype and device when they are ready, else the eager ones.
 
     Args:
         statistics: ``"auto"``, ``"compiled"`` or ``"eager"`` (module docstring).
@@ -132,6 +158,12 @@ class MomentKernels:
     def state(self, dtype: torch.dtype, device: torch.device) -> CompileState | None:
         """The compile state of ``(dtype, device type)``, started if it is not yet.
 
+        ``"compiled"`` waits for the compile; ``"auto"`` starts it in a background thread.
+
+        Args:
+            dtype: A parameter dtype.
+            device: A device.
+
         Returns:
             ``None`` when this instance does not compile.
         """
@@ -140,16 +172,15 @@ class MomentKernels:
         key = (dtype, device.type)
         with _LOCK:
             state = _STATES.get(key)
+            started = state is None
             if state is None:
                 state = _STATES[key] = CompileState()
-                if self.statistics == "compiled":
-                    start = None
-                else:
-                    start = threading.Thread(target=_compile, args=(key, device, state),
-                                             name="lr_monitor-compile", daemon=True)
-                    start.start()
-                if start is None:
-                    _compile(key, device, state)
+        if started:
+            if self.statistics == "compiled":
+                _compile(key, device, state)
+            else:
+                threading.Thread(target=_compile, args=(key, device, state),
+                                 name="lr_monitor-compile", daemon=True).start()
         if self.statistics == "compiled":
             state.done.wait()
         return state
@@ -167,6 +198,16 @@ class MomentKernels:
         if state is None:
             return "compiling" if self.statistics == "auto" else "eager"
         return {"ready": "compiled", "compiling": "compiling"}.get(state.status, "eager")
+
+    def _ready(self, theta: Tensor) -> CompileState | None:
+        state = self.state(theta.dtype, theta.device)
+        return state if state is not None and state.status == "ready" else None
+
+    @staticmethod
+    def _failed(state: CompileState, exc: Exception) -> None:
+        state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
+        log.warning("lr_monitor: the compiled statistics kernels failed (%s); the eager "
+                    "kernels are used from now on", state.error)
 
     def __call__(self, theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: Tensor,
                  sqrt_bc2: Tensor, eps: Tensor, eff_c: Tensor, decay: Tensor | None) -> Tensor:
@@ -186,21 +227,55 @@ class MomentKernels:
         Returns:
             The fields; the eager kernel's while no compiled one is ready.
         """
-        state = self.state(theta.dtype, theta.device)
-        if state is not None and state.status == "ready":
-            if decay is None:  # one graph: no decay is k = 0
-                decay = torch.zeros((), dtype=theta.dtype, device=theta.device)
-            try:
-                return state.fn(theta, grad, m, v, neg_step, sqrt_bc2, eps, eff_c,  # type: ignore[no-any-return]
-                                decay)
+        state = self._ready(theta)
+        if state is not None:
+            try:  # one graph: no decay is k = 0
+                return state.fields(theta, grad, m, v, neg_step, sqrt_bc2, eps,  # type: ignore[no-any-return]
+                                    eff_c, _zero_if_none(decay, theta))
             except Exception as exc:  # a guard the compile did not foresee: stay eager
-                state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
-                log.warning("lr_monitor: the compiled statistics kernel failed (%s); the "
-                            "eager kernel is used from now on", state.error)
+                self._failed(state, exc)
         return moment_fields_eager(theta, grad, m, v, neg_step, sqrt_bc2, eps, eff_c, decay)
+
+    def pack(self, theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: Tensor,
+             sqrt_bc2: Tensor, eps: Tensor, eff_c: Tensor, decay: Tensor | None,
+             log10_min: float, bins_per_decade: float, nbins: int
+             ) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`~lr_monitor.functional.fused.moment_pack` on the best ready kernel.
+
+        Args:
+            theta: See :func:`~lr_monitor.functional.fused.moment_pack`.
+            grad: See :func:`~lr_monitor.functional.fused.moment_pack`.
+            m: See :func:`~lr_monitor.functional.fused.moment_pack`.
+            v: See :func:`~lr_monitor.functional.fused.moment_pack`.
+            neg_step: See :func:`~lr_monitor.functional.fused.moment_pack`.
+            sqrt_bc2: See :func:`~lr_monitor.functional.fused.moment_pack`.
+            eps: See :func:`~lr_monitor.functional.fused.moment_pack`.
+            eff_c: See :func:`~lr_monitor.functional.fused.moment_pack`.
+            decay: See :func:`~lr_monitor.functional.fused.moment_pack`.
+            log10_min: See :func:`~lr_monitor.functional.fused.eff_bins`.
+            bins_per_decade: See :func:`~lr_monitor.functional.fused.eff_bins`.
+            nbins: See :func:`~lr_monitor.functional.fused.eff_bins`.
+
+        Returns:
+            ``(fields, bins, update)``.
+        """
+        state = self._ready(theta)
+        if state is not None:
+            try:
+                return state.pack(theta, grad, m, v, neg_step, sqrt_bc2, eps,  # type: ignore[no-any-return]
+                                  eff_c, _zero_if_none(decay, theta), log10_min,
+                                  bins_per_decade, nbins)
+            except Exception as exc:
+                self._failed(state, exc)
+        return moment_pack_eager(theta, grad, m, v, neg_step, sqrt_bc2, eps, eff_c, decay,
+                                 log10_min, bins_per_decade, nbins)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"statistics": self.statistics}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["statistics"])  # type: ignore[misc]
+
+
+def _zero_if_none(decay: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros((), dtype=like.dtype, device=like.device) if decay is None else decay

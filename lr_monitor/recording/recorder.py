@@ -292,7 +292,9 @@ class StepRecorder:
                   if p.grad is not None and id(p) not in self._excluded]
         if not params:
             return {}
-        norms = tensor_norms([grad_values(p.grad) for p in params])  # type: ignore[arg-type]
+        norms = tensor_norms([g if type(g) is Tensor and g.layout == torch.strided  # plain:
+                              else grad_values(g)  # itself; DTensor, sparse: their values
+                              for g in (p.grad for p in params)])  # type: ignore[misc]
         return dict(zip(params, norms.square().unbind(), strict=True))
 
     def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
