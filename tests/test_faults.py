@@ -75,7 +75,6 @@ def test_a_failing_stage_is_reported_once_and_training_goes_on(
 def test_a_failing_parameter_is_left_out_and_the_rest_is_recorded(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     import lr_monitor.recording.recorder as recorder
-    from lr_monitor.functional.fused import MomentGroup
 
     if path == "generic":
         real = recorder.iter_group_steps
@@ -88,15 +87,19 @@ def test_a_failing_parameter_is_left_out_and_the_rest_is_recorded(
 
         monkeypatch.setattr(recorder, "moment_group", lambda optimizer, group: None)
         monkeypatch.setattr(recorder, "iter_group_steps", fails_on_the_bias)
-    else:  # Adam's one-pass statistics (lr_monitor.functional.fused)
-        real_flat = MomentGroup.flat
+    else:  # Adam's one-pass statistics: every tensor, single or packed, goes through as_flat
+        import lr_monitor.functional.fused as fused
+        import lr_monitor.functional.statistics as statistics
 
-        def flat_fails_on_the_bias(self: MomentGroup, i: int) -> Any:
-            if self.params[i].dim() == 1 and self.params[i].numel() == 2:
+        real_flat = fused.as_flat
+
+        def flat_fails_on_the_bias(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() == 1 and t.numel() == 2:
                 raise RuntimeError("cannot read this one")
-            return real_flat(self, i)
+            return real_flat(t)
 
-        monkeypatch.setattr(MomentGroup, "flat", flat_fails_on_the_bias)
+        monkeypatch.setattr(fused, "as_flat", flat_fails_on_the_bias)
+        monkeypatch.setattr(statistics, "as_flat", flat_fails_on_the_bias)
     logger = TensorBoardLogger(str(tmp_path), name="run")
     tr = trainer(tmp_path, logger=logger, max_steps=3, callbacks=[
         StepSizeMonitor(1, granularity="tensor")])

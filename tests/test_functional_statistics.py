@@ -162,7 +162,8 @@ def test_one_host_transfer(monkeypatch: pytest.MonkeyPatch) -> None:
     sums = step_sums(optimizer_steps(opt), history=UpdateHistory())
     assert calls == []
     sums.to_host()
-    assert calls == ["tolist"]
+    # one device-to-host copy; numpy() then only views that host tensor (np.asarray)
+    assert calls in (["cpu"], ["cpu", "numpy"])
 
 
 def test_quantiles_of_a_known_distribution() -> None:

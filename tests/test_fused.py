@@ -78,7 +78,7 @@ def _batch(model_name: str, step: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _records(model_name: str, opt_name: str, dtype: torch.dtype, *, path: str,
              monkeypatch: pytest.MonkeyPatch, granularity: str = "group",
-             steps: int = 4) -> list[dict[str, dict[str, float]]]:
+             steps: int = 4, cosine_samples: int = 64) -> list[dict[str, dict[str, float]]]:
     """The rows of every step of a short run, measured on ``path``."""
     torch.manual_seed(0)
     model = MODELS[model_name]().to(dtype)
@@ -91,7 +91,7 @@ def _records(model_name: str, opt_name: str, dtype: torch.dtype, *, path: str,
             mp.setattr(recorder, "moment_group", lambda optimizer, group: None)
         rec = StepRecorder(opt, "Adam", should_record=lambda i: True, granularity=granularity,
                            param_names=names, statistics="eager" if path != "compiled"
-                           else "compiled", cosine_samples=64)
+                           else "compiled", cosine_samples=cosine_samples)
         out: list[dict[str, dict[str, float]]] = []
         rec.subscribe(lambda r: out.append(r.rows))
         rec.attach()
@@ -196,15 +196,19 @@ def test_one_pass_equals_the_generic_path(model_name: str, opt_name: str, dtype:
     assert "update_cosine" in fused[-1]["global"] and "eps_dominated_frac" in fused[-1]["pg0"]
 
 
+@pytest.mark.parametrize("cosine_samples", [2, 64, 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_tensor_rows_equal_the_generic_path(dtype: torch.dtype,
+def test_tensor_rows_equal_the_generic_path(dtype: torch.dtype, cosine_samples: int,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    generic = _records("mixed", "adamw", dtype, path="generic", monkeypatch=monkeypatch,
-                       granularity="tensor")
-    fused = _records("mixed", "adamw", dtype, path="eager", monkeypatch=monkeypatch,
-                     granularity="tensor")
-    _assert_same(generic, fused, _rtol(dtype))
-    assert "small.7" in fused[-1] and "sometimes" in fused[0]
+    """Tensor rows of packed tensors (segment sums), of large ones and of sampled ones."""
+    for opt_name in ("adamw", "adam-l2-amsgrad"):
+        kw: dict[str, Any] = {"monkeypatch": monkeypatch, "granularity": "tensor",
+                              "cosine_samples": cosine_samples}
+        generic = _records("mixed", opt_name, dtype, path="generic", **kw)
+        fused = _records("mixed", opt_name, dtype, path="eager", **kw)
+        _assert_same(generic, fused, _rtol(dtype))
+        assert "small.7" in fused[-1] and "sometimes" in fused[0]
+        assert list(fused[-1]) == list(generic[-1])  # rows in parameter order
 
 
 # -- compiled against eager ------------------------------------------------------------------

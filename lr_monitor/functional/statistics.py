@@ -134,6 +134,7 @@ __all__ = [
     "histogram_buckets",
     "is_dtensor",
     "quantile_from_histogram",
+    "quantiles_from_histograms",
     "rounded_away",
     "sample_index",
     "step_sums",
@@ -452,12 +453,13 @@ class StepSums:
         self.reduced = (group,)
 
     def to_host(self) -> HostStepSums:
-        """Everything to the host in one transfer (one ``.tolist()``)."""
+        """Everything to the host in one transfer (one ``.cpu()``)."""
         rows, nf = self.values.shape
         device = self.values.device
         flat = torch.cat([self.values.reshape(-1), self.hist.reshape(-1),
                           self.extra.to(device).reshape(-1)])
-        host = np.asarray(flat.tolist(), dtype=np.float64)
+        # The one device-to-host copy; numpy then views that host memory.
+        host = np.asarray(flat.cpu(), dtype=np.float64)
         nv, nh = rows * nf, self.hist.numel()
         values = host[:nv].reshape(rows, nf)
         if values[:, _F["nonfinite_tensors"]].any():  # (the same on every rank once reduced)
@@ -740,9 +742,10 @@ class _Accumulator:
     def add(self, group: int, row: _Row) -> None:
         """Fold one row (a tensor, or a pack of them) into its group; keep a tensor row."""
         assert self.group_values is not None and self.group_hist is not None
-        _fold_rows(self.group_values[group], row.values[None], _FIELD_SPANS)
-        _fold_rows(self.group_hist[group], row.hist[None], _HIST_SPANS)
-        self.nonfinite[group].extend(row.nonfinite)
+        if row.fold:
+            _fold_rows(self.group_values[group], row.values[None], _FIELD_SPANS)
+            _fold_rows(self.group_hist[group], row.hist[None], _HIST_SPANS)
+            self.nonfinite[group].extend(row.nonfinite)
         if row.param is not None:
             self.tensor_params.append(row.param)
             self.tensor_values.append(row.values)
@@ -1077,6 +1080,8 @@ class _Row:
     hist: Tensor
     nonfinite: list[Tensor]
     param: Tensor | None = None
+    #: Whether the row enters its group's row (a pack's tensor rows do not: the pack does).
+    fold: bool = True
 
 
 def _moment_rows(steps: list[MomentStep], device: torch.device, history: SupportsSwap | None,
@@ -1085,23 +1090,34 @@ def _moment_rows(steps: list[MomentStep], device: torch.device, history: Support
                  kernel: MomentKernel) -> list[_Row]:
     """The rows of a chunk of :class:`MomentStep` (one group): tensors, then packs.
 
-    A tensor gets a kernel call of its own when it is large (> ``PACK_NUMEL``) or has a
-    tensor row; the other ones are packed by dtype and device, and the pack is reduced by
-    the eager kernel, with the scalars of each tensor expanded to its elements. Every
-    tensor of a pack enters the histogram whole, as it does on the generic path (it is
-    no larger than the histogram's sample), and its update goes to ``history`` whole.
+    A tensor gets a kernel call of its own when it is large (> ``PACK_NUMEL``), or when
+    it has a tensor row and is larger than the cosine's sample; the other ones are packed
+    by dtype and device and the pack is reduced by one kernel call, with the scalars of
+    each tensor expanded to its elements. Every tensor of a pack enters the histogram
+    whole, as it does on the generic path (it is no larger than the histogram's sample),
+    and its update goes to ``history`` whole. The tensor rows of a pack come from segment
+    sums over the pack's elements (:func:`_pack_tensor_rows`).
     """
+    cos_k = _cosine_samples(history)
+    whole_ok = history is None or (callable(getattr(history, "swap_whole", None))
+                                   and cos_k is not None)
+    own_limit = PACK_NUMEL if history is None else min(PACK_NUMEL, cos_k or 0)
     singles: list[tuple[MomentStep, bool]] = []
-    packs: dict[tuple[torch.dtype, torch.device], list[MomentStep]] = {}
-    for s in steps:
+    packs: dict[tuple[torch.dtype, torch.device], list[tuple[MomentStep, bool]]] = {}
+    where: dict[int, int] = {}  # id(param) -> position in the chunk (tensor rows keep it)
+    for pos, s in enumerate(steps):
         own = tensor_rows is not None and tensor_rows(s.param)
-        if own or s.numel() > PACK_NUMEL:
+        if own:
+            where[id(s.param)] = pos
+        if s.numel() > PACK_NUMEL or (own and not (whole_ok and s.numel() <= own_limit)):
             singles.append((s, own))
         else:
-            packs.setdefault((s.param.dtype, s.param.device), []).append(s)
+            packs.setdefault((s.param.dtype, s.param.device), []).append((s, own))
     rows = _single_rows(singles, device, history, grad_sq, kernel) if singles else []
-    rows += [_pack_row(pack, device, history, grad_sq, kernel) for pack in packs.values()]
-    return rows
+    for members in packs.values():
+        rows += _pack_rows(members, device, history, grad_sq, kernel)
+    # Tensor rows in parameter order (the same on every rank); group-only rows first.
+    return sorted(rows, key=lambda r: -1 if r.param is None else where[id(r.param)])
 
 
 def _cosine_samples(history: SupportsSwap | None) -> int | None:
@@ -1194,9 +1210,15 @@ def _known_grad_sq(grad_sq: dict[Tensor, Tensor], params: list[Tensor],
         return torch.stack([x.reshape(()).to(device, torch.float64) for x in values])
 
 
-def _pack_row(pack: list[MomentStep], device: torch.device, history: SupportsSwap | None,
-              grad_sq: dict[Tensor, Tensor] | None, kernel: MomentKernel) -> _Row:
-    """One row for many small tensors of one dtype: one flat buffer, one kernel call."""
+def _pack_rows(members: list[tuple[MomentStep, bool]], device: torch.device,
+               history: SupportsSwap | None, grad_sq: dict[Tensor, Tensor] | None,
+               kernel: MomentKernel) -> list[_Row]:
+    """Many small tensors of one dtype: one flat buffer, one kernel call, one group row.
+
+    Plus a row for each tensor that has one (``members``: ``(step, has a tensor row)``),
+    from segment sums over the same buffers.
+    """
+    pack = [s for s, _ in members]
     g = pack[0].group
     idx = [s.index for s in pack]
     with torch.no_grad():  # (parameters concatenated without a graph)
@@ -1221,6 +1243,7 @@ def _pack_row(pack: list[MomentStep], device: torch.device, history: SupportsSwa
         cols[name] = cols["numel"]
     cos_k = _cosine_samples(history)
     swap_whole = getattr(history, "swap_whole", None)
+    whole = prev = None
     if history is not None and callable(swap_whole) and cos_k is not None \
             and max(sizes_list) <= cos_k:  # every tensor whole: one call for the pack
         prev_t, cur_t = swap_whole([s.param for s in pack], u, sizes_list)
@@ -1245,7 +1268,67 @@ def _pack_row(pack: list[MomentStep], device: torch.device, history: SupportsSwa
             x.reshape(1).to(device) for x in terms.unbind())
     cols["nonfinite_tensors"] = _nonfinite_flags(cols, device)
     keep = [t for i in idx for t in (g.grads[i], g.params[i])]
-    return _Row(_columns(cols, 1, device)[0], _bin_counts(bins).to(device), keep)
+    rows = [_Row(_columns(cols, 1, device)[0], _bin_counts(bins).to(device), keep)]
+    own = [j for j, (_, has_row) in enumerate(members) if has_row]
+    if own:
+        cos = None if history is None else (whole, prev)
+        rows += _pack_tensor_rows(pack, own, theta, grad, m, v, u, bins, (neg, sb, eps, c),
+                                  grad_sq, cos, device)
+    return rows
+
+
+def _pack_tensor_rows(pack: list[MomentStep], own: list[int], theta: Tensor, grad: Tensor,
+                      m: Tensor, v: Tensor, u: Tensor, bins: Tensor,
+                      scalars: tuple[Tensor, Tensor, Tensor, Tensor],
+                      grad_sq: dict[Tensor, Tensor] | None,
+                      cos: tuple[Tensor | None, Tensor | None] | None,
+                      device: torch.device) -> list[_Row]:
+    """The tensor rows of a pack's tensors ``own``: segment sums over the pack's elements.
+
+    Each field per tensor is an ``index_add`` (``scatter_reduce`` for the extremes, one
+    ``bincount`` for all the histograms) over the pack's buffers, so a model of thousands of
+    small tensors with a row each costs a few kernel launches, not a loop over tensors.
+    """
+    _, sb, eps, c = scalars
+    sizes = [s.size for s in pack]
+    k, dev = len(pack), theta.device
+    seg = segment_ids(sizes, dev)
+    f64 = torch.float64
+
+    def seg_sum(x: Tensor) -> Tensor:
+        return torch.zeros(k, dtype=f64, device=dev).index_add_(0, seg, x.to(f64))
+
+    d = v.sqrt()
+    den = d / sb + eps
+    eff = c / den
+    cols: dict[str, Tensor] = {
+        "numel": torch.tensor([float(n) for n in sizes], dtype=f64, device=dev),
+        "param_sq": seg_sum(theta.square()), "update_sq": seg_sum(u.square()),
+        "first_sq": seg_sum(m.square()), "second_sqrt_sum": seg_sum(d),
+        "eps_dominated": seg_sum(d / sb < eps),
+        "lost": seg_sum((u != 0) & ((theta - u) == theta)),
+        "eff_min": torch.full((k,), math.inf, dtype=eff.dtype, device=dev).scatter_reduce_(
+            0, seg, eff, "amin").to(f64),
+        "eff_max": torch.full((k,), -math.inf, dtype=eff.dtype, device=dev).scatter_reduce_(
+            0, seg, eff, "amax").to(f64),
+    }
+    cols["grad_sq"] = seg_sum(grad.square()) if grad_sq is None else _known_grad_sq(
+        grad_sq, [s.param for s in pack], dev)
+    for name in ("first_numel", "second_numel", "eps_numel", "lost_numel"):
+        cols[name] = cols["numel"]
+    whole, prev = cos if cos is not None else (None, None)
+    if whole is not None and prev is not None:
+        cols["cos_dot"] = seg_sum(whole * prev)
+        cols["cos_prev_sq"] = seg_sum(prev * prev)
+        cols["cos_cur_sq"] = seg_sum(whole * whole)
+    cols["nonfinite_tensors"] = _nonfinite_flags(cols, dev)
+    values = _columns(cols, k, device)
+    at = torch.tensor(own, device=dev)
+    hist = torch.bincount(seg * (_NBINS + 1) + bins, minlength=k * (_NBINS + 1))
+    hist = hist.view(k, _NBINS + 1).index_select(0, at)[:, :_NBINS].double().to(device)
+    g = pack[0].group
+    return [_Row(values[j], hist[r], [g.grads[pack[j].index], g.params[pack[j].index]],
+                 pack[j].param, fold=False) for r, j in enumerate(own)]
 
 
 def _columns(cols: dict[str, Tensor], n: int, device: torch.device) -> Tensor:
@@ -1289,6 +1372,40 @@ def quantile_from_histogram(hist: np.ndarray, q: float) -> float:
     return float(10.0**_log10_at(i + min(max(frac, 0.0), 1.0)))
 
 
+def quantiles_from_histograms(hists: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+    """:func:`quantile_from_histogram` of every row of ``hists`` for every ``q`` at once.
+
+    Args:
+        hists: ``rows × bins`` counts.
+        qs: Quantiles in [0, 1].
+
+    Returns:
+        ``rows × len(qs)`` values (``nan`` for an empty row).
+
+    Example:
+        >>> h = np.zeros((2, _NBINS)); h[0, int((-3 - LOG10_MIN) * BINS_PER_DECADE)] = 10
+        >>> np.round(np.log10(quantiles_from_histograms(h, [0.5])), 2).tolist()
+        [[-2.99], [nan]]
+    """
+    rows, nb = hists.shape
+    out = np.full((rows, len(qs)), math.nan)
+    if rows == 0:
+        return out
+    cum = np.cumsum(hists, axis=1)
+    total = cum[:, -1]
+    ok = total > 0
+    r = np.arange(rows)
+    for j, q in enumerate(qs):
+        target = q * total
+        i = np.minimum((cum < target[:, None]).sum(axis=1), nb - 1)
+        before = np.where(i > 0, cum[r, np.maximum(i - 1, 0)], 0.0)
+        here = hists[r, i]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            frac = np.where(here > 0, (target - before) / here, 0.5)
+        out[:, j] = np.where(ok, 10.0 ** _log10_at(i + np.clip(frac, 0.0, 1.0)), math.nan)
+    return out
+
+
 def _div(a: float, b: float) -> float:
     return a / b if b > 0 else math.nan
 
@@ -1315,8 +1432,9 @@ def summarize(sums: HostStepSums) -> list[dict[str, float]]:
         (3.0, 0.75, True)
     """
     out = []
-    for v, h in zip(sums.values, sums.hist, strict=True):
-        f = {k: float(v[i]) for k, i in _F.items()}
+    quantiles = quantiles_from_histograms(sums.hist, (0.05, 0.5, 0.95))
+    for v, qrow in zip(sums.values.tolist(), quantiles.tolist(), strict=True):
+        f = {k: v[i] for k, i in _F.items()}
         row = {
             "grad_norm": math.sqrt(f["grad_sq"]) if f["grad_sq"] >= 0 else math.nan,
             "param_norm": math.sqrt(f["param_sq"]) if f["param_sq"] >= 0 else math.nan,
@@ -1325,8 +1443,7 @@ def summarize(sums: HostStepSums) -> list[dict[str, float]]:
         row["update_ratio"] = _div(row["update_norm"], row["param_norm"])
         lo = f["eff_min"] if math.isfinite(f["eff_min"]) else math.nan
         hi = f["eff_max"] if f["eff_max"] != -math.inf else math.nan
-        for q, name in ((0.05, "p05"), (0.5, "p50"), (0.95, "p95")):
-            x = quantile_from_histogram(h, q)
+        for x, name in zip(qrow, ("p05", "p50", "p95"), strict=True):
             # The exact extremes bound every quantile (exact when all elements are equal).
             row[f"eff_lr/{name}"] = min(max(x, lo), hi) if lo <= hi else x
         row["eff_lr/min"], row["eff_lr/max"] = lo, hi
