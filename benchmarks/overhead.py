@@ -11,10 +11,12 @@ Three parts, all on the CPU with one torch thread:
    ``measure`` steps after ``warmup`` steps (a multiple of the interval, so a recorded step
    is counted exactly 1/interval of the time). Reported: the median over rounds of the
    per-round ratio to the baseline of the same round and interval.
-2. **Statistics pass / Adam step.** Outside Lightning: the median time of one
-   ``optimizer.step()`` of ``torch.optim.Adam(foreach=True)`` against one full statistics
-   pass of :class:`lr_monitor.StepRecorder` (``capture_gradients()`` + ``measure()``) and
-   of the per-parameter ``.item()`` loop.
+2. **Statistics pass / Adam step.** Outside Lightning: one ``optimizer.step()`` of
+   ``torch.optim.Adam(foreach=True)`` against one full statistics pass of
+   :class:`lr_monitor.StepRecorder` (``capture_gradients()`` + ``measure()``) on each path
+   (compiled kernels at group and tensor granularity, the eager kernels, the generic
+   ParamStep path) and the per-parameter ``.item()`` loop, alternating within every rep;
+   the median over reps of each rep's ratio.
 3. **Peak RSS.** Every configuration in its own subprocess (``ru_maxrss``), as a ratio to
    the baseline subprocess.
 
@@ -339,17 +341,20 @@ def timing(models: list[str], configs: list[str], intervals: list[int],
 # -- part 2: one statistics pass against one Adam step -----------------------------------------
 
 
-def _median_time(fn: Callable[[], object], reps: int) -> float:
+def _timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
     fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return time.perf_counter() - t
 
 
 def stats_pass(models: list[str], reps: int) -> dict[str, Any]:
+    """Each statistics path against one foreach Adam step, alternating within every rep.
+
+    A rep times one Adam step, then each path once, in a rotating order; the ratio of a
+    path is the median over reps of (path time / that rep's Adam step time), so load that
+    comes and goes on a shared machine hits both sides of a ratio alike.
+    """
+    import lr_monitor.recording.recorder as recorder
     from lr_monitor import StepRecorder
 
     out: dict[str, Any] = {}
@@ -364,10 +369,8 @@ def stats_pass(models: list[str], reps: int) -> dict[str, Any]:
         bm.loss(net(x), y).backward()
         for _ in range(3):
             opt.step()
-        adam = _median_time(opt.step, reps)
-        res: dict[str, Any] = {"adam_step_ms": 1e3 * adam, "n_tensors": len(params),
-                               "n_params": sum(p.numel() for p in params)}
-        # group/tensor: the default path (compiled kernel); eager: the fallback;
+        paths: dict[str, Callable[[], object]] = {}
+        # group/tensor: the default path (compiled kernels); eager: the fallback kernels;
         # generic: every ParamStep materialized (the path of the other optimizers).
         for key, gran, path in (("group", "group", "compiled"), ("tensor", "tensor", "compiled"),
                                 ("eager", "group", "eager"), ("generic", "group", "eager")):
@@ -375,8 +378,6 @@ def stats_pass(models: list[str], reps: int) -> dict[str, Any]:
                                granularity=gran, param_names=names, statistics=path)
 
             def full_pass(rec: StepRecorder = rec, generic: bool = key == "generic") -> None:
-                import lr_monitor.recording.recorder as recorder
-
                 real = recorder.moment_group
                 if generic:
                     recorder.moment_group = lambda optimizer, group: None  # type: ignore[assignment]
@@ -386,9 +387,7 @@ def stats_pass(models: list[str], reps: int) -> dict[str, Any]:
                 finally:
                     recorder.moment_group = real  # type: ignore[assignment]
 
-            t = _median_time(full_pass, reps)
-            res[f"monitor_{key}_ms"] = 1e3 * t
-            res[f"monitor_{key}_over_adam"] = t / adam
+            paths[f"monitor_{key}"] = full_pass
 
         def item_loop(params: list[nn.Parameter] = params,
                       opt: torch.optim.Optimizer = opt) -> None:
@@ -399,9 +398,23 @@ def stats_pass(models: list[str], reps: int) -> dict[str, Any]:
                 vals.append((p.detach() - copies[p]).norm().item())
                 vals.append(opt.state[p]["exp_avg"].norm().item())
 
-        t = _median_time(item_loop, reps)
-        res["item_loop_ms"] = 1e3 * t
-        res["item_loop_over_adam"] = t / adam
+        paths["item_loop"] = item_loop
+        for fn in [opt.step, *paths.values()]:  # warm up (and compile) outside the timing
+            fn()
+        names_ = list(paths)
+        times: dict[str, list[float]] = {k: [] for k in ["adam", *names_]}
+        for r in range(reps):
+            order = names_[r % len(names_):] + names_[:r % len(names_)]
+            times["adam"].append(_timed(opt.step))
+            for k in order:
+                times[k].append(_timed(paths[k]))
+        res: dict[str, Any] = {"adam_step_ms": 1e3 * statistics.median(times["adam"]),
+                               "n_tensors": len(params),
+                               "n_params": sum(p.numel() for p in params), "reps": reps}
+        for k in names_:
+            res[f"{k}_ms"] = 1e3 * statistics.median(times[k])
+            res[f"{k}_over_adam"] = statistics.median(
+                [a / b for a, b in zip(times[k], times["adam"], strict=True)])
         out[mname] = res
         print(f"stats pass {mname}: Adam {res['adam_step_ms']:.2f} ms, monitor group "
               f"{res['monitor_group_over_adam']:.2f}×, tensor "

@@ -95,7 +95,7 @@ class StepSizeMonitor(Publisher):
         log_global: See :class:`~lr_monitor.recording.RecorderConfig` (the ``global``
             row is computed and published to listeners either way).
         statistics: See :class:`~lr_monitor.recording.RecorderConfig`: ``"auto"``
-            compiles the Adam/AdamW statistics kernel in the background.
+            compiles the Adam/AdamW statistics kernels at the first recorded step.
 
     Raises:
         ValueError: for an argument outside its allowed values (the message names it).

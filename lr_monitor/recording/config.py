@@ -67,9 +67,9 @@ class RecorderConfig:
         log_global: Whether the ``global`` row (all groups of an optimizer) becomes tags.
             It is always computed, so listeners of the record can read it.
         statistics: How the statistics of Adam and AdamW groups are computed:
-            ``"auto"`` (a ``torch.compile``'d kernel, compiled in the background and used
-            once ready; eager meanwhile and wherever compiling fails), ``"compiled"``
-            (compile at the first recorded step and wait for it) or ``"eager"``
+            ``"auto"`` or ``"compiled"`` (``torch.compile``'d kernels, compiled at the
+            first recorded step, which waits for it; eager wherever compiling fails, and
+            for ``"auto"`` when ``LR_MONITOR_COMPILE=0``) or ``"eager"``
             (:mod:`lr_monitor.recording.compiler`). Other optimizers always take the
             generic path. The statistics are the same on every path (float tolerance).
 
