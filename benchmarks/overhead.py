@@ -348,11 +348,12 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def stats_pass(models: list[str], reps: int) -> dict[str, Any]:
-    """Each statistics path against one foreach Adam step, alternating within every rep.
+    """Each statistics path against one foreach Adam step, alternating.
 
-    A rep times one Adam step, then each path once, in a rotating order; the ratio of a
-    path is the median over reps of (path time / that rep's Adam step time), so load that
-    comes and goes on a shared machine hits both sides of a ratio alike.
+    Every rep runs, for each path in a rotating order, one Adam step and then that path
+    (as in training, where the pass follows the step); a path's ratio is the median over
+    reps of (pass time / the Adam step just before it), so load that comes and goes on a
+    shared machine hits both sides of a ratio alike.
     """
     import lr_monitor.recording.recorder as recorder
     from lr_monitor import StepRecorder
@@ -402,19 +403,21 @@ def stats_pass(models: list[str], reps: int) -> dict[str, Any]:
         for fn in [opt.step, *paths.values()]:  # warm up (and compile) outside the timing
             fn()
         names_ = list(paths)
-        times: dict[str, list[float]] = {k: [] for k in ["adam", *names_]}
+        times: dict[str, list[float]] = {k: [] for k in names_}
+        adams: dict[str, list[float]] = {k: [] for k in names_}
         for r in range(reps):
-            order = names_[r % len(names_):] + names_[:r % len(names_)]
-            times["adam"].append(_timed(opt.step))
-            for k in order:
+            # As in training, every pass follows an Adam step (whose data it then reads).
+            for k in names_[r % len(names_):] + names_[:r % len(names_)]:
+                adams[k].append(_timed(opt.step))
                 times[k].append(_timed(paths[k]))
-        res: dict[str, Any] = {"adam_step_ms": 1e3 * statistics.median(times["adam"]),
+        every_adam = [t for k in names_ for t in adams[k]]
+        res: dict[str, Any] = {"adam_step_ms": 1e3 * statistics.median(every_adam),
                                "n_tensors": len(params),
                                "n_params": sum(p.numel() for p in params), "reps": reps}
         for k in names_:
             res[f"{k}_ms"] = 1e3 * statistics.median(times[k])
             res[f"{k}_over_adam"] = statistics.median(
-                [a / b for a, b in zip(times[k], times["adam"], strict=True)])
+                [a / b for a, b in zip(times[k], adams[k], strict=True)])
         out[mname] = res
         print(f"stats pass {mname}: Adam {res['adam_step_ms']:.2f} ms, monitor group "
               f"{res['monitor_group_over_adam']:.2f}×, tensor "

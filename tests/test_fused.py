@@ -243,14 +243,25 @@ def test_compiled_equals_eager(model_name: str, dtype: torch.dtype,
 
 
 def test_compiled_kernel_never_recompiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One graph for every length, with and without decay, for ε-dominated or not."""
+    """One graph per kernel for every length, views or not, with and without decay.
+
+    (Inputs at a storage offset ≥ 2 — views into a flat buffer — compile one more graph
+    once: dynamo specializes offsets 0/1; see ``lr_monitor.recording.compiler``.)
+    """
     kernels = _compiled_or_skip(torch.float32)
     import torch._dynamo.config as dynamo_config
 
     monkeypatch.setattr(dynamo_config, "error_on_recompile", True)
     g = torch.Generator().manual_seed(0)
-    for n in (2, 3, 17, 4096, 70_001, 300_000):
-        ts = [torch.rand(n, generator=g) for _ in range(4)]
+    cases = []
+    for n in (2, 3, 17, 4096, 4097, 70_001, 300_000):
+        cases.append([torch.rand(n, generator=g) for _ in range(4)])  # plain tensors
+        base = torch.rand(n + 1, 4, generator=g)  # views of a matrix's columns, copied
+        cases.append([base[:n, j].contiguous().view(-1) for j in range(4)])
+        theta = torch.rand(n, generator=g)  # grad = theta (the norm known already)
+        cases.append([theta, theta, torch.rand(n, generator=g), torch.rand(n, generator=g)])
+    for ts in cases:
+        n = ts[0].numel()
         for decay in (None, torch.tensor(1e-3)):
             scal = [torch.tensor(x) for x in (-1e-3, 0.9, 1e-8, 1e-3)]
             torch.testing.assert_close(kernels(*ts, *scal, decay),

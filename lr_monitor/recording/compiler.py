@@ -43,10 +43,13 @@ from torch import Tensor
 
 from lr_monitor._validation import check_choice
 from lr_monitor.functional.fused import (
+    ROW_NUMEL,
+    combine_rows,
     moment_fields,
     moment_fields_eager,
     moment_pack,
     moment_pack_eager,
+    moment_rows,
 )
 from lr_monitor.recording.config import STATISTICS_PATHS
 
@@ -65,6 +68,7 @@ class CompileState:
     Args:
         status: ``"ready"`` or ``"failed"``.
         fields: The compiled :func:`~lr_monitor.functional.fused.moment_fields`.
+        rows: The compiled :func:`~lr_monitor.functional.fused.moment_rows`.
         pack: The compiled :func:`~lr_monitor.functional.fused.moment_pack`.
         seconds: Wall time of the compile (and its check).
         error: Why it failed.
@@ -72,6 +76,7 @@ class CompileState:
 
     status: str = "failed"
     fields: Any = None
+    rows: Any = None
     pack: Any = None
     seconds: float = 0.0
     error: str | None = None
@@ -102,6 +107,29 @@ def _example(dtype: torch.dtype, device: torch.device, per_element: bool) -> lis
     return [*tensors, *scalars]
 
 
+def _by_rows(fields: Any, rows: Any, theta: Tensor, grad: Tensor, m: Tensor, v: Tensor,
+             *scalars: Tensor) -> Tensor:
+    """The fields of a flat tensor: whole rows of ``ROW_NUMEL`` by ``rows``, the rest eager.
+
+    The body keeps at least 2 rows (a size of 1 would be specialized by dynamic shapes: a
+    recompile); a tensor of fewer elements goes to ``fields`` whole. Inputs at a storage
+    offset (views into a flat buffer, DDP's bucket views) compile one more graph, once.
+    """
+    # Plain aliases, not views: dynamo guards on a view's base (a recompile per kind).
+    theta, grad, m, v = (t.detach() for t in (theta, grad, m, v))
+    n = theta.numel()
+    body = n - n % ROW_NUMEL
+    if body < 2 * ROW_NUMEL:
+        return fields(theta, grad, m, v, *scalars)  # type: ignore[no-any-return]
+    parts = [rows(*(t[:body].view(-1, ROW_NUMEL).detach() for t in (theta, grad, m, v)),
+                  *scalars)]
+    if body < n:  # eager: a slice at an offset would be one more graph (0/1 specialization)
+        neg, sb, eps, c, decay = scalars
+        parts.append(moment_fields_eager(theta[body:], grad[body:], m[body:], v[body:], neg,
+                                         sb, eps, c, decay)[:, None])
+    return combine_rows(torch.cat(parts, dim=1))
+
+
 def _close(got: Tensor, want: Tensor) -> bool:
     return bool(torch.allclose(got.double(), want.double(), rtol=1e-4, atol=1e-12,
                                equal_nan=True))
@@ -112,20 +140,22 @@ def _compile(key: tuple[torch.dtype, str], device: torch.device, state: CompileS
     t0 = time.perf_counter()
     try:
         fields = torch.compile(moment_fields, dynamic=True, fullgraph=True)
+        rows = torch.compile(moment_rows, dynamic=True, fullgraph=True)
         pack = torch.compile(moment_pack, dynamic=True, fullgraph=True)
         theta, grad, m, v, neg, sb, eps, c, decay = _example(key[0], device, False)
-        got = fields(theta, grad, m, v, neg, sb, eps, c, decay)
         want = moment_fields_eager(theta, grad, m, v, neg, sb, eps, c, decay)
-        if not _close(got, want):
-            raise RuntimeError(f"compiled statistics disagree with eager ones: {got.tolist()} "
-                               f"vs {want.tolist()}")
+        for got in (fields(theta, grad, m, v, neg, sb, eps, c, decay),  # both graphs
+                    _by_rows(fields, rows, theta, grad, m, v, neg, sb, eps, c, decay)):
+            if not _close(got, want):
+                raise RuntimeError("compiled statistics disagree with eager ones: "
+                                   f"{got.tolist()} vs {want.tolist()}")
         theta, grad, m, v, neg, sb, eps, c, decay = _example(key[0], device, True)
         got_p = pack(theta, grad, m, v, neg, sb, eps, c, decay, *_BINS)
         want_p = moment_pack_eager(theta, grad, m, v, neg, sb, eps, c, decay, *_BINS)
         if not (_close(got_p[0], want_p[0]) and _close(got_p[2], want_p[2])
                 and float((got_p[1] != want_p[1]).double().mean()) < 0.01):
             raise RuntimeError("compiled pack statistics disagree with eager ones")
-        state.fields, state.pack = fields, pack
+        state.fields, state.rows, state.pack = fields, rows, pack
         state.status = "ready"
         log.info("lr_monitor: compiled statistics kernels for %s on %s ready after %.1f s",
                  key[0], key[1], time.perf_counter() - t0)
@@ -227,8 +257,8 @@ class MomentKernels:
         state = self._ready(theta)
         if state is not None:
             try:  # one graph: no decay is k = 0
-                return state.fields(theta, grad, m, v, neg_step, sqrt_bc2, eps,  # type: ignore[no-any-return]
-                                    eff_c, _zero_if_none(decay, theta))
+                return _by_rows(state.fields, state.rows, theta, grad, m, v, neg_step,
+                                sqrt_bc2, eps, eff_c, _zero_if_none(decay, theta))
             except Exception as exc:  # a guard the compile did not foresee: stay eager
                 self._failed(state, exc)
         return moment_fields_eager(theta, grad, m, v, neg_step, sqrt_bc2, eps, eff_c, decay)
@@ -258,7 +288,8 @@ class MomentKernels:
         """
         state = self._ready(theta)
         if state is not None:
-            try:
+            try:  # (plain aliases: see _by_rows)
+                theta, grad, m, v = (t.detach() for t in (theta, grad, m, v))
                 return state.pack(theta, grad, m, v, neg_step, sqrt_bc2, eps,  # type: ignore[no-any-return]
                                   eff_c, _zero_if_none(decay, theta), log10_min,
                                   bins_per_decade, nbins)
