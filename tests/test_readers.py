@@ -325,6 +325,11 @@ def test_a_lightning_run_reads_as_tensorboard_reads_it(tmp_path: Path) -> None:
         return trainer
 
     first = fit(8)
+    # TensorBoard orders a run's files by name: the creation second, then a per-process
+    # counter that is not zero-padded (".99" sorts after ".100"). Two files of the same
+    # second late in a long test session can sort backwards, and the first file's steps then
+    # purge the second's: a resumed run is a later second.
+    time.sleep(1.1)
     fit(14, first.checkpoint_callback.best_model_path)  # type: ignore[union-attr]
     log_dir = tmp_path / "run" / "version_0"
     files = sorted(p for p in log_dir.iterdir() if "tfevents" in p.name)
