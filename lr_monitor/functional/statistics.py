@@ -920,18 +920,7 @@ def _chunk_sums(chunk: _Chunk, history: SupportsSwap | None,
 
 def _field_rows(cols: dict[str, Tensor], chunk: _Chunk) -> Tensor:
     """The columns side by side in :data:`FIELDS` order; a missing one at its identity."""
-    n, dev = len(chunk.steps), chunk.device
-    fill: dict[Combine, Tensor] = {}
-    out = []
-    for name, rule in FIELD_COMBINE.items():
-        col = cols.get(name)
-        if col is None:
-            col = fill.get(rule)
-            if col is None:
-                col = fill[rule] = torch.full((n,), rule.identity, dtype=torch.float64,
-                                              device=dev)
-        out.append(col.to(dev))
-    return torch.stack(out, dim=1)
+    return _columns(cols, len(chunk.steps), chunk.device)
 
 
 def _norm_fields(chunk: _Chunk, grad_sq: dict[Tensor, Tensor] | None) -> dict[str, Tensor]:
